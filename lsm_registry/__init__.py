@@ -1,0 +1,42 @@
+"""lsm_registry: saliency-guided local semantic mixing for long-tailed classification.
+
+Public API: the interfaces (the plugin ABI), ``hookimpl`` for plugins, the errors
+and ``__version__``. Components are found through :func:`default_registry`.
+"""
+
+from .errors import DataError, LSMError, RecipeError, RegistryError
+from .hookspecs import hookimpl
+from .interfaces import (
+    KINDS,
+    Component,
+    Context,
+    DatasetFactory,
+    LabelFuser,
+    Loss,
+    LTData,
+    Mixer,
+    MixResult,
+    ModelFactory,
+    PatchOperator,
+    SaliencyProvider,
+    Sampler,
+    Split,
+    TensorSplit,
+)
+from .params import param
+
+__version__ = "0.1.0"
+
+
+def default_registry(refresh: bool = False):
+    from .plugins import default_registry as _default
+
+    return _default(refresh)
+
+
+__all__ = [
+    "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Loss", "LTData", "Mixer",
+    "MixResult", "ModelFactory", "PatchOperator", "SaliencyProvider", "Sampler", "Split",
+    "TensorSplit", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
+    "RegistryError", "DataError", "__version__",
+]

@@ -1,0 +1,168 @@
+"""The ``lsm`` command line (click + rich).
+
+Invalid input exits with code 2 and one line per problem, no traceback; set
+``LSM_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import attrs
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import LSMError, RecipeError
+
+SET_HELP = "Override a recipe key: table.key=value, the value in TOML syntax (repeatable)."
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LSM_DEBUG", "") not in ("", "0")
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn LSMError into one line per problem on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LSMError as exc:
+            if debug_enabled():
+                raise
+            lines = exc.lines if isinstance(exc, RecipeError) else [str(exc)]
+            for line in lines:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def registry_with_warnings():
+    from .plugins import default_registry
+
+    registry = default_registry()
+    for problem in registry.problems:
+        click.echo(f"warning: {problem}", err=True)
+    return registry
+
+
+def set_option(func: Callable) -> Callable:
+    return click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lsm")
+def cli() -> None:
+    """LSM registry: long-tailed image classification from TOML recipes.
+
+    Train with `lsm run RECIPE`, see what a recipe resolves to with `lsm show RECIPE`,
+    and list the registered samplers, saliency providers, patch operators, mixers,
+    label fusers, losses, models and data sets with `lsm list-components`.
+    Set LSM_DISABLE_PLUGINS=a,b to block plugins, LSM_DEBUG=1 for tracebacks.
+    """
+
+
+@cli.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@set_option
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/<run.name>, with -2, -3, ... when taken).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@user_errors
+def run_cmd(recipe: Path, overrides: tuple[str, ...], out: Optional[Path], no_progress: bool) -> None:
+    """Train and evaluate the RECIPE; writes the run folder and prints Many/Medium/Few."""
+    from .engine import Trainer, check_writable, fresh_run_dir
+    from .recipe import load_recipe
+
+    registry = registry_with_warnings()
+    parsed = load_recipe(recipe, list(overrides), registry)
+    run_dir = out if out is not None else fresh_run_dir(Path("runs"), parsed.run.name)
+    trainer = Trainer(parsed, registry, run_dir=None, console=Console(), progress=not no_progress)
+    check_writable(run_dir)
+    trainer.run_dir = run_dir
+    trainer.fit()
+
+
+@cli.command("show")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@set_option
+@user_errors
+def show_cmd(recipe: Path, overrides: tuple[str, ...]) -> None:
+    """Print the resolved, validated RECIPE as TOML (every default filled in)."""
+    from .recipe import load_recipe
+
+    parsed = load_recipe(recipe, list(overrides), registry_with_warnings())
+    click.echo(parsed.to_toml(), nl=False)
+
+
+def _param_text(params_cls: type) -> str:
+    attrs.resolve_types(params_cls)
+    parts = []
+    for f in attrs.fields(params_cls):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        parts.append(f"{f.name}={default!r}")
+    return ", ".join(parts) or "—"
+
+
+@cli.command("list-components")
+@click.option("--kind", type=click.Choice(["sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "model", "dataset"]),
+              default=None, help="Only this kind.")
+@click.argument("pattern", required=False)
+def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
+    """List registered components, optionally filtered by a wildcard PATTERN (e.g. 'l*').
+
+    Shows each component's provider (distribution and version), a one-line summary and
+    its parameters with defaults. Plugins that failed to load are listed after the table.
+    """
+    from .plugins import default_registry
+
+    registry = default_registry()
+    console = Console()
+    table = Table(title="registered components")
+    for column in ("kind", "name", "provided by", "summary", "parameters (defaults)"):
+        table.add_column(column, overflow="fold")
+    entries = registry.list(kind, pattern)
+    for entry in entries:
+        table.add_row(
+            entry.kind,
+            entry.name,
+            f"{entry.owner.distribution} {entry.owner.version}",
+            entry.cls.summary(),
+            _param_text(entry.cls.Params),
+        )
+    console.print(table)
+    if not entries:
+        console.print("no component matches" + (f" {pattern!r}" if pattern else ""))
+    for problem in registry.problems:
+        console.print(f"[yellow]not loaded:[/] {problem}", markup=True, highlight=False)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (lsm_registry/commands/*.py)."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        command = getattr(module, "command", None)
+        if isinstance(command, click.Command):
+            cli.add_command(command)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    cli(prog_name="lsm")

@@ -1,0 +1,1 @@
+"""Extra CLI commands, one module each; a module exposes ``command`` (a click.Command)."""

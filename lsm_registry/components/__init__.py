@@ -1,0 +1,1 @@
+"""Built-in components, one module per kind; each module lists its classes in COMPONENTS."""

@@ -1,0 +1,1 @@
+"""Data helpers: long-tailed profiles, batched augmentation, and the data set builders."""

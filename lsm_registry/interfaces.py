@@ -1,0 +1,418 @@
+"""The plugin ABI: the abstract base classes every component derives from.
+
+A component class declares ``kind`` (through its base class), a unique ``name``
+and an ``attrs.frozen`` ``Params`` class; it is built as ``cls(params, context)``.
+Nothing here imports a built-in component, so a plugin can depend on this module
+alone. The tensor contracts below are the whole agreement between the engine and a
+component: keep to them and any sampler, saliency provider, mixer and label fuser
+combine with any other.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Iterator, Optional
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "KINDS",
+    "Context",
+    "Component",
+    "Sampler",
+    "SaliencyProvider",
+    "PatchOperator",
+    "Mixer",
+    "MixResult",
+    "LabelFuser",
+    "Loss",
+    "ModelFactory",
+    "DatasetFactory",
+    "LTData",
+    "Split",
+    "TensorSplit",
+]
+
+KINDS: tuple[str, ...] = (
+    "sampler",
+    "saliency",
+    "patch",
+    "mixer",
+    "label_fuser",
+    "loss",
+    "model",
+    "dataset",
+)
+
+
+@attrs.frozen(eq=False)
+class Context:
+    """What a component may know about the run, passed explicitly (no global state).
+
+    ``class_counts[c]`` is the number of training images of class ``c`` (the order
+    is the data set's class order, not sorted). ``image_size`` is ``(ch, H, W)``.
+    ``generator`` is a torch.Generator on the CPU seeded from the run seed; every
+    random draw a component makes should come from it so that runs repeat exactly.
+    ``epochs`` is the run's total epoch count (for schedules such as DRW or CMO's
+    mixing window).
+    """
+
+    class_counts: tuple[int, ...]
+    image_size: tuple[int, int, int]
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    generator: torch.Generator = attrs.field(factory=lambda: torch.Generator().manual_seed(0))
+    epochs: int = 1
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_counts)
+
+    def counts_tensor(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.tensor(self.class_counts, dtype=dtype, device=self.device)
+
+
+class Component(abc.ABC):
+    """Base of every registered class.
+
+    Subclasses set ``name`` (unique within the kind) and ``Params`` (an
+    ``attrs.frozen`` class whose fields all have defaults, made with
+    :func:`lsm_registry.params.param`). The first line of the class docstring is the
+    one-line summary shown by ``lsm list-components``.
+    """
+
+    kind: ClassVar[str] = ""
+    name: ClassVar[str] = ""
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    def __init__(self, params: Any, context: Context):
+        self.params = params
+        self.context = context
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+# ---------------------------------------------------------------------------- samplers
+
+
+class Sampler(Component):
+    """Yields the index batches of one epoch.
+
+    Contract: ``batches(epoch, batch_size)`` yields ``(background, foreground)``
+    where ``background`` is a LongTensor (B,) of training-set indices from the
+    instance branch (it defines the epoch: every index once per epoch, the last
+    partial batch dropped only if ``drop_last``), and ``foreground`` is a LongTensor
+    (B,) drawn by a rebalanced rule, or ``None`` for a single-branch sampler. Draws
+    come from ``context.generator`` re-seeded per epoch, so a run is reproducible.
+    ``rank`` / ``world_size`` shard both streams without overlap.
+    """
+
+    kind = "sampler"
+
+    def __init__(self, params: Any, context: Context, labels: Tensor, rank: int = 0, world_size: int = 1):
+        super().__init__(params, context)
+        self.labels = labels
+        self.rank = rank
+        self.world_size = world_size
+
+    @abc.abstractmethod
+    def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+        ...
+
+    @abc.abstractmethod
+    def steps_per_epoch(self, batch_size: int) -> int:
+        ...
+
+
+# ---------------------------------------------------------------------------- saliency
+
+
+class SaliencyProvider(Component):
+    """Scores every unit of the patch operator for each image.
+
+    Contract: ``__call__(model, x, y, patch)`` takes the normalised float images
+    ``x`` (B, ch, H, W) on the device, their labels ``y`` (B,) int64, and the patch
+    operator; returns a float tensor (B, H/p, W/p) on the same device, every value
+    ``>= 0`` and finite, for any input (a constant map becomes uniform). It must not
+    change the model's parameters, its gradients, its batch-norm statistics or its
+    train/eval mode.
+    """
+
+    kind = "saliency"
+
+    @abc.abstractmethod
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator") -> Tensor:
+        ...
+
+
+# ---------------------------------------------------------------------------- patches
+
+
+class PatchOperator(Component):
+    """Maps images to independent units and back, exactly.
+
+    Contract: ``split(x)`` maps (B, ch, H, W) to (B, ch*p*p, H/p, W/p), one spatial
+    cell per unit; ``merge`` is its exact inverse (bit for bit). ``grid(H, W)`` is
+    the unit grid ``(H/p, W/p)`` and raises ValueError naming the sizes when p does
+    not divide H and W.
+    """
+
+    kind = "patch"
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        ...
+
+    @abc.abstractmethod
+    def split(self, x: Tensor) -> Tensor:
+        ...
+
+    @abc.abstractmethod
+    def merge(self, u: Tensor) -> Tensor:
+        ...
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        p = self.size
+        if height % p or width % p:
+            raise ValueError(f"patch size {p} does not divide the image size {height}x{width}")
+        return height // p, width // p
+
+    def expand(self, unit_map: Tensor) -> Tensor:
+        """(B, h, w) per-unit values -> (B, 1, H, W) per-pixel values."""
+        p = self.size
+        return unit_map.unsqueeze(1).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)
+
+
+# ---------------------------------------------------------------------------- mixers
+
+
+@attrs.frozen(eq=False)
+class MixResult:
+    """What a mixer hands to the label fuser.
+
+    ``images``: (B, ch, H, W) float, ``images = weight * x_f + (1 - weight) * x_b``.
+    ``weight``: (B, 1, H, W) float in [0, 1], the per-pixel foreground weight.
+    ``unit_mask``: (B, H/p, W/p) bool of pasted units, or None for mixers that do not
+    work on units (CutMix boxes, Mixup); fusers then fall back to ``weight``.
+    """
+
+    images: Tensor
+    weight: Tensor
+    unit_mask: Optional[Tensor] = None
+
+
+class Mixer(Component):
+    """Mixes a foreground (tail) batch into a background (head) batch.
+
+    Contract: ``mix(x_f, x_b, saliency_f, patch)`` takes two float batches of equal
+    shape (B, ch, H, W), the foreground's saliency (B, H/p, W/p) or None when
+    ``needs_saliency`` is False, and returns a :class:`MixResult`. ``active(epoch)``
+    says whether mixing may happen in this epoch (0-based) and ``coin()`` draws the
+    per-batch decision; both use only ``context``.
+    """
+
+    kind = "mixer"
+    needs_saliency: ClassVar[bool] = False
+    #: Label fuser used when the recipe has no [label_fuser] table.
+    default_fuser: ClassVar[str] = "area"
+
+    @abc.abstractmethod
+    def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:
+        ...
+
+    def active(self, epoch: int) -> bool:
+        start = getattr(self.params, "start_epoch", None)
+        end = getattr(self.params, "end_epoch", None)
+        if start is not None and epoch < start:
+            return False
+        if end is not None and end >= 0 and epoch >= end:
+            return False
+        if end is not None and end < 0 and epoch >= self.context.epochs + end:
+            return False
+        return True
+
+    def coin(self) -> bool:
+        prob = float(getattr(self.params, "prob", 1.0))
+        if prob >= 1.0:
+            return True
+        if prob <= 0.0:
+            return False
+        return bool(torch.rand((), generator=self.context.generator).item() < prob)
+
+
+# ---------------------------------------------------------------------------- label fusers
+
+
+class LabelFuser(Component):
+    """Turns a mix into soft targets.
+
+    Contract: ``fuse(mix, y_f, y_b, saliency_f, saliency_b)`` returns a float tensor
+    (B, C), each row a probability distribution (non-negative, sums to 1), where
+    ``C = context.num_classes``. ``saliency_b`` is given only when
+    ``needs_background_saliency`` is True.
+    """
+
+    kind = "label_fuser"
+    needs_saliency: ClassVar[bool] = False
+    needs_background_saliency: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def fuse(
+        self,
+        mix: MixResult,
+        y_f: Tensor,
+        y_b: Tensor,
+        saliency_f: Optional[Tensor],
+        saliency_b: Optional[Tensor],
+    ) -> Tensor:
+        ...
+
+    def two_label(self, lam_f: Tensor, y_f: Tensor, y_b: Tensor) -> Tensor:
+        """``lam_f e_{y_f} + (1 - lam_f) e_{y_b}`` without a Python loop."""
+        c = self.context.num_classes
+        lam_f = lam_f.reshape(-1, 1).to(torch.float32)
+        target = (1.0 - lam_f) * nn.functional.one_hot(y_b, c).to(lam_f.dtype)
+        return target + lam_f * nn.functional.one_hot(y_f, c).to(lam_f.dtype)
+
+
+# ---------------------------------------------------------------------------- losses
+
+
+class Loss(Component):
+    """A training loss on logits and class indices or soft targets.
+
+    Contract: ``__call__(logits, target)`` with logits (B, C) float and target either
+    (B,) int64 class indices or (B, C) float distributions; returns a scalar.
+    ``set_epoch(epoch)`` is called at the start of every epoch (0-based) for
+    schedules such as DRW. ``eval_logits`` maps model logits to the ones used for
+    prediction at test time (identity unless the loss says otherwise).
+    ``needs_normed_head``: the model must end in a normalised (cosine) linear layer.
+    """
+
+    kind = "loss"
+    needs_normed_head: ClassVar[bool] = False
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @abc.abstractmethod
+    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+        ...
+
+    def eval_logits(self, logits: Tensor) -> Tensor:
+        return logits
+
+
+# ---------------------------------------------------------------------------- factories
+
+
+class ModelFactory(Component):
+    """Builds a classifier.
+
+    Contract: ``build(num_classes, in_channels, image_size, normed_head)`` returns an
+    ``nn.Module`` mapping (B, ch, H, W) float to logits (B, C). The module exposes
+    ``saliency_layers() -> dict[str, nn.Module]`` (named layers Grad-CAM may hook,
+    the default first) and, when its head is global-average-pooling followed by a
+    linear layer, ``forward_features(x) -> (B, K, h, w)`` and ``classifier`` (the
+    linear layer), which allows the one-forward Grad-CAM fast path.
+    ``check_input(image_size)`` raises ValueError when the model cannot take it.
+    The context given to a model factory has the class counts of the training split.
+    """
+
+    kind = "model"
+
+    @abc.abstractmethod
+    def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
+        ...
+
+    def check_input(self, image_size: tuple[int, int, int]) -> None:
+        return None
+
+
+class Split(abc.ABC):
+    """One split of a data set: labels in memory, images fetched by index batch.
+
+    ``fetch(idx)`` returns uint8 images (B, ch, H, W) for a LongTensor of indices, on
+    ``device``. In-memory sets index a tensor; file-backed sets decode with workers.
+    """
+
+    labels: Tensor
+
+    @abc.abstractmethod
+    def fetch(self, idx: Tensor, device: torch.device) -> Tensor:
+        ...
+
+    def __len__(self) -> int:
+        return int(self.labels.numel())
+
+
+class TensorSplit(Split):
+    """A split decoded once into a uint8 tensor (small sets: CIFAR, Fashion-MNIST, synthetic)."""
+
+    def __init__(self, images: Tensor, labels: Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, ch, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError("images and labels differ in length")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self._device_images: dict[str, Tensor] = {}
+
+    def fetch(self, idx: Tensor, device: torch.device) -> Tensor:
+        key = str(device)
+        if key not in self._device_images:
+            self._device_images[key] = self.images.to(device)
+        images = self._device_images[key]
+        return images.index_select(0, idx.to(images.device))
+
+
+@attrs.frozen(eq=False)
+class LTData:
+    """A long-tailed data set ready for the engine.
+
+    ``train`` / ``test`` splits, ``class_names`` (C,), ``mean`` / ``std`` per channel
+    for normalisation, ``image_size`` (ch, H, W) of what ``fetch`` returns and
+    ``augment`` = "crop32" (pad-4 random crop + flip) | "rrc" (random resized crop +
+    flip) | "none".
+    """
+
+    train: Split
+    test: Split
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: tuple[int, int, int]
+    augment: str = "crop32"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> tuple[int, ...]:
+        counts = torch.bincount(self.train.labels, minlength=self.num_classes)
+        return tuple(int(c) for c in counts)
+
+
+class DatasetFactory(Component):
+    """Builds an :class:`LTData`.
+
+    Contract: ``build()`` returns the data set or raises ``FileNotFoundError`` /
+    ``ValueError`` with one line naming what is missing and where it looked. The
+    context given to a dataset factory has empty class counts (they are not known
+    yet) and the run seed.
+    """
+
+    kind = "dataset"
+
+    @abc.abstractmethod
+    def build(self) -> LTData:
+        ...

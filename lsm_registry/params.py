@@ -1,0 +1,137 @@
+"""Helpers for declaring component parameters as frozen, validated attrs classes.
+
+Every component's ``Params`` is an ``attrs.frozen`` class built from :func:`param`.
+The help text lives in the field metadata so that ``lsm list-components`` and the
+docs can show it, and validators raise :class:`ValueError` with a message that
+reads well after ``file [table].key:`` (for example ``must be > 0 (got -1.0)``).
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Callable
+
+import attrs
+
+__all__ = [
+    "param",
+    "positive",
+    "non_negative",
+    "probability",
+    "at_least",
+    "in_range",
+    "one_of",
+    "ParamError",
+    "coerce",
+    "describe_type",
+]
+
+
+class ParamError(ValueError):
+    """A parameter value is invalid; ``key`` names the offending parameter."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def param(default: Any = attrs.NOTHING, *, help: str = "", validator: Any = None, **kw: Any) -> Any:
+    """An attrs field whose help text is kept in its metadata."""
+    return attrs.field(default=default, validator=validator, metadata={"help": help}, **kw)
+
+
+def _check(pred: Callable[[Any], bool], text: str):
+    def validate(inst, attribute, value):
+        if value is not None and not pred(value):
+            raise ParamError(attribute.name, f"must be {text} (got {value!r})")
+
+    return validate
+
+
+def positive(inst, attribute, value):
+    _check(lambda v: v > 0, "> 0")(inst, attribute, value)
+
+
+def non_negative(inst, attribute, value):
+    _check(lambda v: v >= 0, ">= 0")(inst, attribute, value)
+
+
+def probability(inst, attribute, value):
+    _check(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")(inst, attribute, value)
+
+
+def at_least(lo: float):
+    return _check(lambda v: v >= lo, f">= {lo}")
+
+
+def in_range(lo: float, hi: float):
+    return _check(lambda v: lo <= v <= hi, f"in [{lo}, {hi}]")
+
+
+def one_of(*choices: Any):
+    return _check(lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices))
+
+
+# ----------------------------------------------------------------------------------------
+# Type coercion from TOML values: one place decides what a recipe may write for a type.
+
+_NoneType = type(None)
+
+
+def describe_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(describe_type(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"list of {describe_type(args[0])}" if args else "list"
+    if tp is _NoneType:
+        return "none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """Convert a TOML value to ``tp`` or raise ValueError("expected ... (got ...)")."""
+    if tp is Any or tp is None:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ValueError(f"must be one of {describe_type(tp)} (got {value!r})")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is _NoneType:
+                continue
+            try:
+                return coerce(value, arg)
+            except ValueError as exc:
+                errors.append(exc)
+        raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        inner = args[0] if args else Any
+        items = [coerce(v, inner) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false (got {value!r})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"expected an integer (got {value!r})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"expected a number (got {value!r})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected a string (got {value!r})")
+    return value

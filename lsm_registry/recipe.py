@@ -1,0 +1,324 @@
+"""TOML recipes -> frozen attrs objects, validated before any work starts.
+
+Every problem is collected and reported at once, one line each, in the form
+``FILE [table].key: message``; unknown tables, components and parameters get a
+"Did you mean" hint and the valid choices. ``--set table.key=value`` overrides are
+applied to the raw TOML before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import attrs
+
+from .errors import RecipeError, RegistryError
+from .params import ParamError, at_least, coerce, non_negative, param, positive
+from .registry import Registry, suggest
+
+#: Component tables and the registry kind each selects.
+COMPONENT_TABLES: dict[str, str] = {
+    "data": "dataset",
+    "model": "model",
+    "sampler": "sampler",
+    "saliency": "saliency",
+    "patch": "patch",
+    "mixer": "mixer",
+    "label_fuser": "label_fuser",
+    "loss": "loss",
+}
+#: Components a recipe gets when it leaves their table out (mixing tables default later).
+DEFAULT_COMPONENTS: dict[str, str] = {"model": "resnet32", "sampler": "instance", "loss": "ce"}
+
+
+@attrs.frozen
+class RunParams:
+    name: str = param("", help="run folder name under runs/ (default: the recipe file's stem)")
+    seed: int = param(0, help="seed of every random draw in the run")
+    epochs: int = param(200, help="training epochs", validator=at_least(1))
+    device: str = param("cpu", help='"cpu", "cuda", "cuda:N" or "auto" (CUDA when present)')
+    eval_every: int = param(10, help="evaluate every N epochs (and always after the last)", validator=at_least(1))
+    channels_last: bool = param(False, help="use the channels_last memory format (faster convolutions on CPU and GPU)")
+    amp: Literal["none", "bf16", "fp16"] = param("none", help="mixed precision (fp16 uses a grad scaler; CUDA only)")
+
+    def __attrs_post_init__(self):
+        dev = self.device
+        if not (dev in ("cpu", "cuda", "auto", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ParamError("device", f'must be "cpu", "cuda", "cuda:N", "mps" or "auto" (got {dev!r})')
+
+
+@attrs.frozen
+class OptimParams:
+    batch_size: int = param(128, help="images per step (per process)", validator=at_least(1))
+    lr: float = param(0.1, help="initial learning rate after warm-up", validator=positive)
+    momentum: float = param(0.9, help="SGD momentum", validator=non_negative)
+    weight_decay: float = param(2e-4, help="SGD weight decay", validator=non_negative)
+    nesterov: bool = param(False, help="Nesterov momentum")
+    warmup_epochs: int = param(5, help="linear warm-up epochs", validator=non_negative)
+    schedule: Literal["step", "cosine"] = param("step", help="learning-rate schedule after warm-up")
+    milestones: tuple[int, ...] = param((160, 180), help="step schedule: epochs at which lr is multiplied by gamma")
+    gamma: float = param(0.01, help="step schedule: factor per milestone", validator=positive)
+
+
+FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams}
+ALL_TABLES = ("run", "data", "model", "optim", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss")
+
+
+@attrs.frozen
+class ComponentSpec:
+    """A component chosen by a recipe: its kind, name and validated parameters."""
+
+    kind: str
+    name: str
+    params: Any
+
+    def build(self, registry: Registry, context: Any, *args: Any, **kwargs: Any) -> Any:
+        return registry.get(self.kind, self.name)(self.params, context, *args, **kwargs)
+
+
+@attrs.frozen
+class Recipe:
+    path: str
+    run: RunParams
+    optim: OptimParams
+    data: ComponentSpec
+    model: ComponentSpec
+    sampler: ComponentSpec
+    loss: ComponentSpec
+    saliency: Optional[ComponentSpec] = None
+    patch: Optional[ComponentSpec] = None
+    mixer: Optional[ComponentSpec] = None
+    label_fuser: Optional[ComponentSpec] = None
+
+    def table(self, name: str) -> Any:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict of the resolved recipe (every key, defaults included)."""
+        out: dict[str, dict[str, Any]] = {}
+        for table in ALL_TABLES:
+            value = getattr(self, table)
+            if value is None:
+                continue
+            if isinstance(value, ComponentSpec):
+                out[table] = {"name": value.name, **_params_dict(value.params)}
+            else:
+                out[table] = _params_dict(value)
+        return out
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+def _params_dict(params: Any) -> dict[str, Any]:
+    return {f.name: getattr(params, f.name) for f in attrs.fields(type(params))}
+
+
+# ------------------------------------------------------------------------------ TOML out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if math.isnan(value):
+            return "nan"
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dumps_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """Writes flat tables of scalars and lists (all a recipe holds); ``None`` values are left out."""
+    lines: list[str] = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        for key, value in keys.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ parsing
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``table.key=value`` with value in TOML syntax (a bare word is taken as a string)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise RecipeError([f"--set {text}: expected table.key=value (e.g. --set run.epochs=10)"])
+    lhs, raw = text.split("=", 1)
+    table, key = lhs.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return table, key, value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: no such recipe file"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{path}: is a folder, not a recipe file"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"{path}: TOML syntax error: {exc}"]) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[Registry] = None) -> Recipe:
+    """Read, override and validate a recipe; raises RecipeError listing every problem."""
+    path = Path(path)
+    raw = read_toml(path)
+    errors: list[str] = []
+    for text in overrides:
+        try:
+            table, key, value = parse_override(text)
+        except RecipeError as exc:
+            errors.extend(exc.lines)
+            continue
+        section = raw.setdefault(table, {})
+        if not isinstance(section, dict):
+            errors.append(f"--set {text}: [{table}] is not a table")
+            continue
+        section[key] = value
+    return validate(raw, str(path), registry, errors)
+
+
+def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = None, errors: Optional[list[str]] = None) -> Recipe:
+    if registry is None:
+        from .plugins import default_registry
+
+        registry = default_registry()
+    errors = list(errors or [])
+    for table, value in raw.items():
+        if table not in ALL_TABLES:
+            hint = suggest(table, ALL_TABLES)
+            errors.append(
+                f"{where} [{table}]: unknown table." + (f" Did you mean [{hint}]?" if hint else "")
+                + f" Tables: {', '.join(ALL_TABLES)}"
+            )
+        elif not isinstance(value, dict):
+            errors.append(f"{where} [{table}]: must be a table (got {value!r})")
+
+    def section(table: str) -> Optional[dict[str, Any]]:
+        value = raw.get(table)
+        return value if isinstance(value, dict) else None
+
+    fixed: dict[str, Any] = {}
+    for table, cls in FIXED_TABLES.items():
+        fixed[table] = build_params(cls, section(table) or {}, where, table, errors, owner=f"table [{table}]")
+
+    if fixed["run"] is not None and not fixed["run"].name:
+        fixed["run"] = attrs.evolve(fixed["run"], name=Path(where).stem)
+
+    specs: dict[str, Optional[ComponentSpec]] = {}
+    for table, kind in COMPONENT_TABLES.items():
+        body = section(table)
+        if body is None:
+            if table == "data":
+                errors.append(f"{where} [data]: missing; a recipe must say which data set to train on (e.g. name = \"synthetic-lt\")")
+            default = DEFAULT_COMPONENTS.get(table)
+            specs[table] = _component(registry, kind, default, {}, where, table, errors) if default else None
+            continue
+        name = body.get("name")
+        if name is None:
+            errors.append(f"{where} [{table}].name: missing; choose one of {', '.join(registry.names(kind))}")
+            specs[table] = None
+            continue
+        if not isinstance(name, str):
+            errors.append(f"{where} [{table}].name: expected a string (got {name!r})")
+            specs[table] = None
+            continue
+        params = {k: v for k, v in body.items() if k != "name"}
+        specs[table] = _component(registry, kind, name, params, where, table, errors)
+
+    _fill_mixing_defaults(registry, specs, where, errors)
+    if errors:
+        raise RecipeError(errors)
+    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], **specs)
+
+
+def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[ComponentSpec]], where: str, errors: list[str]) -> None:
+    """A mixer brings what it needs: a patch operator, a saliency provider, a label fuser."""
+    mixer = specs.get("mixer")
+    if mixer is None:
+        return
+    mixer_cls = registry.get("mixer", mixer.name)
+    if specs.get("patch") is None and ("patch", "pixel-unshuffle") in registry:
+        specs["patch"] = _component(registry, "patch", "pixel-unshuffle", {}, where, "patch", errors)
+    if specs.get("label_fuser") is None:
+        specs["label_fuser"] = _component(registry, "label_fuser", mixer_cls.default_fuser, {}, where, "label_fuser", errors)
+    fuser = specs.get("label_fuser")
+    fuser_cls = registry.get("label_fuser", fuser.name) if fuser is not None else None
+    wants = mixer_cls.needs_saliency or bool(fuser_cls and (fuser_cls.needs_saliency or fuser_cls.needs_background_saliency))
+    if wants and specs.get("saliency") is None:
+        specs["saliency"] = _component(registry, "saliency", "gradcam", {}, where, "saliency", errors)
+
+
+def _component(registry: Registry, kind: str, name: str, params: dict[str, Any], where: str, table: str, errors: list[str]) -> Optional[ComponentSpec]:
+    try:
+        entry = registry.entry(kind, name)
+    except RegistryError as exc:
+        errors.append(f"{where} [{table}].name: {exc}")
+        return None
+    built = build_params(entry.cls.Params, params, where, table, errors, owner=f"{kind} {name!r}")
+    return ComponentSpec(kind, name, built) if built is not None else None
+
+
+def build_params(cls: type, values: dict[str, Any], where: str, table: str, errors: list[str], owner: str) -> Any:
+    """Validate ``values`` against an attrs Params class; append one line per problem."""
+    attrs.resolve_types(cls)
+    fields = {f.name: f for f in attrs.fields(cls)}
+    before = len(errors)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            hint = suggest(key, fields)
+            valid = ", ".join(fields) or "(none)"
+            errors.append(
+                f"{where} [{table}].{key}: unknown parameter of {owner}."
+                + (f" Did you mean {hint!r}?" if hint else "") + f" Parameters: {valid}"
+            )
+            continue
+        field = fields[key]
+        try:
+            value = coerce(value, field.type)
+        except ValueError as exc:
+            errors.append(f"{where} [{table}].{key}: {exc}")
+            continue
+        if field.validator is not None:
+            try:
+                field.validator(None, field, value)
+            except ParamError as exc:
+                errors.append(f"{where} [{table}].{exc.key}: {exc}")
+                continue
+            except (ValueError, TypeError) as exc:
+                errors.append(f"{where} [{table}].{key}: {exc}")
+                continue
+        kwargs[key] = value
+    if len(errors) > before:
+        return None
+    try:
+        return cls(**kwargs)
+    except ParamError as exc:
+        errors.append(f"{where} [{table}].{exc.key}: {exc}")
+    except (ValueError, TypeError) as exc:
+        errors.append(f"{where} [{table}]: {exc}")
+    return None

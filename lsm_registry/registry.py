@@ -1,0 +1,118 @@
+"""The one registry: (kind, name) -> component class, with the owner of each entry."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Iterable, Optional
+
+import attrs
+
+from .errors import RegistryError
+from .interfaces import KINDS, Component
+
+
+@attrs.frozen
+class Owner:
+    """Who provided a component: the plugin name and its distribution."""
+
+    plugin: str
+    distribution: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.distribution} {self.version} (plugin {self.plugin!r})"
+
+
+@attrs.frozen
+class Entry:
+    kind: str
+    name: str
+    cls: type
+    owner: Owner
+
+
+def suggest(word: str, choices: Iterable[str]) -> Optional[str]:
+    """The closest valid choice, for "Did you mean" hints."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def kind_of(cls: type) -> Optional[str]:
+    kind = getattr(cls, "kind", None)
+    return kind if kind in KINDS else None
+
+
+class Registry:
+    """Holds every registered component; lookups name what exists when they fail.
+
+    ``problems`` collects the one-line reports of plugins that failed to load, so a
+    broken plugin never hides the components that did load.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], Entry] = {}
+        self.problems: list[str] = []
+
+    def register(self, cls: type, owner: Owner) -> Entry:
+        if not isinstance(cls, type) or not issubclass(cls, Component):
+            raise RegistryError(f"{cls!r} is not a component class (derive from a base class in lsm_registry.interfaces)")
+        kind = kind_of(cls)
+        if kind is None:
+            raise RegistryError(
+                f"{cls.__qualname__} declares kind {getattr(cls, 'kind', None)!r}, which does not exist "
+                f"(kinds: {', '.join(KINDS)})"
+            )
+        name = getattr(cls, "name", "")
+        if not isinstance(name, str) or not name:
+            raise RegistryError(f"{cls.__qualname__} has no name")
+        if not attrs.has(cls.Params):
+            raise RegistryError(f"{kind} {name!r}: Params is not an attrs class")
+        key = (kind, name)
+        if key in self._entries:
+            first = self._entries[key]
+            raise RegistryError(
+                f"duplicate {kind} {name!r}: provided by {first.owner} and by {owner}"
+            )
+        entry = Entry(kind, name, cls, owner)
+        self._entries[key] = entry
+        return entry
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(name for (k, name) in self._entries if k == kind)
+
+    def entry(self, kind: str, name: str) -> Entry:
+        if kind not in KINDS:
+            hint = suggest(kind, KINDS)
+            raise RegistryError(
+                f"unknown kind {kind!r}." + (f" Did you mean {hint!r}?" if hint else "") + f" Kinds: {', '.join(KINDS)}"
+            )
+        try:
+            return self._entries[(kind, name)]
+        except KeyError:
+            raise RegistryError(self.unknown_message(kind, name)) from None
+
+    def get(self, kind: str, name: str) -> type:
+        return self.entry(kind, name).cls
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        names = self.names(kind)
+        hint = suggest(name, names)
+        msg = f"unknown {kind} {name!r}."
+        if hint:
+            msg += f" Did you mean {hint!r}?"
+        return msg + f" Available: {', '.join(names) or '(none)'}  (see: lsm list-components --kind {kind})"
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def list(self, kind: Optional[str] = None, pattern: Optional[str] = None) -> list[Entry]:
+        """Entries sorted by kind order then name; ``pattern`` is a shell wildcard."""
+        out = []
+        for (k, name), entry in self._entries.items():
+            if kind is not None and k != kind:
+                continue
+            if pattern and not fnmatch.fnmatchcase(name, pattern):
+                continue
+            out.append(entry)
+        return sorted(out, key=lambda e: (KINDS.index(e.kind), e.name))
