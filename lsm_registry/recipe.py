@@ -261,6 +261,10 @@ def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[Componen
     if mixer is None:
         return
     mixer_cls = registry.get("mixer", mixer.name)
+    required, sampler = getattr(mixer_cls, "requires_sampler", None), specs.get("sampler")
+    if required and sampler is not None and sampler.name != required:
+        errors.append(f'{where} [sampler].name: mixer {mixer.name!r} needs name = "{required}" (got {sampler.name!r}); '
+                      "otherwise its foreground would be a permutation of the batch")
     if specs.get("patch") is None and ("patch", "pixel-unshuffle") in registry:
         specs["patch"] = _component(registry, "patch", "pixel-unshuffle", {}, where, "patch", errors)
     if specs.get("label_fuser") is None:

@@ -13,6 +13,8 @@ MODULES = (
     "patches",
     "mixers",
     "fusers",
+    "baseline_mixers",
+    "baseline_fusers",
     "losses",
     "models",
     "datasets",

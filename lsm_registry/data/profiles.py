@@ -35,3 +35,20 @@ def long_tailed_indices(labels: Tensor, counts: list[int], split_seed: int = 0) 
         rng.shuffle(idx)
         keep.append(idx[:n])
     return torch.from_numpy(np.concatenate(keep)).to(torch.int64) if keep else torch.empty(0, dtype=torch.int64)
+
+
+def lt_subset(
+    labels: Tensor, num_classes: int, profile: str, n_max: int | None, imbalance_factor: float, split_seed: int = 0
+) -> Tensor:
+    """Indices of the long-tailed training subset of a (roughly balanced) labelled split.
+
+    ``n_max`` None means the largest class as it is. Class ``i`` (in the data set's
+    class order) keeps ``min(available, n_i)`` images. ``profile = "none"`` with
+    ``n_max`` None keeps every image, in the original order.
+    """
+    if profile == "none" and n_max is None:
+        return torch.arange(labels.numel(), dtype=torch.int64)
+    if n_max is None:
+        n_max = int(torch.bincount(labels, minlength=num_classes).max()) if labels.numel() else 0
+    counts = lt_counts(profile, n_max, imbalance_factor, num_classes)
+    return long_tailed_indices(labels, counts, split_seed)
