@@ -69,14 +69,20 @@ def group_of(count: int) -> str:
 
 
 def summarise_predictions(pred: Tensor, labels: Tensor, class_counts: tuple[int, ...]) -> dict[str, Any]:
-    """Top-1 overall, per class, Many / Medium / Few (None when a group has no class) and rarest three.
+    """Top-1 overall, per class, Many / Medium / Few (None when a group has no class) and rarest three."""
+    num_classes = len(class_counts)
+    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
+    total = torch.bincount(labels, minlength=num_classes)
+    return summarise_counts(correct, total, class_counts)
+
+
+def summarise_counts(correct: Tensor, total: Tensor, class_counts: tuple[int, ...]) -> dict[str, Any]:
+    """Metrics from per-class correct / total counts (what processes all-reduce).
 
     Group accuracies average the per-class accuracies of the group's classes (the test
     sets are balanced, so this equals pooling their images).
     """
-    num_classes = len(class_counts)
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes).double()
-    total = torch.bincount(labels, minlength=num_classes).double()
+    correct, total = correct.double().cpu(), total.double().cpu()
     per_class = [float(c / t) if t > 0 else None for c, t in zip(correct.tolist(), total.tolist())]
     result: dict[str, Any] = {"top1": float(correct.sum() / total.sum()) if total.sum() > 0 else None}
     for group in ("many", "medium", "few"):
@@ -125,6 +131,18 @@ def check_writable(folder: Path) -> None:
 # ------------------------------------------------------------------------------ trainer
 
 
+class TrainingError(LSMError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 3
+
+
+class Interrupted(LSMError):
+    """SIGINT / SIGTERM: a checkpoint was written and the run stopped cleanly."""
+
+    exit_code = 130
+
+
 @attrs.define
 class StepStats:
     """Device-side accumulators: read once per log interval, not per step."""
@@ -132,21 +150,73 @@ class StepStats:
     loss_sum: Tensor
     mixed: Tensor
     fg_weight_sum: Tensor
+    bad_step: Tensor
     steps: int = 0
     images: int = 0
 
+    @classmethod
+    def zeros(cls, device: torch.device) -> "StepStats":
+        zero = torch.zeros((), device=device)
+        return cls(zero.clone(), zero.clone(), zero.clone(), torch.full((), -1, device=device, dtype=torch.int64))
+
+    def to_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "mixed": self.mixed.cpu(), "fg_weight_sum": self.fg_weight_sum.cpu(),
+                "steps": self.steps, "images": self.images}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "StepStats":
+        stats = cls.zeros(device)
+        stats.loss_sum, stats.mixed, stats.fg_weight_sum = (state[k].to(device) for k in ("loss_sum", "mixed", "fg_weight_sum"))
+        stats.steps, stats.images = state["steps"], state["images"]
+        return stats
+
+
+@attrs.frozen
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank and world size from torchrun's environment (one process when absent)."""
+    env = os.environ
+    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
 
 class Trainer:
-    """Builds every component from a recipe and trains; ``fit()`` returns the summary."""
+    """Builds every component from a recipe and trains; ``fit()`` returns the summary.
 
-    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, console: Any = None, progress: bool = True):
+    ``run_dir`` None trains without writing anything (tests, benchmarks). With a run
+    folder, a checkpoint is written atomically after every epoch (the newest ``keep``
+    are kept) and on SIGINT / SIGTERM; ``resume=True`` continues from the newest one.
+    """
+
+    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, console: Any = None,
+                 progress: bool = True, keep: int = 1, resume: bool = False):
         self.recipe = recipe
         self.registry = registry
         self.run_dir = run_dir
         self.console = console
-        self.show_progress = progress
+        self.keep = keep
+        self.resume = resume
+        self.dist = dist_info()
+        self.show_progress = progress and self.dist.is_main
         run = recipe.run
         self.device = resolve_device(run.device)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if run.amp != "none" and self.device.type != "cuda":
+            raise LSMError(f'[run].amp = "{run.amp}" needs a CUDA device (device is {self.device})')
         seed_everything(run.seed)
         self.data = self._build_data()
         self.class_counts = self.data.class_counts()
@@ -168,10 +238,10 @@ class Trainer:
             factory.check_input(self.data.image_size)
         except ValueError as exc:
             raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
-        self.model = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head).to(self.device)
+        self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
-        self.sampler = recipe.sampler.build(registry, self.context, self.data.train.labels)
+        self.module = self.module.to(self.device).to(memory_format=self.memory_format)
+        self.sampler = recipe.sampler.build(registry, self.context, self.data.train.labels, self.dist.rank, self.dist.world_size)
         self.mixer = recipe.mixer.build(registry, self.context) if recipe.mixer else None
         self.patch = recipe.patch.build(registry, self.context) if recipe.patch else None
         self.saliency = recipe.saliency.build(registry, self.context) if recipe.saliency else None
@@ -182,12 +252,17 @@ class Trainer:
                 self.patch.grid(h, w)
             except ValueError as exc:
                 raise LSMError(f"[patch] {recipe.patch.name}: {exc}") from None
+        self.model: nn.Module = self._wrap_distributed(self.module)
         opt = recipe.optim
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
+            self.module.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
         )
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.labels_on_device = self.data.train.labels.to(self.device)
         self.history: list[dict[str, Any]] = []
+        self.best_top1, self.best_epoch = -1.0, -1
+        self._stop_signal: Optional[int] = None
 
     def _build_data(self) -> LTData:
         spec = self.recipe.data
@@ -197,6 +272,37 @@ class Trainer:
         except (FileNotFoundError, ValueError, OSError) as exc:
             message = str(exc) if not isinstance(exc, FileNotFoundError) or str(exc) else f"missing file {exc.filename}"
             raise DataError(f"[data] {spec.name}: {message}") from None
+
+    def _wrap_distributed(self, module: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return module
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+            self.module = module
+            return nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index])
+        # CPU: SyncBatchNorm needs CUDA; DDP broadcasts rank 0's batch-norm buffers every
+        # forward instead, so every process evaluates with the same statistics.
+        return nn.parallel.DistributedDataParallel(module)
+
+    def _close_distributed(self) -> None:
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+    def _all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        if not self.dist.enabled:
+            return tensor
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return tensor
 
     # -------------------------------------------------------------- schedule
 
@@ -230,9 +336,9 @@ class Trainer:
             xf, yf = self.prepare(fg)
         s_f = s_b = None
         if self.saliency is not None:
-            s_f = self.saliency(self.model, xf, yf, self.patch)
+            s_f = self.saliency(self.module, xf, yf, self.patch)
             if self.fuser.needs_background_saliency:
-                s_b = self.saliency(self.model, xb, yb, self.patch)
+                s_b = self.saliency(self.module, xb, yb, self.patch)
         mix = mixer.mix(xf, xb, s_f, self.patch)
         target = self.fuser.fuse(mix, yf, yb, s_f, s_b)
         fg_weight = target.gather(1, yf.view(-1, 1)).mean()
@@ -248,90 +354,226 @@ class Trainer:
             stats.mixed += 1
             stats.fg_weight_sum += fg_weight.detach()
         self.model.train()
-        logits = self.model(x)
-        loss = self.loss(logits, target)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            logits = self.model(x)
+        loss = self.loss(logits.float(), target)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        stats.loss_sum += loss.detach()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = loss.detach()
         stats.steps += 1
         stats.images += x.shape[0]
+        # Remember the first non-finite step without a host sync.
+        bad = ~torch.isfinite(loss) & (stats.bad_step < 0)
+        stats.bad_step = torch.where(bad, torch.full_like(stats.bad_step, stats.steps), stats.bad_step)
+        stats.loss_sum += loss
 
     # -------------------------------------------------------------- evaluation
 
     @torch.no_grad()
     def evaluate(self, batch_size: int = 512) -> dict[str, Any]:
-        was_training = self.model.training
-        self.model.eval()
+        """Test-set metrics; under several processes each takes a shard and counts are summed."""
+        was_training = self.module.training
+        self.module.eval()
         test = self.data.test
-        preds = []
-        for start in range(0, len(test), batch_size):
-            idx = torch.arange(start, min(start + batch_size, len(test)))
+        num_classes = self.data.num_classes
+        correct = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        total = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
+        for start in range(0, shard.numel(), batch_size):
+            idx = shard[start : start + batch_size]
             raw = test.fetch(idx, self.device)
             x = normalise(raw, self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
-            preds.append(self.loss.eval_logits(self.model(x)).argmax(dim=1).cpu())
-        self.model.train(was_training)
-        pred = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
-        return summarise_predictions(pred, test.labels, self.class_counts)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+                logits = self.module(x)
+            pred = self.loss.eval_logits(logits.float()).argmax(dim=1)
+            labels = test.labels[idx].to(self.device)
+            correct += torch.bincount(labels[pred == labels], minlength=num_classes)
+            total += torch.bincount(labels, minlength=num_classes)
+        self.module.train(was_training)
+        self._all_reduce(correct)
+        self._all_reduce(total)
+        return summarise_counts(correct, total, self.class_counts)
+
+    # -------------------------------------------------------------- checkpoints
+
+    def _checkpoint_state(self, epoch: int, step: int, stats: Optional[StepStats]) -> dict[str, Any]:
+        from .checkpoint import rng_state
+
+        return {
+            "format": 1,
+            "epoch": epoch,
+            "step": step,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "rng": rng_state(),
+            "stats": stats.to_state() if stats is not None else None,
+            "history": self.history,
+            "best": (self.best_top1, self.best_epoch),
+            "recipe": self.recipe.to_dict(),
+            "world_size": self.dist.world_size,
+        }
+
+    def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:
+        """Rank 0 writes ``checkpoints/epoch-NNNN[-step-S].pt`` atomically, then prunes old ones."""
+        if self.run_dir is None or not self.dist.is_main:
+            return None
+        from .checkpoint import CHECKPOINT_DIR, checkpoint_name, prune, save_atomic
+
+        path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
+        save_atomic(self._checkpoint_state(epoch, step, stats), path)
+        prune(self.run_dir, self.keep)
+        return path
+
+    def load_checkpoint(self) -> tuple[int, int, Optional[dict[str, Any]]]:
+        """Restore the newest checkpoint; returns (completed epochs, step inside the next, its state)."""
+        from .checkpoint import ResumeError, load_latest, recipe_diff, set_rng_state
+
+        if self.run_dir is None:
+            raise ResumeError("resume needs a run folder")
+        state, notes = load_latest(self.run_dir, map_location=self.device)
+        for note in notes:
+            if self.console is not None:
+                self.console.print(f"warning: {note}", highlight=False)
+        if state is None:
+            raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
+        changes = recipe_diff(state["recipe"], self.recipe.to_dict(), ignore={"run.epochs"})
+        if changes:
+            raise ResumeError(f"{self.run_dir}: cannot resume, the recipe differs in " + ", ".join(changes))
+        if state.get("world_size", 1) != self.dist.world_size:
+            raise ResumeError(f"{self.run_dir}: the checkpoint was written by {state['world_size']} process(es), this run has {self.dist.world_size}")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.history = list(state["history"])
+        self.best_top1, self.best_epoch = state["best"]
+        return state["epoch"], state["step"], state
 
     # -------------------------------------------------------------- loop
 
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, self._request_stop)
+        return previous
+
+    def _should_stop(self, at_sync_point: bool) -> bool:
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        if not at_sync_point:
+            return False
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], device=self.device)
+        return bool(self._all_reduce(flag, "max").item())
+
+    def _check_finite(self, epoch: int, stats: StepStats) -> None:
+        bad = int(stats.bad_step)
+        if bad >= 0:
+            from .checkpoint import list_checkpoints
+
+            kept = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+            where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
+            raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {bad}; training stopped{where}")
+
     def fit(self) -> dict[str, Any]:
+        import signal
+
         from .reporting import RunReporter
 
         run = self.recipe.run
         batch_size = self.recipe.optim.batch_size
-        reporter = RunReporter(self, self.console, self.show_progress)
-        started = time.perf_counter()
-        best_top1, best_epoch, last_eval = -1.0, -1, None
-        with reporter:
-            for epoch in range(run.epochs):
-                self.generator.manual_seed(epoch_seed(run.seed, epoch))
-                lr = self.lr_at(epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.loss.set_epoch(epoch)
-                zero = torch.zeros((), device=self.device)
-                stats = StepStats(zero.clone(), zero.clone(), zero.clone())
-                steps = self.sampler.steps_per_epoch(batch_size)
-                reporter.start_epoch(epoch, steps)
-                t0 = time.perf_counter()
-                for bg, fg in self.sampler.batches(epoch, batch_size):
-                    self.train_step(epoch, bg, fg, stats)
-                    if stats.steps % LOG_EVERY == 0 or stats.steps == steps:
-                        mean_loss = float(stats.loss_sum) / stats.steps
-                        if not math.isfinite(mean_loss):
-                            raise LSMError(f"loss became {mean_loss} in epoch {epoch + 1}, by step {stats.steps}; stopping")
-                        reporter.advance(stats.steps, mean_loss, lr, stats.images / max(time.perf_counter() - t0, 1e-9))
-                elapsed = time.perf_counter() - t0
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": float(stats.loss_sum) / max(stats.steps, 1),
-                    "mixed_fraction": float(stats.mixed) / max(stats.steps, 1),
-                    "fg_label_weight": float(stats.fg_weight_sum / stats.mixed) if float(stats.mixed) > 0 else None,
-                    "images_per_s": stats.images / max(elapsed, 1e-9),
-                }
-                if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
-                    last_eval = self.evaluate()
-                    record.update({k: v for k, v in last_eval.items() if k != "per_class"})
-                    if last_eval["top1"] is not None and last_eval["top1"] > best_top1:
-                        best_top1, best_epoch = last_eval["top1"], epoch + 1
-                    reporter.evaluated(record)
-                self.history.append(record)
-                reporter.log(record)
+        start_epoch, start_step, state = self.load_checkpoint() if self.resume else (0, 0, None)
+        if start_epoch >= run.epochs and start_step == 0:
+            raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
+        reporter = RunReporter(self, self.console, self.show_progress, resumed=self.resume)
+        previous_handlers = self._install_signal_handlers()
+        try:
+            with reporter:
+                for epoch in range(start_epoch, run.epochs):
+                    skip = start_step if epoch == start_epoch else 0
+                    if skip:
+                        self.generator.set_state(state["generator"])
+                        stats = StepStats.from_state(state["stats"], self.device)
+                    else:
+                        self.generator.manual_seed(epoch_seed(run.seed, epoch))
+                        stats = StepStats.zeros(self.device)
+                    lr = self.lr_at(epoch)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    self.loss.set_epoch(epoch)
+                    steps = self.sampler.steps_per_epoch(batch_size)
+                    reporter.start_epoch(epoch, steps)
+                    t0 = time.perf_counter()
+                    for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
+                        if i < skip:
+                            continue
+                        self.train_step(epoch, bg, fg, stats)
+                        at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
+                        if at_log:
+                            self._check_finite(epoch, stats)
+                            reporter.advance(stats.steps, float(stats.loss_sum) / stats.steps, lr,
+                                             stats.images / max(time.perf_counter() - t0, 1e-9))
+                        if stats.steps < steps and self._should_stop(at_log):
+                            self._check_finite(epoch, stats)
+                            path = self.save_checkpoint(epoch, stats.steps, stats)
+                            raise Interrupted(
+                                f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
+                                f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
+                            )
+                    self._check_finite(epoch, stats)
+                    elapsed = time.perf_counter() - t0
+                    totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
+                    loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
+                    record: dict[str, Any] = {
+                        "epoch": epoch + 1,
+                        "lr": lr,
+                        "train_loss": loss_sum / max(n_steps, 1),
+                        "mixed_fraction": mixed / max(n_steps, 1),
+                        "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
+                        "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
+                        "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
+                    }
+                    if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
+                        result = self.evaluate()
+                        record.update({k: v for k, v in result.items() if k != "per_class"})
+                        record["per_class"] = result["per_class"]
+                        if result["top1"] is not None and result["top1"] > self.best_top1:
+                            self.best_top1, self.best_epoch = result["top1"], epoch + 1
+                        reporter.evaluated(record)
+                    self.history.append(record)
+                    reporter.log(record)
+                    self.save_checkpoint(epoch + 1)
+                    if self._stop_signal is not None and epoch + 1 < run.epochs:
+                        raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            self._close_distributed()
+        last_eval = next(r for r in reversed(self.history) if "top1" in r)
         summary = {
             **{k: last_eval[k] for k in ("top1", "many", "medium", "few", "rare3", "per_class")},
             "epochs": run.epochs,
-            "best_top1": best_top1,
-            "best_epoch": best_epoch,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
             "final_loss": self.history[-1]["train_loss"],
-            "wall_time_s": time.perf_counter() - started,
+            "wall_time_s": self.history[-1]["wall_s"],
             "class_counts": list(self.class_counts),
             "class_names": list(self.data.class_names),
             "recipe": self.recipe.path,
             "run_name": run.name,
             "seed": run.seed,
+            "world_size": self.dist.world_size,
         }
         reporter.finish(summary)
         return summary

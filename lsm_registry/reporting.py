@@ -52,11 +52,12 @@ def per_class_csv(summary: dict[str, Any]) -> str:
 class RunReporter:
     """Progress bars on stderr, the result table on stdout, files in the run folder."""
 
-    def __init__(self, trainer: Any, console: Optional[Console], show_progress: bool):
+    def __init__(self, trainer: Any, console: Optional[Console], show_progress: bool, resumed: bool = False):
         self.trainer = trainer
+        self.resumed = resumed
         self.console = console or Console()
         self.err = Console(stderr=True)
-        self.run_dir: Optional[Path] = trainer.run_dir
+        self.run_dir: Optional[Path] = trainer.run_dir if trainer.dist.is_main else None
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -77,10 +78,12 @@ class RunReporter:
 
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "recipe.toml", self.trainer.recipe.to_toml())
-            (self.run_dir / "metrics.jsonl").write_text("")
+            # On resume the checkpoint's history is the truth: lines written after it are dropped.
+            done = [r for r in self.trainer.history if "top1" in r] if self.resumed else []
+            atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in done))
         self.progress.start()
         epochs = self.trainer.recipe.run.epochs
-        self.epochs_task = self.progress.add_task("epochs", total=epochs, info="")
+        self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=len(self.trainer.history), info="")
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -95,6 +98,8 @@ class RunReporter:
         self.progress.update(self.steps_task, completed=step, info=f"loss {loss:.4f}  lr {lr:.4g}  {images_per_s:.0f} img/s")
 
     def evaluated(self, record: dict[str, Any]) -> None:
+        if not self.trainer.dist.is_main:
+            return
         self.progress.console.print(
             f"epoch {record['epoch']}: top-1 {fmt_pct(record['top1'])}  Many {fmt_pct(record['many'])}  "
             f"Medium {fmt_pct(record['medium'])}  Few {fmt_pct(record['few'])}  loss {record['train_loss']:.4f}"
@@ -112,6 +117,8 @@ class RunReporter:
 
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             atomic_write(self.run_dir / "per_class.csv", per_class_csv(summary))
+        if not self.trainer.dist.is_main:
+            return
         title = f"{summary['run_name']}: last epoch, test set"
         self.console.print(result_table(summary, title))
         if self.run_dir is not None:

@@ -1,0 +1,200 @@
+"""Runs that survive: kill-and-resume equality, atomic checkpoints, NaN guard, refusal, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lsm_registry import Loss, hookimpl
+from lsm_registry.checkpoint import list_checkpoints, load_latest, save_atomic
+from lsm_registry.cli import cli
+from lsm_registry.engine import Trainer, TrainingError
+from lsm_registry.plugins import build_registry
+from lsm_registry.recipe import load_recipe
+from lsm_registry.registry import Owner
+
+from conftest import TINY_RECIPE
+
+LONGER = TINY_RECIPE.replace("n_max = 24", "n_max = 160").replace("epochs = 1", "epochs = 3")
+ENV = {**os.environ, "LSM_DISABLE_PLUGINS": os.environ.get("LSM_DISABLE_PLUGINS", ""), "OMP_NUM_THREADS": "1"}
+
+
+def lsm(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lsm_registry", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("ref")
+    recipe = folder / "r.toml"
+    recipe.write_text(LONGER)
+    proc = lsm("run", str(recipe), "--out", str(folder / "run"), "--no-progress")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return recipe, summary(folder / "run")
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
+    recipe, expected = reference
+    run_dir = tmp_path / "run"
+    proc = lsm("run", str(recipe), "--out", str(run_dir), "--no-progress")
+    wait_for(lambda: list_checkpoints(run_dir) or proc.poll() is not None)
+    time.sleep(0.3)  # somewhere inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (run_dir / "summary.json").exists(), "the kill came too late to test anything"
+    resumed = lsm("resume", str(run_dir), "--no-progress")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    got = summary(run_dir)
+    assert got["per_class"] == expected["per_class"]
+    assert got["final_loss"] == expected["final_loss"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_sigterm_writes_a_step_checkpoint_and_resume_is_exact(reference, tmp_path):
+    recipe, expected = reference
+    run_dir = tmp_path / "run"
+    proc = lsm("run", str(recipe), "--out", str(run_dir), "--no-progress")
+    wait_for(lambda: list_checkpoints(run_dir) or proc.poll() is not None)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run ended before the signal arrived")
+    assert proc.returncode == 130, out
+    assert "lsm resume" in out
+    resumed = lsm("run", str(recipe), "--out", str(run_dir), "--resume", "--no-progress")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    got = summary(run_dir)
+    assert got["per_class"] == expected["per_class"]
+    assert got["final_loss"] == expected["final_loss"]
+
+
+def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_atomic({"epoch": 1}, tmp_path / "checkpoints" / "epoch-0001.pt")
+
+    def broken_save(obj, fh, *a, **k):
+        fh.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_atomic({"epoch": 2}, tmp_path / "checkpoints" / "epoch-0002.pt")
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch-0001.pt"]
+    state, notes = load_latest(tmp_path)
+    assert state == {"epoch": 1} and notes == []
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    save_atomic({"epoch": 1}, tmp_path / "checkpoints" / "epoch-0001.pt")
+    (tmp_path / "checkpoints" / "epoch-0002.pt").write_bytes(b"garbage")
+    state, notes = load_latest(tmp_path)
+    assert state == {"epoch": 1} and "epoch-0002.pt" in notes[0]
+
+
+class NanAfterFirstEpoch(Loss):
+    """Cross-entropy that turns NaN from the second epoch on (for the guard test)."""
+
+    name = "nan-later"
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    def __call__(self, logits, target):
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        return loss * float("nan") if getattr(self, "epoch", 0) >= 1 else loss
+
+
+class NanPlugin:
+    @hookimpl
+    def lsm_registry_components(self):
+        return [NanAfterFirstEpoch]
+
+
+def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path):
+    registry = build_registry(extra=[("nan", NanPlugin(), Owner("nan", "test", "0"))], entry_points=False)
+    recipe = load_recipe(write_recipe(TINY_RECIPE.replace('name = "ce"', 'name = "nan-later"')), ["run.epochs=3"], registry)
+    trainer = Trainer(recipe, registry, run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(TrainingError, match=r"not finite at epoch 2, step 1;.*epoch-0001\.pt"):
+        trainer.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["epoch-0001.pt"]
+    state, _ = load_latest(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_resume_with_a_changed_recipe_is_refused_with_the_diff(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--no-progress"]).exit_code == 0
+    result = runner.invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--resume", "--set", "optim.lr=0.2", "--set", "run.epochs=2"])
+    assert result.exit_code == 2
+    assert "cannot resume, the recipe differs in optim.lr (0.05 -> 0.2)" in result.output
+    assert "run.epochs" not in result.output
+    more = runner.invoke(cli, ["resume", str(run_dir), "--set", "run.epochs=2", "--no-progress"])
+    assert more.exit_code == 0, more.output
+    assert summary(run_dir)["epochs"] == 2
+
+
+def test_keep_policy_prunes_old_checkpoints(tiny_recipe, tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--set", "run.epochs=3", "--keep", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002.pt", "epoch-0003.pt"]
+
+
+def test_two_process_gloo_run_writes_one_run_folder(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(TINY_RECIPE.replace("n_max = 24", "n_max = 64"))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "lsm_registry", "run", str(recipe), "--out", str(run_dir), "--no-progress"]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = summary(run_dir)
+    assert got["world_size"] == 2 and len(got["per_class"]) == 4
+    assert proc.stdout.count("run folder:") == 1
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001.pt"]
+
+
+def test_both_sampler_branches_shard_without_overlap():
+    from lsm_registry.components.samplers import DualBranchSampler
+    from lsm_registry.interfaces import Context
+
+    labels = torch.repeat_interleave(torch.arange(4), torch.tensor([40, 20, 10, 10]))
+    context = Context(class_counts=(40, 20, 10, 10), image_size=(3, 32, 32), seed=7)
+    shards = [DualBranchSampler(DualBranchSampler.Params(), context, labels, rank, 2) for rank in (0, 1)]
+    bg = [torch.cat([b for b, _ in s.batches(0, 8)]) for s in shards]
+    fg = [torch.cat([f for _, f in s.batches(0, 8)]) for s in shards]
+    assert set(bg[0].tolist()).isdisjoint(bg[1].tolist())
+    assert len(bg[0]) == len(bg[1]) == 40
+    assert not torch.equal(fg[0], fg[1])
+    again = torch.cat([f for _, f in shards[0].batches(0, 8)])
+    assert torch.equal(again, fg[0])
