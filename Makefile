@@ -9,7 +9,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
 install:
 	$(PYTHON) -m pip install -q $(TORCH_SPEC)
-	$(PYTHON) -m pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	$(PYTHON) -m pip install -q -e '.[test,plot]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
 
 run: install
 	lsm run recipes/quickstart.toml

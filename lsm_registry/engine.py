@@ -29,6 +29,7 @@ from .recipe import Recipe
 from .registry import Registry
 
 LOG_EVERY = 10
+MAX_CONFUSION_CLASSES = 1000  # beyond this the confusion matrix is not kept
 MANY_ABOVE = 100  # Many: n_c > 100
 FEW_BELOW = 20  # Few: n_c < 20; Medium: 20 <= n_c <= 100
 
@@ -263,6 +264,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch = -1.0, -1
         self._stop_signal: Optional[int] = None
+        self.confusion: Optional[Tensor] = None
 
     def _build_data(self) -> LTData:
         spec = self.recipe.data
@@ -380,6 +382,7 @@ class Trainer:
         num_classes = self.data.num_classes
         correct = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         total = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device) if num_classes <= MAX_CONFUSION_CLASSES else None
         shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
         for start in range(0, shard.numel(), batch_size):
             idx = shard[start : start + batch_size]
@@ -391,7 +394,11 @@ class Trainer:
             labels = test.labels[idx].to(self.device)
             correct += torch.bincount(labels[pred == labels], minlength=num_classes)
             total += torch.bincount(labels, minlength=num_classes)
+            if confusion is not None:
+                confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
         self.module.train(was_training)
+        if confusion is not None:
+            self.confusion = self._all_reduce(confusion).view(num_classes, num_classes).cpu()
         self._all_reduce(correct)
         self._all_reduce(total)
         return summarise_counts(correct, total, self.class_counts)

@@ -111,12 +111,33 @@ class RunReporter:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def write_pictures(self, summary: dict[str, Any]) -> None:
+        """per_class.png, confusion.png and, for mixing recipes, mixed_samples.png."""
+        from .plots import PlotUnavailable, plot_confusion, plot_per_class
+
+        trainer = self.trainer
+        try:
+            plot_per_class(summary, self.run_dir / "per_class.png")
+            if trainer.confusion is not None:
+                plot_confusion(trainer.confusion.tolist(), summary["class_names"], self.run_dir / "confusion.png",
+                               title=f"{summary['run_name']}: confusion matrix, last epoch (row-normalised)")
+        except PlotUnavailable as exc:
+            self.console.print(f"note: {exc}", highlight=False)
+        if trainer.mixer is not None:
+            try:
+                from .commands.preview import draw_preview
+
+                draw_preview(trainer, self.run_dir / "mixed_samples.png")
+            except Exception as exc:  # a picture must never fail a finished run
+                self.console.print(f"note: mixed_samples.png not drawn ({type(exc).__name__}: {exc})", highlight=False)
+
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
             from .engine import atomic_write
 
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             atomic_write(self.run_dir / "per_class.csv", per_class_csv(summary))
+            self.write_pictures(summary)
         if not self.trainer.dist.is_main:
             return
         title = f"{summary['run_name']}: last epoch, test set"

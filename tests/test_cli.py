@@ -57,3 +57,9 @@ def test_run_writes_the_run_folder(tiny_recipe, tmp_path):
     assert len(lines) == 1 and json.loads(lines[0])["epoch"] == 1
     assert (out / "per_class.csv").read_text().startswith("class,name,train_count,group,accuracy")
     assert "[run]" in (out / "recipe.toml").read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for picture in ("per_class.png", "confusion.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
