@@ -175,8 +175,12 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
     registry = default_registry()
     console = Console()
     table = Table(title="registered components")
-    for column in ("kind", "name", "provided by", "summary", "parameters (defaults)"):
-        table.add_column(column, overflow="fold")
+    # Names and providers are what users copy into recipes and bug reports: never split them.
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("provided by", overflow="fold", min_width=12)
+    table.add_column("summary", overflow="fold", ratio=3)
+    table.add_column("parameters (defaults)", overflow="fold", ratio=2)
     entries = registry.list(kind, pattern)
     for entry in entries:
         table.add_row(
@@ -189,8 +193,11 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
     console.print(table)
     if not entries:
         console.print("no component matches" + (f" {pattern!r}" if pattern else ""))
+    # Plain echo, not rich: one unwrapped line per broken plugin, easy to grep and paste.
     for problem in registry.problems:
-        console.print(f"[yellow]not loaded:[/] {problem}", markup=True, highlight=False)
+        click.echo(f"not loaded: {problem}")
+    if registry.problems:
+        click.echo(f"{len(registry.problems)} plugin(s) did not load; the components above did.")
 
 
 def _register_optional_commands() -> None:

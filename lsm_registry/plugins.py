@@ -1,30 +1,38 @@
 """Builds the registry from the built-in plugin and the installed entry points.
 
 Every plugin, built-in or third-party, goes through the ``lsm_registry_components``
-hook. A plugin that fails (raises on import, returns a non-component, declares an
-unknown kind, collides with a name) is reported in one line naming its distribution
-and entry point and is skipped; the rest still load. ``LSM_DISABLE_PLUGINS=a,b``
-blocks plugins by entry-point name (or distribution name).
+hook. A plugin is all or nothing: when it fails in any way (raises on import, has a
+misspelt or unmarked hook, its hook raises, returns something that is not a
+component class, a class declares a kind that does not exist, is abstract, has
+Params that do not construct from their defaults, or collides with a name already
+registered) it gets one line in ``Registry.problems`` naming its distribution, its
+entry point and the class, and none of its components is registered; every other
+plugin still loads. ``LSM_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name
+or distribution name; the built-in plugin cannot be blocked.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import inspect
 import os
 from typing import Any, Iterable, Optional
 
+import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import RegistryError
-from .registry import Owner, Registry
+from .interfaces import KINDS, Component
+from .registry import Owner, Registry, suggest
 
 ENTRY_POINT_GROUP = "lsm_registry"
 BUILTIN_PLUGIN = "builtin"
+DISABLE_ENV = "LSM_DISABLE_PLUGINS"
 
 
 def disabled_plugins(env: Optional[dict[str, str]] = None) -> set[str]:
-    raw = (env if env is not None else os.environ).get("LSM_DISABLE_PLUGINS", "")
+    """Plugin (entry-point) or distribution names listed in LSM_DISABLE_PLUGINS."""
+    raw = (env if env is not None else os.environ).get(DISABLE_ENV, "")
     return {part.strip() for part in raw.split(",") if part.strip()}
 
 
@@ -40,63 +48,201 @@ def make_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
+def hook_names() -> list[str]:
+    """Names of the hooks a plugin may implement (the specs in lsm_registry.hookspecs)."""
+    marker = f"{hookspecs.PROJECT}_spec"
+    return sorted(n for n, f in vars(hookspecs).items() if inspect.isfunction(f) and hasattr(f, marker))
+
+
+@attrs.frozen
+class _Source:
+    """One plugin to load and how to name it in a message."""
+
+    name: str
+    obj: Any
+    owner: Owner
+    where: str
+
+    @property
+    def hint(self) -> str:
+        if self.name == BUILTIN_PLUGIN and self.owner.distribution == "lsm-registry":
+            return "this is a bug in lsm-registry itself; please report it"
+        return f"the plugin was skipped; set {DISABLE_ENV}={self.name} to stop loading it"
+
+
+def _where(name: str, owner: Owner, entry_point: Optional[str]) -> str:
+    ep = f", entry point {name} = {entry_point}" if entry_point else ""
+    return f"plugin {name!r} (distribution {owner.distribution} {owner.version}{ep})"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def build_registry(
     extra: Iterable[tuple[str, Any, Owner]] = (),
     entry_points: bool = True,
     env: Optional[dict[str, str]] = None,
 ) -> Registry:
-    """A fresh registry. ``extra`` adds (name, plugin object, owner) triples (tests)."""
+    """A fresh registry: the built-in plugin, then the installed entry points (sorted by
+    name), then ``extra`` (name, plugin object, owner) triples, which tests use to
+    register throwaway plugins. Problems land in ``registry.problems``; nothing raises.
+    """
     from .components import builtin
 
     registry = Registry()
     blocked = disabled_plugins(env)
-    plugins: list[tuple[str, Any, Owner]] = [
-        (BUILTIN_PLUGIN, builtin, Owner(BUILTIN_PLUGIN, "lsm-registry", _own_version()))
-    ]
+    own = Owner(BUILTIN_PLUGIN, "lsm-registry", _own_version())
+    sources = [_Source(BUILTIN_PLUGIN, builtin, own, _where(BUILTIN_PLUGIN, own, builtin.__name__))]
     if entry_points:
         for ep in sorted(md.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
             if ep.name in blocked or dist in blocked:
                 continue
-            where = f"plugin {ep.name!r} (distribution {dist} {version}, entry point {ep.value})"
+            owner = Owner(ep.name, dist, version)
+            source = _Source(ep.name, None, owner, _where(ep.name, owner, ep.value))
             try:
                 obj = ep.load()
-            except Exception as exc:  # a plugin's import error must not stop the others
-                registry.problems.append(f"{where} failed to import: {type(exc).__name__}: {exc}")
+            except (Exception, SystemExit) as exc:  # a plugin's import error must not stop the others
+                registry.problems.append(
+                    _one_line(f"{source.where} failed to import: {type(exc).__name__}: {exc}; {source.hint}")
+                )
                 continue
-            plugins.append((ep.name, obj, Owner(ep.name, dist, version)))
-    plugins.extend(p for p in extra if p[0] not in blocked)
-    for name, obj, owner in plugins:
-        _load_plugin(registry, name, obj, owner)
+            sources.append(attrs.evolve(source, obj=obj))
+    for name, obj, owner in extra:
+        if name in blocked or owner.distribution in blocked:
+            continue
+        label = getattr(obj, "__name__", None) or f"{type(obj).__module__}.{type(obj).__qualname__}"
+        sources.append(_Source(name, obj, owner, _where(name, owner, label)))
+    for source in sources:
+        problem = _load_plugin(registry, source)
+        if problem is not None:
+            registry.problems.append(_one_line(f"{source.where}: {problem}; {source.hint}"))
     return registry
 
 
-def _describe(owner: Owner) -> str:
-    return f"plugin {owner.plugin!r} (distribution {owner.distribution} {owner.version})"
+def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:
+    return sorted(
+        name for name, caller in vars(pm.hook).items() if not name.startswith("_") and not caller.has_spec()
+    )
 
 
-def _load_plugin(registry: Registry, name: str, obj: Any, owner: Owner) -> None:
+def _unmarked_hooks(obj: Any) -> list[str]:
+    """Functions named like a hook but not decorated with ``@lsm_registry.hookimpl``."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    out = []
+    for name in dir(obj):
+        if name.startswith(f"{hookspecs.PROJECT}_"):
+            value = getattr(obj, name, None)
+            if inspect.isroutine(value) and not hasattr(value, marker):
+                out.append(name)
+    return out
+
+
+def _class_label(cls: type) -> str:
+    return f"class {cls.__module__}.{cls.__qualname__}"
+
+
+def class_problem(cls: Any) -> Optional[str]:
+    """Why ``cls`` cannot be registered (kind, name, Params, abstract methods), or None."""
+    if not isinstance(cls, type):
+        if isinstance(cls, Component):
+            return f"returned an instance of {type(cls).__qualname__}; return the class itself"
+        return (
+            f"returned {cls!r} ({type(cls).__name__}), which is not a component class; "
+            "return classes derived from a base class in lsm_registry.interfaces"
+        )
+    label = _class_label(cls)
+    if not issubclass(cls, Component):
+        return f"{label} is not a component class (derive it from a base class in lsm_registry.interfaces)"
+    kind = getattr(cls, "kind", None)
+    if kind not in KINDS:
+        hint = suggest(str(kind), KINDS)
+        return (
+            f"{label} declares kind {kind!r}, which does not exist."
+            + (f" Did you mean {hint!r}?" if hint else "")
+            + f" Kinds: {', '.join(KINDS)}"
+        )
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"{label} has no name (set the class attribute name = \"...\")"
+    if name != name.strip() or any(ch.isspace() for ch in name):
+        return f"{label} has name {name!r}; names cannot contain spaces"
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        return f"{label} ({kind} {name!r}) is abstract: it does not implement {missing}"
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and attrs.has(params)):
+        return f"{label} ({kind} {name!r}): Params is not an attrs class (use @attrs.frozen)"
+    try:
+        params()
+    except Exception as exc:
+        return f"{label} ({kind} {name!r}): Params() fails with its defaults: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _flatten(results: list[Any]) -> list[Any]:
+    items: list[Any] = []
+    for result in results:
+        if isinstance(result, (list, tuple)):
+            items.extend(result)
+        else:
+            items.append(result)
+    return items
+
+
+def _load_plugin(registry: Registry, source: _Source) -> Optional[str]:
+    """Register every class of one plugin, or none; returns the problem, if any."""
     pm = make_plugin_manager()
     try:
-        pm.register(obj, name=name)
-        pm.check_pending()
+        pm.register(source.obj, name=source.name)
     except Exception as exc:
-        registry.problems.append(f"{_describe(owner)}: {type(exc).__name__}: {exc}".replace("\n", " "))
-        return
+        return f"cannot register its hooks: {type(exc).__name__}: {exc}"
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        known = hook_names()
+        parts = []
+        for name in _unknown_hooks(pm):
+            hint = suggest(name, known)
+            parts.append(f"{name!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
+        return f"implements unknown hook {', '.join(parts)}; the hooks are {', '.join(known)}"
+    if not pm.hook.lsm_registry_components.get_hookimpls():
+        unmarked = _unmarked_hooks(source.obj)
+        if unmarked:
+            return f"{', '.join(unmarked)} is not marked with @lsm_registry.hookimpl"
+        return "implements no hook (define lsm_registry_components() marked with @lsm_registry.hookimpl)"
     try:
         results = pm.hook.lsm_registry_components()
     except Exception as exc:
-        registry.problems.append(f"{_describe(owner)}: the hook raised {type(exc).__name__}: {exc}")
-        return
-    for result in results:
-        if not isinstance(result, (list, tuple)):
-            result = [result]
-        for cls in result:
-            try:
-                registry.register(cls, owner)
-            except RegistryError as exc:
-                registry.problems.append(f"{_describe(owner)}: {exc}")
+        return f"its hook lsm_registry_components raised {type(exc).__name__}: {exc}"
+    if not results:
+        return "lsm_registry_components returned None; return a list of component classes"
+    classes = _flatten(results)
+    errors: list[str] = []
+    seen: dict[tuple[str, str], type] = {}
+    for cls in classes:
+        problem = class_problem(cls)
+        if problem is None:
+            key = (cls.kind, cls.name)
+            if key in registry:
+                first = registry.entry(*key)
+                problem = (
+                    f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, already provided by "
+                    f"{first.owner} as {_class_label(first.cls)}"
+                )
+            elif key in seen and seen[key] is not cls:
+                problem = f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(seen[key])}"
+            seen[key] = cls
+        if problem is not None:
+            errors.append(problem)
+    if errors:
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        return errors[0] + more
+    for cls in dict.fromkeys(classes):  # the same class listed twice registers once
+        registry.register(cls, source.owner)
+    return None
 
 
 _default: Optional[Registry] = None

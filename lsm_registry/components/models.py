@@ -162,7 +162,18 @@ class Torchvision(ModelFactory):
         if head_name is None or not any(n in children for n in ("avgpool",)):
             raise ValueError(f"torchvision model {self.params.arch!r} has no avgpool + linear head this wrapper can split")
         head = children[head_name]
-        linear = head if isinstance(head, nn.Linear) else [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+        new_linear = lambda fan_in: NormedLinear(fan_in, num_classes) if normed_head else nn.Linear(fan_in, num_classes)  # noqa: E731
+        if isinstance(head, nn.Linear):
+            classifier: nn.Module = new_linear(head.in_features)
+        else:
+            # A multi-layer head (MobileNet, VGG, ...): keep its hidden layers, replace the last linear layer.
+            last_name = [n for n, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
+            parent = head
+            *path, leaf = last_name.split(".")
+            for part in path:
+                parent = getattr(parent, part)
+            setattr(parent, leaf, new_linear(getattr(parent, leaf).in_features))
+            classifier = head
         if in_channels != 3:
             first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
             replacement = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None)
@@ -174,7 +185,6 @@ class Torchvision(ModelFactory):
             children = dict(net.named_children())
         body_children = [(n, m) for n, m in children.items() if n not in ("avgpool", head_name)]
         body = nn.Sequential(OrderedDict(body_children))
-        classifier = NormedLinear(linear.in_features, num_classes) if normed_head else nn.Linear(linear.in_features, num_classes)
         stages = {n: m for n, m in reversed(body_children) if any(isinstance(x, nn.Conv2d) for x in m.modules())}
         return TorchvisionClassifier(body, classifier, stages)
 
