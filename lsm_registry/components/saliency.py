@@ -1,0 +1,140 @@
+"""Saliency providers: one non-negative score per unit of the patch operator.
+
+``gradcam`` implements METHOD.md section 4: Grad-CAM on a named layer, resized to
+the image, min-max normalised per image and averaged over each ``p x p`` unit.
+``random`` fills the same contract with noise, the ablation that tells how much
+of LSM's gain comes from where the blocks are taken rather than from mixing blocks
+at all.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..interfaces import PatchOperator, SaliencyProvider
+from ..params import param
+
+
+def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperator) -> Tensor:
+    """(B, h, w) raw class activation -> (B, H/p, W/p) unit scores in [0, 1].
+
+    ReLU, bilinear resize to (H, W), per-image min-max, then p x p average pooling. A
+    map with no spread (constant, all zero, or non-finite everywhere) becomes uniform
+    ones: every unit equally salient, never NaN.
+    """
+    cam = torch.nan_to_num(cam.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+    cam = F.interpolate(cam.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+    flat = cam.flatten(1)
+    lo = flat.amin(dim=1).view(-1, 1, 1, 1)
+    spread = flat.amax(dim=1).view(-1, 1, 1, 1) - lo
+    has_spread = spread > 0
+    scaled = ((cam - lo) / torch.where(has_spread, spread, torch.ones_like(spread))).clamp(0.0, 1.0)
+    cam = torch.where(has_spread, scaled, torch.ones_like(scaled))
+    p = patch.size
+    return F.avg_pool2d(cam, kernel_size=p, stride=p).squeeze(1)
+
+
+class GradCAM(SaliencyProvider):
+    """Grad-CAM on a named layer, patch-averaged; eval mode, no parameter gradients.
+
+    With the model's default (final) stage and a global-average-pooling + nn.Linear
+    head, alpha_k = W[y, k] / (h w) exactly, so one no-grad forward of the features
+    suffices: the saliency pass then costs about a third of a training step instead
+    of a second forward + backward. Every other layer or head (LDAM's normalised
+    linear) takes the autograd path, which asks only for d z_y / d A.
+    """
+
+    name = "gradcam"
+
+    @attrs.frozen
+    class Params:
+        layer: Optional[str] = param(None, help="layer to explain, a key of model.saliency_layers(); None: the model's default (final stage)")
+        fast: bool = param(True, help="use the one-forward closed form when the layer and head allow it (false forces autograd)")
+
+    def _layer(self, model: nn.Module) -> tuple[str, nn.Module, bool]:
+        getter = getattr(model, "saliency_layers", None)
+        if getter is None:
+            raise ValueError(f"gradcam: model {type(model).__name__} has no saliency_layers(); it cannot name a layer to explain")
+        layers = getter()
+        if not layers:
+            raise ValueError(f"gradcam: model {type(model).__name__} lists no saliency layers")
+        names = list(layers)
+        name = self.params.layer if self.params.layer is not None else names[0]
+        if name not in layers:
+            raise ValueError(f"gradcam: model {type(model).__name__} has no layer {name!r}; valid layers: {', '.join(names)}")
+        return name, layers[name], name == names[0]
+
+    def can_use_fast_path(self, model: nn.Module) -> bool:
+        _, _, is_default = self._layer(model)
+        return bool(
+            self.params.fast
+            and is_default
+            and hasattr(model, "forward_features")
+            and isinstance(getattr(model, "classifier", None), nn.Linear)
+        )
+
+    def class_activation(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The raw map sum_k alpha_k A_k, (B, h, w), before ReLU; model mode untouched by the caller."""
+        _, layer, _ = self._layer(model)
+        if self.can_use_fast_path(model):
+            with torch.no_grad():
+                feats = model.forward_features(x)
+                weight = model.classifier.weight.index_select(0, y).to(feats.dtype)  # (B, K)
+                h, w = feats.shape[-2:]
+                return torch.einsum("bk,bkhw->bhw", weight, feats) / (h * w)
+        captured: list[Tensor] = []
+
+        def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
+            # A fresh leaf: the backward stops here, so no parameter gradient is ever
+            # computed and the graph before the layer is freed at once.
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            return leaf
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.enable_grad():
+                logits = model(x)
+                if not captured:
+                    raise ValueError(f"gradcam: layer {type(layer).__name__} was not called by the model's forward")
+                act = captured[-1]
+                score = logits.gather(1, y.view(-1, 1)).sum()
+                (grad,) = torch.autograd.grad(score, act)
+        finally:
+            handle.remove()
+        alpha = grad.mean(dim=(2, 3), keepdim=True)
+        return (alpha * act.detach()).sum(dim=1)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator) -> Tensor:
+        height, width = x.shape[-2:]
+        patch.grid(height, width)
+        was_training = model.training
+        model.eval()
+        try:
+            cam = self.class_activation(model, x, y)
+        finally:
+            model.train(was_training)
+        return normalise_to_units(cam, height, width, patch)
+
+
+class RandomSaliency(SaliencyProvider):
+    """Uniform noise scores (ablation: mixing blocks without knowing where the object is)."""
+
+    name = "random"
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator) -> Tensor:
+        gh, gw = patch.grid(x.shape[-2], x.shape[-1])
+        scores = torch.rand((x.shape[0], gh, gw), generator=self.context.generator)
+        return scores.to(x.device)
+
+
+COMPONENTS = [GradCAM, RandomSaliency]
