@@ -247,7 +247,7 @@ class Trainer:
         self.patch = recipe.patch.build(registry, self.context) if recipe.patch else None
         self.saliency = recipe.saliency.build(registry, self.context) if recipe.saliency else None
         self.fuser = recipe.label_fuser.build(registry, self.context) if recipe.label_fuser else None
-        if self.mixer is not None and self.patch is not None:
+        if self.mixer is not None and self.patch is not None and (self.mixer.uses_patch or self.saliency is not None):
             _, h, w = self.data.image_size
             try:
                 self.patch.grid(h, w)

@@ -224,6 +224,8 @@ class Mixer(Component):
     needs_saliency: ClassVar[bool] = False
     #: Label fuser used when the recipe has no [label_fuser] table.
     default_fuser: ClassVar[str] = "area"
+    #: Whether ``mix`` works on the patch operator's units (then p must divide H and W).
+    uses_patch: ClassVar[bool] = True
 
     @abc.abstractmethod
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:

@@ -32,6 +32,9 @@ COMPONENT_TABLES: dict[str, str] = {
 }
 #: Components a recipe gets when it leaves their table out (mixing tables default later).
 DEFAULT_COMPONENTS: dict[str, str] = {"model": "resnet32", "sampler": "instance", "loss": "ce"}
+#: The component a table means when it is present but does not say ``name``
+#: (e.g. ``--set patch.size=28`` on a recipe without a [patch] table).
+TABLE_DEFAULT_NAMES: dict[str, str] = {**DEFAULT_COMPONENTS, "patch": "pixel-unshuffle", "saliency": "gradcam"}
 
 
 @attrs.frozen
@@ -237,7 +240,7 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
             default = DEFAULT_COMPONENTS.get(table)
             specs[table] = _component(registry, kind, default, {}, where, table, errors) if default else None
             continue
-        name = body.get("name")
+        name = body.get("name", TABLE_DEFAULT_NAMES.get(table))
         if name is None:
             errors.append(f"{where} [{table}].name: missing; choose one of {', '.join(registry.names(kind))}")
             specs[table] = None

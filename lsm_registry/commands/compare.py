@@ -1,0 +1,60 @@
+"""``lsm compare RUN_DIR...``: one table of finished runs, repeats over seeds grouped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..cli import user_errors
+
+
+def render(groups, fmt: str, width: Optional[int] = None) -> str:
+    """The comparison as text in ``fmt`` (table, markdown or csv)."""
+    from .. import runs
+
+    if fmt == "markdown":
+        return runs.markdown(groups)
+    if fmt == "csv":
+        return runs.csv_text(groups)
+    from rich.console import Console
+
+    console = Console(width=width or 160, color_system=None, force_terminal=False)
+    with console.capture() as capture:
+        console.print(runs.rich_table(groups))
+    return capture.get()
+
+
+@click.command("compare")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table", show_default=True,
+              help="table (rich, for the terminal), markdown (for docs) or csv (mean and std columns, fractions).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the comparison to this file (in --format; a table is written as plain text).")
+@user_errors
+def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path]) -> None:
+    """Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time.
+
+    Each RUN_DIR is a run folder (it holds summary.json) or a folder of run folders,
+    such as the output of `lsm sweep`. Runs whose resolved recipes differ only in
+    run.seed and run.name are grouped and shown as mean ± std (sample std over the
+    seeds); the setting column names the recipe keys that tell the groups apart.
+    Accuracies are the last epoch's, on the test set, in percent.
+    """
+    from rich.console import Console
+
+    from .. import runs
+    from ..errors import LSMError
+
+    groups = runs.group_runs(runs.load_runs(list(run_dirs)))
+    if fmt == "table":
+        Console().print(runs.rich_table(groups))
+    else:
+        click.echo(render(groups, fmt), nl=False)
+    if out is not None:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(render(groups, fmt), encoding="utf-8")
+        except OSError as exc:
+            raise LSMError(f"{out}: cannot write the comparison ({exc.strerror or exc})") from None

@@ -1,0 +1,278 @@
+"""Reading finished run folders and comparing them (``lsm compare``, ``lsm sweep``).
+
+A run folder (written by :mod:`lsm_registry.reporting`) holds ``recipe.toml`` (the
+resolved recipe), ``metrics.jsonl``, ``summary.json`` and ``per_class.csv``. Runs
+whose resolved recipes differ only in ``run.seed`` and ``run.name`` are repeats of
+one setting and are grouped as mean +- standard deviation; each group is labelled by
+the recipe keys that tell it apart from the other groups.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+from .errors import LSMError
+
+#: Recipe keys that do not change what a run measures, ignored when grouping.
+REPEAT_KEYS = (("run", "seed"), ("run", "name"))
+#: (summary key, column title) of the accuracy columns, in order.
+METRICS = (("top1", "top-1"), ("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("rare3", "rarest 3"))
+#: At most this many differing keys are spelt out in a group label.
+LABEL_KEYS = 4
+
+
+@attrs.frozen
+class RunRecord:
+    """One finished run: its folder, summary and resolved recipe (empty if recipe.toml is missing)."""
+
+    path: Path
+    summary: dict[str, Any]
+    recipe: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.summary.get("run_name") or self.recipe.get("run", {}).get("name") or self.path.name)
+
+
+@attrs.frozen
+class RunGroup:
+    """Runs of one setting (same resolved recipe up to seed and name)."""
+
+    runs: tuple[RunRecord, ...]
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.runs[0].name
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.summary.get("seed", r.recipe.get("run", {}).get("seed")) for r in self.runs]
+
+    def stat(self, key: str) -> tuple[Optional[float], Optional[float]]:
+        return mean_std([r.summary.get(key) for r in self.runs])
+
+
+def mean_std(values: list[Any]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (n - 1) of the values that are not None.
+
+    The std is None for fewer than two values: a single run has no spread to show.
+    """
+    xs = [float(v) for v in values if v is not None]
+    if not xs:
+        return None, None
+    mean = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def is_run_dir(folder: Path) -> bool:
+    return (folder / "summary.json").is_file() or (folder / "recipe.toml").is_file()
+
+
+def expand_run_dirs(paths: list[Path]) -> list[Path]:
+    """Run folders named directly, or the finished runs inside a folder of runs (a sweep).
+
+    A run folder without summary.json (a run that did not finish) is an error, so is a
+    folder that holds no run at all.
+    """
+    out: list[Path] = []
+
+    def add(folder: Path) -> None:
+        if all(folder.resolve() != seen.resolve() for seen in out):  # a run named twice counts once
+            out.append(folder)
+
+    for path in paths:
+        if not path.exists():
+            raise LSMError(f"{path}: no such run folder")
+        if not path.is_dir():
+            raise LSMError(f"{path}: not a folder (give run folders, which hold summary.json)")
+        if is_run_dir(path):
+            add(path)
+            continue
+        children = sorted(p for p in path.iterdir() if p.is_dir() and (p / "summary.json").is_file())
+        if not children:
+            raise LSMError(f"{path}: no summary.json here or in its sub-folders; not a finished run folder")
+        for child in children:
+            add(child)
+    return out
+
+
+def load_run(folder: Path) -> RunRecord:
+    summary_path = folder / "summary.json"
+    if not summary_path.is_file():
+        raise LSMError(f"{folder}: no summary.json (the run did not finish, or this is not a run folder)")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LSMError(f"{summary_path}: not valid JSON ({exc})") from None
+    if not isinstance(summary, dict) or "top1" not in summary:
+        raise LSMError(f"{summary_path}: not a run summary (no top1 key)")
+    recipe: dict[str, Any] = {}
+    recipe_path = folder / "recipe.toml"
+    if recipe_path.is_file():
+        try:
+            recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise LSMError(f"{recipe_path}: cannot read the resolved recipe ({exc})") from None
+    return RunRecord(path=folder, summary=summary, recipe=recipe)
+
+
+def load_runs(paths: list[Path]) -> list[RunRecord]:
+    return [load_run(p) for p in expand_run_dirs(paths)]
+
+
+# ------------------------------------------------------------------------------ grouping
+
+
+def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
+    """{"table.key": value} of a resolved recipe, the repeat keys left out."""
+    flat = {}
+    for table, keys in recipe.items():
+        if not isinstance(keys, dict):
+            continue
+        for key, value in keys.items():
+            if (table, key) not in REPEAT_KEYS:
+                flat[f"{table}.{key}"] = value
+    return flat
+
+
+def setting_key(record: RunRecord) -> str:
+    if not record.recipe:  # no resolved recipe: only identical run names can be repeats
+        return json.dumps({"__run__": record.name})
+    return json.dumps(flatten(record.recipe), sort_keys=True, default=str)
+
+
+def _table_order(key: str) -> tuple[int, bool, str]:
+    """Recipe table order, a component's name first within its table."""
+    from .recipe import ALL_TABLES
+
+    table, _, name = key.partition(".")
+    return (ALL_TABLES.index(table) if table in ALL_TABLES else len(ALL_TABLES), name != "name", key)
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, list):
+        return "[" + ",".join(_fmt_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def group_runs(records: list[RunRecord]) -> list[RunGroup]:
+    """Groups of repeats in order of first appearance, each labelled by what sets it apart."""
+    order: list[str] = []
+    members: dict[str, list[RunRecord]] = {}
+    for record in records:
+        key = setting_key(record)
+        if key not in members:
+            order.append(key)
+            members[key] = []
+        members[key].append(record)
+    flats = [flatten(members[k][0].recipe) for k in order]
+    keys = sorted({k for f in flats for k in f}, key=_table_order)
+
+    # A key that only some groups have (a parameter of a component the others do not
+    # use) is already told apart by the component's name, so only shared keys count.
+    differing = [k for k in keys if len({json.dumps(f[k], default=str) for f in flats if k in f}) > 1]
+    groups = []
+    for key, flat in zip(order, flats):
+        parts = [f"{k}={_fmt_value(flat.get(k))}" for k in differing]
+        if len(parts) > LABEL_KEYS:
+            parts = parts[:LABEL_KEYS] + [f"(+{len(parts) - LABEL_KEYS} more)"]
+        groups.append(RunGroup(runs=tuple(members[key]), label=", ".join(parts)))
+    return groups
+
+
+# ------------------------------------------------------------------------------ output
+
+
+COLUMNS = ("run", "setting", "runs") + tuple(title for _, title in METRICS) + ("epochs", "wall time")
+
+
+def _pct(mean: Optional[float], std: Optional[float], plus_minus: str = " ± ") -> str:
+    if mean is None:
+        return "—"
+    text = f"{100 * mean:.1f}"
+    return text + (f"{plus_minus}{100 * std:.1f}" if std is not None else "")
+
+
+def _wall(mean: Optional[float]) -> str:
+    if mean is None:
+        return "—"
+    if mean >= 3600:
+        return f"{mean / 3600:.1f} h"
+    if mean >= 120:
+        return f"{mean / 60:.1f} min"
+    return f"{mean:.0f} s"
+
+
+def _epochs(group: RunGroup) -> str:
+    values = sorted({r.summary.get("epochs") for r in group.runs}, key=str)
+    return "/".join(str(v) for v in values)
+
+
+def text_rows(groups: list[RunGroup], plus_minus: str = " ± ") -> list[list[str]]:
+    rows = []
+    for g in groups:
+        row = [g.name, g.label or "—", str(len(g.runs))]
+        row += [_pct(*g.stat(key), plus_minus=plus_minus) for key, _ in METRICS]
+        row += [_epochs(g), _wall(g.stat("wall_time_s")[0])]
+        rows.append(row)
+    return rows
+
+
+def rich_table(groups: list[RunGroup], title: str = "comparison: last epoch, test set (mean ± std over seeds)"):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in COLUMNS:
+        if column in ("run", "setting"):
+            table.add_column(column, overflow="fold", min_width=8 if column == "run" else 12)
+        else:  # a narrow terminal puts the std under the mean
+            table.add_column(column, justify="right")
+    for row in text_rows(groups, plus_minus=" ±"):
+        table.add_row(*row)
+    return table
+
+
+def markdown(groups: list[RunGroup]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if c in ("run", "setting") else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in text_rows(groups)]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(groups: list[RunGroup]) -> str:
+    """One line per group; accuracies as fractions with mean and std columns (std empty for one run)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    header = ["run", "setting", "runs", "seeds", "folders"]
+    for key, _ in METRICS:
+        header += [f"{key}_mean", f"{key}_std"]
+    header += ["epochs", "wall_time_s_mean"]
+    writer.writerow(header)
+    for g in groups:
+        row: list[Any] = [g.name, g.label, len(g.runs), " ".join(str(s) for s in g.seeds), " ".join(str(r.path) for r in g.runs)]
+        for key, _ in METRICS:
+            mean, std = g.stat(key)
+            row += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
+        row += [_epochs(g), "" if g.stat("wall_time_s")[0] is None else f"{g.stat('wall_time_s')[0]:.1f}"]
+        writer.writerow(row)
+    return buf.getvalue()
