@@ -190,3 +190,18 @@ def test_compare_errors_name_the_folder(tmp_path):
     assert result.exit_code == 2 and str(empty) in result.output and len(error_lines(result)) == 1
     result = invoke("compare", str(tmp_path / "missing"))
     assert result.exit_code == 2 and "no such run folder" in result.output
+
+
+def test_compare_plot_overlays_per_class_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    folders = []
+    for i, top1 in enumerate((0.4, 0.5)):
+        folder = fake_run(tmp_path / f"r{i}", 0, 1.0 + i, top1)
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(class_counts=[100, 30, 5], per_class=[0.9, 0.5, top1 - 0.3])
+        (folder / "summary.json").write_text(json.dumps(summary))
+        folders.append(str(folder))
+    out = tmp_path / "plot.png"
+    result = invoke("compare", *folders, "--plot", str(out))
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:4] == b"\x89PNG"

@@ -32,8 +32,10 @@ def render(groups, fmt: str, width: Optional[int] = None) -> str:
               help="table (rich, for the terminal), markdown (for docs) or csv (mean and std columns, fractions).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison to this file (in --format; a table is written as plain text).")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the per-class accuracy of every run against its training count into this PNG (needs matplotlib).")
 @user_errors
-def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path]) -> None:
+def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], plot: Optional[Path]) -> None:
     """Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time.
 
     Each RUN_DIR is a run folder (it holds summary.json) or a folder of run folders,
@@ -58,3 +60,12 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path]) -> None:
             out.write_text(render(groups, fmt), encoding="utf-8")
         except OSError as exc:
             raise LSMError(f"{out}: cannot write the comparison ({exc.strerror or exc})") from None
+    if plot is not None:
+        from ..plots import plot_compare
+
+        records = [r for group in groups for r in group.runs]
+        labels = [f"{group.label or group.name} (seed {seed})" if len(group.runs) > 1 else (group.label or group.name)
+                  for group in groups for seed in group.seeds]
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_compare(list(zip(labels, (r.summary for r in records))), plot)
+        click.echo(f"wrote {plot}")
