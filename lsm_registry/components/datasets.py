@@ -1,15 +1,24 @@
-"""Data set factories (kind ``dataset``). Builders live in lsm_registry.data."""
+"""Data set factories (kind ``dataset``). Readers live in lsm_registry.data.
+
+Every file-backed set shares :class:`LTParams` (root, profile, imbalance_factor,
+n_max, split_seed): the long-tailed training subset is cut from the full training
+split with the reference code's per-class seeded shuffle
+(:func:`lsm_registry.data.profiles.lt_subset`); test splits stay balanced. Layouts,
+paths and preprocessing: docs/data.md.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Optional
 
 import attrs
+import torch
 
-from ..data.profiles import lt_counts
+from ..data.profiles import lt_counts, lt_subset
 from ..data.synthetic import class_name, render_split
-from ..interfaces import DatasetFactory, LTData, TensorSplit
-from ..params import at_least, param, positive
+from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
+from ..params import at_least, non_negative, param, positive
 
 
 class SyntheticLT(DatasetFactory):
@@ -46,4 +55,190 @@ class SyntheticLT(DatasetFactory):
         )
 
 
-COMPONENTS = [SyntheticLT]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@attrs.frozen
+class LTParams:
+    root: Optional[str] = param(None, help="folder holding the data set files (see docs/data.md)")
+    profile: Literal["exp", "step", "none"] = param("exp", help="long-tailed profile cut from the training split")
+    imbalance_factor: float = param(100.0, help="n_max / n_min of the profile", validator=at_least(1))
+    n_max: Optional[int] = param(None, help="images kept of the first class (default: the set's natural count)", validator=positive)
+    split_seed: int = param(0, help="seed of the per-class shuffle that picks the kept images")
+
+
+def _cut(p: LTParams, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return lt_subset(labels, num_classes, p.profile, p.n_max, p.imbalance_factor, p.split_seed)
+
+
+class _Cifar(DatasetFactory):
+    which = ""
+
+    @attrs.frozen
+    class Params(LTParams):
+        download: bool = param(False, help="download the archive into root with torchvision when it is missing")
+
+    def build(self) -> LTData:
+        from ..data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar
+
+        p = self.params
+        root = Path(p.root if p.root is not None else f"data/{self.which}")
+        train_x, train_y, test_x, test_y, names = load_cifar(self.which, root, p.download)
+        keep = _cut(p, train_y, len(names))
+        return LTData(
+            train=TensorSplit(train_x[keep], train_y[keep]),
+            test=TensorSplit(test_x, test_y),
+            class_names=names,
+            mean=CIFAR_MEAN,
+            std=CIFAR_STD,
+            image_size=(3, 32, 32),
+            augment="crop32",
+        )
+
+
+class Cifar10LT(_Cifar):
+    """CIFAR-10-LT: the CIFAR-10 python batches, training split cut to a long-tailed profile."""
+
+    name = "cifar10-lt"
+    which = "cifar10"
+
+
+class Cifar100LT(_Cifar):
+    """CIFAR-100-LT: the CIFAR-100 python batches, training split cut to a long-tailed profile."""
+
+    name = "cifar100-lt"
+    which = "cifar100"
+
+
+class FashionMnistLT(DatasetFactory):
+    """Fashion-MNIST-LT: the four IDX files, 28x28 grey zero-padded to 32x32, long-tailed train split."""
+
+    name = "fashion-mnist-lt"
+
+    Params = LTParams
+
+    def build(self) -> LTData:
+        from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+        from ..data.folders import channel_stats
+
+        p = self.params
+        train_x, train_y, test_x, test_y = load_fashion_mnist(p.root)
+        keep = _cut(p, train_y, len(CLASS_NAMES))
+        train_x, train_y = train_x[keep], train_y[keep]
+        mean, std = channel_stats(train_x)
+        return LTData(
+            train=TensorSplit(train_x, train_y),
+            test=TensorSplit(test_x, test_y),
+            class_names=CLASS_NAMES,
+            mean=mean,
+            std=std,
+            image_size=(1, 32, 32),
+            augment="crop32",
+        )
+
+
+class ImageFolderLT(DatasetFactory):
+    """Any class-folder tree (root/train/<class>/*, root/test or val/<class>/*), decoded once into memory."""
+
+    name = "imagefolder-lt"
+
+    @attrs.frozen
+    class Params(LTParams):
+        image_size: int = param(32, help="images are resized to image_size x image_size when decoded", validator=at_least(8))
+        workers: int = param(4, help="decoding threads", validator=non_negative)
+
+    def build(self) -> LTData:
+        from ..data.folders import channel_stats, decode_images, scan_tree
+
+        p = self.params
+        if p.root is None:
+            raise ValueError("root is not set; expected root/train/<class>/* and root/test/<class>/* (or val/)")
+        names, train_files, train_y, test_files, test_y = scan_tree(Path(p.root))
+        keep = _cut(p, train_y, len(names))
+        train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
+        test_x = decode_images(test_files, p.image_size, p.workers)
+        mean, std = channel_stats(train_x)
+        return LTData(
+            train=TensorSplit(train_x, train_y[keep]),
+            test=TensorSplit(test_x, test_y),
+            class_names=names,
+            mean=mean,
+            std=std,
+            image_size=(3, p.image_size, p.image_size),
+            augment="crop32" if p.image_size == 32 else "rrc",
+        )
+
+
+class _SplitFiles(DatasetFactory):
+    default_train = ""
+    default_test = ""
+    title = ""
+
+    def build(self) -> LTData:
+        from ..data.split_files import FileSplit, read_split_file
+
+        p = self.params
+        if p.root is None:
+            raise ValueError(f"root is not set; expected {self.default_train} and {self.default_test} under it")
+        root = Path(p.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder; expected {p.train_file}, {p.test_file} and the images they list there")
+        image_root = Path(p.image_root) if p.image_root is not None else root
+        train_paths, train_y = read_split_file(root / p.train_file, p.num_classes)
+        num_classes = p.num_classes if p.num_classes is not None else int(train_y.max()) + 1
+        test_paths, test_y = read_split_file(root / p.test_file, num_classes)
+        first = image_root / train_paths[0]
+        if not first.is_file():
+            raise FileNotFoundError(f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})")
+        keep = _cut(p, train_y, num_classes)
+        train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers)
+        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers)
+        return LTData(
+            train=train,
+            test=test,
+            class_names=tuple(str(c) for c in range(num_classes)),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            image_size=(3, p.image_size, p.image_size),
+            augment="rrc",
+        )
+
+
+@attrs.frozen
+class SplitFileParams(LTParams):
+    profile: Literal["exp", "step", "none"] = param("none", help="extra long-tailed cut on top of the split file (none: use it as is)")
+    imbalance_factor: float = param(1.0, help="n_max / n_min of the extra cut (with profile exp or step)", validator=at_least(1))
+    image_root: Optional[str] = param(None, help="folder the listed paths are relative to (default: root)")
+    num_classes: Optional[int] = param(None, help="number of classes (default: largest train label + 1)", validator=positive)
+    image_size: int = param(224, help="images are resized to image_size x image_size when fetched", validator=at_least(8))
+    workers: int = param(4, help="decoding worker processes (0: decode in the training process)", validator=non_negative)
+
+
+class ImageNetLT(_SplitFiles):
+    """ImageNet-LT (Liu et al. 2019): split files of 'path label' lines over the ImageNet images."""
+
+    name = "imagenet-lt"
+    default_train = "ImageNet_LT_train.txt"
+    default_test = "ImageNet_LT_test.txt"
+
+    @attrs.frozen
+    class Params(SplitFileParams):
+        train_file: str = param("ImageNet_LT_train.txt", help="training split file, relative to root")
+        test_file: str = param("ImageNet_LT_test.txt", help="test split file, relative to root")
+
+
+class INaturalist2018(_SplitFiles):
+    """iNaturalist 2018: split files of 'path label' lines over the iNat images (test = the val split)."""
+
+    name = "inat2018"
+    default_train = "iNaturalist18_train.txt"
+    default_test = "iNaturalist18_val.txt"
+
+    @attrs.frozen
+    class Params(SplitFileParams):
+        train_file: str = param("iNaturalist18_train.txt", help="training split file, relative to root")
+        test_file: str = param("iNaturalist18_val.txt", help="validation split file (used as test), relative to root")
+
+
+COMPONENTS = [SyntheticLT, Cifar10LT, Cifar100LT, FashionMnistLT, ImageFolderLT, ImageNetLT, INaturalist2018]

@@ -3,7 +3,9 @@
 A loss implements ``class_losses(logits) -> (B, C)``, the matrix of ``l_c(z_b)``,
 the loss image ``b`` would get with hard label ``c``. Hard targets gather from it
 and soft targets ``q`` take ``sum_c q_c l_c(z)`` (METHOD.md section 7), so every
-loss handles mixed labels the same way.
+loss handles mixed labels the same way. Built-ins: ``ce``, ``focal``, ``ldam`` (asks
+for a cosine head), ``balanced-softmax`` and ``logit-adjust`` (training-time prior
+shifts; prediction uses the plain logits). Formulas and defaults: docs/losses.md.
 
 Reweighting (``reweight``): ``none``; ``drw``, uniform weights until
 ``reweight_epoch`` and then the class-balanced weights of Cui et al.
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..interfaces import Loss
-from ..params import non_negative, param
+from ..params import non_negative, param, positive
 
 
 @attrs.frozen
@@ -87,4 +89,94 @@ class CrossEntropy(ClassMatrixLoss):
     name = "ce"
 
 
-COMPONENTS = [CrossEntropy]
+@attrs.frozen
+class FocalParams(ReweightParams):
+    gamma: float = param(1.0, help="focusing exponent: l = (1 - p) ** gamma * CE (0 gives CE)", validator=non_negative)
+
+
+class Focal(ClassMatrixLoss):
+    """Focal loss (1 - p) ** gamma * CE: down-weights images the model already gets right."""
+
+    name = "focal"
+    Params = FocalParams
+
+    def class_losses(self, logits: Tensor) -> Tensor:
+        log_p = F.log_softmax(logits, dim=1)
+        # 1 - p as -expm1(log p) keeps precision when p is near 1; the floor keeps the
+        # gradient of (1 - p) ** gamma finite there when gamma < 1.
+        one_minus_p = (-torch.expm1(log_p)).clamp(min=1e-30)
+        return one_minus_p.pow(self.params.gamma) * -log_p
+
+
+@attrs.frozen
+class LDAMParams(ReweightParams):
+    max_m: float = param(0.5, help="margin of the rarest class (margins scale as n_c ** -0.25)", validator=positive)
+    s: float = param(30.0, help="scale applied to the cosine logits", validator=positive)
+
+
+def ldam_margins(counts: Tensor, max_m: float) -> Tensor:
+    """``m_c = max_m * n_c ** -0.25 / max_j n_j ** -0.25``: the rarest class gets ``max_m``."""
+    inv = counts.to(torch.float64).pow(-0.25)
+    return (inv * (max_m / inv.max())).to(torch.float32)
+
+
+class LDAM(ClassMatrixLoss):
+    """Label-distribution-aware margin loss: larger margins for rarer classes, on a cosine head."""
+
+    name = "ldam"
+    Params = LDAMParams
+    needs_normed_head = True
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.margins = ldam_margins(context.counts_tensor(), params.max_m).to(context.device)
+
+    def class_losses(self, logits: Tensor) -> Tensor:
+        # l_c = CE(s (z - m_c e_c), c) = softplus(LSE_{j != c}(s z_j) - s (z_c - m_c)).
+        # One column's margin changes only that column, so the (B, C) matrix needs the
+        # log-sum-exp of every row without column c, not C shifted copies of the logits.
+        # For c != argmax, p_c <= 1/2 and L + log1p(-p_c) is exact; the argmax column
+        # (where 1 - p_c cancels) gets its own masked log-sum-exp.
+        sz = self.params.s * logits
+        lse = torch.logsumexp(sz, dim=1, keepdim=True)
+        others = lse + torch.log1p(-torch.exp(sz - lse).clamp(max=0.5))
+        top = sz.argmax(dim=1, keepdim=True)
+        without_top = torch.logsumexp(sz.scatter(1, top, float("-inf")), dim=1, keepdim=True)
+        others = others.scatter(1, top, without_top)
+        return F.softplus(others - (sz - self.params.s * self.margins))
+
+
+class BalancedSoftmax(ClassMatrixLoss):
+    """Balanced Softmax: CE on logits shifted by log n_c in training, plain logits at test time."""
+
+    name = "balanced-softmax"
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.shift = context.counts_tensor().log()
+
+    def class_losses(self, logits: Tensor) -> Tensor:
+        return -F.log_softmax(logits + self.shift, dim=1)
+
+
+@attrs.frozen
+class LogitAdjustParams(ReweightParams):
+    tau: float = param(1.0, help="strength of the log-prior shift", validator=non_negative)
+
+
+class LogitAdjust(ClassMatrixLoss):
+    """Logit-adjusted CE: CE(z + tau log pi), pi the training class prior; plain logits at test time."""
+
+    name = "logit-adjust"
+    Params = LogitAdjustParams
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        counts = context.counts_tensor()
+        self.shift = params.tau * (counts / counts.sum()).log()
+
+    def class_losses(self, logits: Tensor) -> Tensor:
+        return -F.log_softmax(logits + self.shift, dim=1)
+
+
+COMPONENTS = [CrossEntropy, Focal, LDAM, BalancedSoftmax, LogitAdjust]

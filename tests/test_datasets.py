@@ -1,0 +1,319 @@
+"""Data sets from tiny files the tests write themselves, in every supported layout."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lsm_registry.components.datasets import (
+    Cifar10LT,
+    Cifar100LT,
+    FashionMnistLT,
+    ImageFolderLT,
+    ImageNetLT,
+    INaturalist2018,
+)
+from lsm_registry.data.profiles import lt_counts, lt_subset
+from lsm_registry.errors import DataError
+from lsm_registry.interfaces import Context
+
+CTX = Context(class_counts=(), image_size=(0, 0, 0))
+
+
+def build(cls, **params):
+    return cls(cls.Params(**params), CTX).build()
+
+
+def one_line_error(exc_type, cls, **params) -> str:
+    with pytest.raises(exc_type) as info:
+        build(cls, **params)
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------ long-tailed totals
+
+
+@pytest.mark.parametrize(
+    "classes,n_max,totals",
+    [(10, 5000, {100: 12406, 50: 13996, 10: 20431}), (100, 500, {100: 10847, 50: 12608, 10: 19573})],
+)
+def test_cifar_lt_totals_from_labels(classes, n_max, totals):
+    labels = torch.arange(classes).repeat_interleave(n_max)
+    for factor, total in totals.items():
+        keep = lt_subset(labels, classes, "exp", None, float(factor), 0)
+        assert keep.numel() == total
+        counts = torch.bincount(labels[keep], minlength=classes).tolist()
+        assert counts == lt_counts("exp", n_max, factor, classes)
+        assert counts[0] == n_max and counts[-1] == int(n_max / factor)
+
+
+def test_split_seed_changes_the_images_not_the_counts():
+    labels = torch.arange(5).repeat(40)
+    a = lt_subset(labels, 5, "exp", None, 10.0, 0)
+    b = lt_subset(labels, 5, "exp", None, 10.0, 1)
+    assert torch.equal(a, lt_subset(labels, 5, "exp", None, 10.0, 0))
+    assert torch.equal(torch.bincount(labels[a]), torch.bincount(labels[b]))
+    assert not torch.equal(torch.sort(a).values, torch.sort(b).values)
+
+
+def test_step_profile_and_none():
+    assert lt_counts("step", 100, 10, 4) == [100, 100, 10, 10]
+    labels = torch.arange(3).repeat(7)
+    assert torch.equal(lt_subset(labels, 3, "none", None, 1.0), torch.arange(21))
+
+
+def test_imbalance_factor_below_one_is_a_recipe_error():
+    from lsm_registry.errors import RecipeError
+    from lsm_registry.plugins import build_registry
+    from lsm_registry.recipe import validate
+
+    raw = {"data": {"name": "cifar10-lt", "imbalance_factor": 0.5}}
+    with pytest.raises(RecipeError) as info:
+        validate(raw, "r.toml", build_registry(entry_points=False))
+    assert info.value.lines == ["r.toml [data].imbalance_factor: must be >= 1 (got 0.5)"]
+
+
+# ------------------------------------------------------------------ Fashion-MNIST (IDX)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + array.astype(np.uint8).tobytes())
+
+
+def fashion_tree(root: Path, per_class: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), per_class)
+    images = rng.integers(1, 256, size=(labels.size, 28, 28), dtype=np.uint8)
+    write_idx(root / "train-images-idx3-ubyte.gz", images)
+    write_idx(root / "train-labels-idx1-ubyte.gz", labels)
+    write_idx(root / "t10k-images-idx3-ubyte.gz", images[::per_class])
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", labels[::per_class])
+    return images, labels
+
+
+def test_fashion_mnist_reads_idx_and_pads(tmp_path):
+    images, labels = fashion_tree(tmp_path)
+    data = build(FashionMnistLT, root=str(tmp_path), profile="exp", imbalance_factor=3.0)
+    assert data.image_size == (1, 32, 32) and data.augment == "crop32"
+    assert data.class_counts() == tuple(lt_counts("exp", 3, 3.0, 10))
+    assert data.class_names[0] == "T-shirt/top" and len(data.class_names) == 10
+    x = data.test.images
+    assert x.shape == (10, 1, 32, 32)
+    assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(images[::3]))
+    assert x[:, :, :2].sum() == 0 and x[:, :, 30:].sum() == 0 and x[:, :, :, :2].sum() == 0 and x[:, :, :, 30:].sum() == 0
+    assert data.test.labels.tolist() == list(range(10))
+    train = data.train.images.double() / 255
+    assert data.mean[0] == pytest.approx(train.mean().item(), rel=1e-6)
+    assert data.std[0] == pytest.approx(train.std(unbiased=False).item(), rel=1e-5)
+
+
+def test_fashion_mnist_missing_folder(tmp_path):
+    msg = one_line_error(FileNotFoundError, FashionMnistLT, root=str(tmp_path / "nowhere"))
+    assert str(tmp_path / "nowhere") in msg and "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+
+
+def test_fashion_mnist_bad_idx_names_the_file(tmp_path):
+    fashion_tree(tmp_path)
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as fh:
+        fh.write(b"\x08\x03\x00\x01junk")
+    msg = one_line_error(ValueError, FashionMnistLT, root=str(tmp_path))
+    assert "train-labels-idx1-ubyte.gz" in msg and "magic" in msg
+
+
+def test_fashion_mnist_label_out_of_range(tmp_path):
+    fashion_tree(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 12]))
+    msg = one_line_error(ValueError, FashionMnistLT, root=str(tmp_path))
+    assert "t10k-labels-idx1-ubyte.gz" in msg and "label 12" in msg and "out of range" in msg
+
+
+# ------------------------------------------------------------------ CIFAR python batches
+
+
+def write_pickle(path: Path, obj) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+def cifar_tree(root: Path, which: str, per_batch: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(1)
+    if which == "cifar10":
+        folder, train, test, meta, key, names_key, classes = (
+            root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
+            b"labels", b"label_names", 10,
+        )
+    else:
+        folder, train, test, meta, key, names_key, classes = (
+            root / "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names", 100,
+        )
+    folder.mkdir(parents=True)
+    first = None
+    for i, name in enumerate(train + [test]):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [(i * per_batch + j) % classes for j in range(per_batch)]
+        write_pickle(folder / name, {b"data": data, key: labels, b"batch_label": b"x"})
+        first = data if first is None else first
+    write_pickle(folder / meta, {names_key: [f"class{c}".encode() for c in range(classes)]})
+    return first
+
+
+def test_cifar10_batches(tmp_path):
+    first = cifar_tree(tmp_path, "cifar10")
+    data = build(Cifar10LT, root=str(tmp_path), profile="none")
+    assert len(data.train) == 20 and len(data.test) == 4
+    assert data.class_names[3] == "class3" and data.num_classes == 10
+    assert data.image_size == (3, 32, 32) and data.augment == "crop32"
+    assert data.train.images.dtype == torch.uint8
+    # Rows are channel-major: 1024 red values, then green, then blue.
+    x = data.train.images[0]
+    assert x[0, 0, 5] == first[0, 5] and x[1, 0, 0] == first[0, 1024] and x[2, 31, 31] == first[0, 3071]
+    assert data.train.labels[:4].tolist() == [0, 1, 2, 3]
+    assert data.mean == pytest.approx((0.4914, 0.4822, 0.4465))
+
+
+def test_cifar100_batches_with_lt_cut(tmp_path):
+    cifar_tree(tmp_path, "cifar100", per_batch=200)
+    data = build(Cifar100LT, root=str(tmp_path), profile="exp", imbalance_factor=2.0, n_max=2)
+    assert data.num_classes == 100
+    assert data.class_counts() == tuple(lt_counts("exp", 2, 2.0, 100))
+    assert len(data.test) == 200
+
+
+def test_cifar_missing_names_folder_and_files(tmp_path):
+    msg = one_line_error(FileNotFoundError, Cifar10LT, root=str(tmp_path / "c10"))
+    assert str(tmp_path / "c10") in msg and "cifar-10-batches-py/data_batch_1" in msg and "test_batch" in msg
+    msg = one_line_error(FileNotFoundError, Cifar100LT, root=str(tmp_path))
+    assert "cifar-100-python/train" in msg and "cifar-100-python/test" in msg
+
+
+def test_cifar_label_out_of_range_names_the_batch(tmp_path):
+    cifar_tree(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    write_pickle(path, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 10]})
+    msg = one_line_error(ValueError, Cifar10LT, root=str(tmp_path), profile="none")
+    assert str(path) in msg and "label 10" in msg and "out of range" in msg
+
+
+# ------------------------------------------------------------------ class folders
+
+
+def png(path: Path, colour, size=(10, 6)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def folder_tree(root: Path, test="test") -> None:
+    colours = {"bird": (255, 0, 0), "ant": (0, 255, 0), "cat": (0, 0, 255)}
+    counts = {"ant": 4, "bird": 3, "cat": 2}
+    for name, n in counts.items():
+        for i in range(n):
+            png(root / "train" / name / f"{i}.png", colours[name])
+        png(root / test / name / "t.png", colours[name], size=(5, 5))
+
+
+def test_imagefolder_classes_sorted_resized_and_cut(tmp_path):
+    folder_tree(tmp_path, test="val")
+    data = build(ImageFolderLT, root=str(tmp_path), profile="exp", imbalance_factor=2.0, n_max=4, image_size=16)
+    assert data.class_names == ("ant", "bird", "cat")
+    assert data.class_counts() == (4, 2, 2)  # min(available, int(4 * 0.5 ** (i / 2)))
+    assert data.image_size == (3, 16, 16) and data.augment == "rrc"
+    assert data.train.images.shape == (8, 3, 16, 16) and data.test.images.shape == (3, 3, 16, 16)
+    assert data.test.images[2, 2].float().mean() == 255 and data.test.images[2, 0].max() == 0  # cat is blue
+    train = data.train.images.double() / 255
+    assert data.mean == pytest.approx(tuple(train.mean(dim=(0, 2, 3)).tolist()), rel=1e-6)
+    assert build(ImageFolderLT, root=str(tmp_path), profile="none").augment == "crop32"
+
+
+def test_imagefolder_missing_root(tmp_path):
+    msg = one_line_error(FileNotFoundError, ImageFolderLT, root=str(tmp_path / "absent"))
+    assert str(tmp_path / "absent") in msg and "train/<class>" in msg
+
+
+def test_imagefolder_empty_class_folder(tmp_path):
+    folder_tree(tmp_path)
+    (tmp_path / "train" / "dog").mkdir()
+    msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path))
+    assert str(tmp_path / "train" / "dog") in msg and "empty" in msg
+
+
+def test_imagefolder_unreadable_image(tmp_path):
+    folder_tree(tmp_path)
+    bad = tmp_path / "test" / "bird" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path), profile="none", workers=0)
+    assert str(bad) in msg and "cannot read image" in msg
+
+
+# ------------------------------------------------------------------ split files
+
+
+def split_tree(root: Path, n: int = 20, classes: int = 4) -> list[int]:
+    labels = [i % classes for i in range(n)]
+    lines = []
+    for i, y in enumerate(labels):
+        png(root / "imgs" / f"c{y}" / f"{i}.png", (i * 10 % 256, y * 60, 7), size=(9, 7))
+        lines.append(f"imgs/c{y}/{i}.png {y}")
+    (root / "ImageNet_LT_train.txt").write_text("\n".join(lines) + "\n")
+    (root / "ImageNet_LT_test.txt").write_text("\n".join(lines[:classes]) + "\n")
+    return labels
+
+
+def test_split_files_fetch_in_process_and_with_workers(tmp_path):
+    labels = split_tree(tmp_path)
+    serial = build(ImageNetLT, root=str(tmp_path), image_size=16, workers=0)
+    assert serial.num_classes == 4 and serial.image_size == (3, 16, 16) and serial.augment == "rrc"
+    assert serial.train.labels.tolist() == labels and len(serial.test) == 4
+    assert serial.mean == (0.485, 0.456, 0.406)
+    idx = torch.arange(20).flip(0)
+    x = serial.train.fetch(idx, torch.device("cpu"))
+    assert x.shape == (20, 3, 16, 16) and x.dtype == torch.uint8
+    assert x[0, 1].float().mean() == pytest.approx(labels[19] * 60, abs=1)
+    parallel = build(ImageNetLT, root=str(tmp_path), image_size=16, workers=2)
+    assert torch.equal(parallel.train.fetch(idx, torch.device("cpu")), x)
+    assert torch.equal(parallel.train.fetch(idx[:3], torch.device("cpu")), x[:3])
+
+
+def test_inat_defaults_and_missing_root(tmp_path):
+    assert INaturalist2018.Params().train_file == "iNaturalist18_train.txt"
+    assert INaturalist2018.Params().test_file == "iNaturalist18_val.txt"
+    msg = one_line_error(FileNotFoundError, INaturalist2018, root=str(tmp_path / "inat"))
+    assert str(tmp_path / "inat") in msg and "iNaturalist18_train.txt" in msg
+
+
+def test_split_file_label_out_of_range_names_file_and_line(tmp_path):
+    split_tree(tmp_path)
+    test_file = tmp_path / "ImageNet_LT_test.txt"
+    test_file.write_text("imgs/c0/0.png 0\nimgs/c1/1.png 4\n")
+    msg = one_line_error(ValueError, ImageNetLT, root=str(tmp_path))
+    assert f"{test_file}:2:" in msg and "label 4 out of range 0..3" in msg
+
+
+def test_split_file_malformed_line(tmp_path):
+    split_tree(tmp_path)
+    train_file = tmp_path / "ImageNet_LT_train.txt"
+    train_file.write_text("imgs/c0/0.png 0\n\nimgs/c1/1.png\n")
+    msg = one_line_error(ValueError, ImageNetLT, root=str(tmp_path))
+    assert f"{train_file}:3:" in msg
+
+
+def test_split_file_unreadable_image_at_fetch(tmp_path):
+    split_tree(tmp_path)
+    bad = tmp_path / "imgs" / "c1" / "5.png"
+    bad.write_bytes(b"garbage")
+    data = build(ImageNetLT, root=str(tmp_path), image_size=8, workers=0)
+    with pytest.raises(DataError) as info:
+        data.train.fetch(torch.tensor([4, 5, 6]), torch.device("cpu"))
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
