@@ -38,7 +38,7 @@ def scaled_overrides(recipe, epochs: int) -> list[str]:
         return max(0, min(epochs, round(e * scale)))
 
     out = [f"optim.milestones=[{', '.join(str(at(m)) for m in recipe.optim.milestones)}]",
-           f"optim.warmup_epochs={min(at(recipe.optim.warmup_epochs), max(epochs - 1, 0))}"]
+           f"optim.warmup_epochs={min(max(at(recipe.optim.warmup_epochs), 1 if recipe.optim.warmup_epochs else 0), max(epochs - 1, 0))}"]
     if hasattr(recipe.loss.params, "reweight_epoch"):
         out.append(f"loss.reweight_epoch={at(recipe.loss.params.reweight_epoch)}")
     if recipe.mixer is not None:
