@@ -63,3 +63,14 @@ def test_run_writes_the_run_folder(tiny_recipe, tmp_path):
         return
     for picture in ("per_class.png", "confusion.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_recipe), "--out", str(out), "--no-progress", "--set", "sampler.name=dual-branch",
+            "--set", "mixer.name=lsm", "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=1", "--set", "mixer.prob=1.0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (out / "mixed_samples.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["mixed_fraction"] == 1.0 and 0.0 < record["fg_label_weight"] < 1.0
