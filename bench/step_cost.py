@@ -1,4 +1,4 @@
-"""What LSM adds to a training step: CE vs CE + LSM vs CE + a CutMix-style mix.
+"""What LSM adds to a training step: CE vs CE + LSM vs CE + CMO (a CutMix-style mix) vs CE + Remix.
 
 Every variant is a real ``Trainer`` built from a recipe (ResNet-32, 32x32 images,
 100 classes) and steps through ``Trainer.train_step``, the engine's own code path
@@ -40,10 +40,15 @@ def recipe_for(variant: str, device: str, batch_size: int, channels_last: bool, 
         raw["saliency"] = {"name": "gradcam"}
         raw["mixer"] = {"name": "lsm", "prob": 1.0, "start_epoch": 0, "end_epoch": 1_000_000}
         raw["label_fuser"] = {"name": "saliency"}
-    elif variant == "CE + CutMix":
+    elif variant == "CE + CMO":
+        # CMO: a CutMix box from the rebalanced branch on an instance-branch image.
         raw["sampler"] = {"name": "dual-branch", "gamma": 1.0}
-        raw["mixer"] = {"name": "cutmix", "prob": 1.0}
+        raw["mixer"] = {"name": "cmo", "prob": 1.0, "start_epoch": 0, "end_epoch": 1_000_000}
         raw["label_fuser"] = {"name": "area"}
+    elif variant == "CE + Remix":
+        # Remix: mixup on a permutation of the batch, with the Remix label rule.
+        raw["mixer"] = {"name": "mixup", "prob": 1.0}
+        raw["label_fuser"] = {"name": "remix"}
     return validate(raw, f"<bench {variant}>")
 
 
@@ -116,11 +121,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     repeats = args.repeats if args.repeats is not None else (30 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
     registry = default_registry()
-    variants = ["CE", "CE + LSM", "CE + CutMix"]
+    variants = ["CE", "CE + LSM", "CE + CMO", "CE + Remix"]
     notes = []
-    if ("mixer", "cutmix") not in registry:
-        variants.remove("CE + CutMix")
-        notes.append("CE + CutMix skipped: no 'cutmix' mixer is registered")
+    for variant, key in (("CE + CMO", ("mixer", "cmo")), ("CE + Remix", ("label_fuser", "remix"))):
+        if key not in registry:
+            variants.remove(variant)
+            notes.append(f"{variant} skipped: no {key[0]} {key[1]!r} is registered")
     clock = Clock(device)
     trainers, streams = {}, {}
     for v in variants:
