@@ -63,9 +63,11 @@ def set_option(func: Callable) -> Callable:
 def cli() -> None:
     """LSM registry: long-tailed image classification from TOML recipes.
 
-    Train with `lsm run RECIPE`, see what a recipe resolves to with `lsm show RECIPE`,
-    and list the registered samplers, saliency providers, patch operators, mixers,
-    label fusers, losses, models and data sets with `lsm list-components`.
+    Train with `lsm run RECIPE` (continue with `lsm resume RUN_DIR`), see what a
+    recipe resolves to with `lsm show RECIPE`, draw one mixed batch with
+    `lsm preview`, run a grid with `lsm sweep` and tabulate runs with
+    `lsm compare`. `lsm list-components` lists the registered samplers, saliency
+    providers, patch operators, mixers, label fusers, losses, models and data sets.
     Set LSM_DISABLE_PLUGINS=a,b to block plugins, LSM_DEBUG=1 for tracebacks.
     """
 
