@@ -65,28 +65,11 @@ def tiny_context(seed: int = 0, image_size: tuple[int, int, int] = IMAGE_SIZE, c
     )
 
 
-class ReferencePatch(PatchOperator):
-    """p x p blocks through pixel_unshuffle (the checks' own operator, never registered)."""
+def ReferencePatch(size: int = PATCH_SIZE) -> PatchOperator:
+    """The checks' own patch operator: the built-in pixel-unshuffle with block size ``size``."""
+    from .components.patches import PixelUnshuffle
 
-    name = "reference-patch"
-
-    @attrs.frozen
-    class Params:
-        size: int = 4
-
-    def __init__(self, size: int = PATCH_SIZE):
-        super().__init__(self.Params(size), tiny_context())
-
-    @property
-    def size(self) -> int:
-        return int(self.params.size)
-
-    def split(self, x: Tensor) -> Tensor:
-        self.grid(x.shape[-2], x.shape[-1])
-        return F.pixel_unshuffle(x, self.size)
-
-    def merge(self, u: Tensor) -> Tensor:
-        return F.pixel_shuffle(u, self.size)
+    return PixelUnshuffle(PixelUnshuffle.Params(size), tiny_context())
 
 
 def tiny_model(num_classes: int = len(CLASS_COUNTS), seed: int = 0) -> nn.Module:
