@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .components.patches import PixelUnshuffle
 from .interfaces import KINDS, Context, Loss, Mixer, MixResult, PatchOperator, Sampler
 from .registry import Owner, Registry
 
@@ -65,11 +66,11 @@ def tiny_context(seed: int = 0, image_size: tuple[int, int, int] = IMAGE_SIZE, c
     )
 
 
-def ReferencePatch(size: int = PATCH_SIZE) -> PatchOperator:
-    """The checks' own patch operator: the built-in pixel-unshuffle with block size ``size``."""
-    from .components.patches import PixelUnshuffle
+class ReferencePatch(PixelUnshuffle):
+    """The checks' own patch operator: the built-in pixel-unshuffle, built from a block size alone."""
 
-    return PixelUnshuffle(PixelUnshuffle.Params(size), tiny_context())
+    def __init__(self, size: int = PATCH_SIZE):
+        super().__init__(self.Params(size), tiny_context())
 
 
 def tiny_model(num_classes: int = len(CLASS_COUNTS), seed: int = 0) -> nn.Module:
