@@ -92,6 +92,14 @@ training images. Benchmark wall time: {wall_s / 60:.1f} min (runs already finish
 
 {markdown(groups)}
 """
+    begin, end = "<!-- bench/accuracy.py: begin -->", "<!-- bench/accuracy.py: end -->"
+    block = f"{begin}\n{text.split(chr(10), 2)[2].strip()}\n{end}"
+    old = path.read_text() if path.is_file() else ""
+    if begin in old and end in old:
+        # Keep what people wrote around the generated block (analysis, other budgets).
+        text = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        text = "# Results\n\n" + block + "\n"
     path.write_text(text)
     print(f"wrote {path}")
 
