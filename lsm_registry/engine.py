@@ -253,6 +253,11 @@ class Trainer:
                 self.patch.grid(h, w)
             except ValueError as exc:
                 raise LSMError(f"[patch] {recipe.patch.name}: {exc}") from None
+        if self.saliency is not None:
+            try:
+                self.saliency.check_model(self.module)
+            except ValueError as exc:
+                raise LSMError(f"{recipe.path} [saliency]: {exc}") from None
         self.model: nn.Module = self._wrap_distributed(self.module)
         opt = recipe.optim
         self.optimizer = torch.optim.SGD(

@@ -152,6 +152,10 @@ class SaliencyProvider(Component):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator") -> Tensor:
         ...
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError before training when this provider cannot explain ``model``."""
+        return None
+
 
 # ---------------------------------------------------------------------------- patches
 

@@ -74,3 +74,14 @@ def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
     assert (out / "mixed_samples.png").read_bytes()[:4] == b"\x89PNG"
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["mixed_fraction"] == 1.0 and 0.0 < record["fg_label_weight"] < 1.0
+
+
+def test_an_unknown_saliency_layer_is_refused_before_training(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    args = ["run", str(tiny_recipe), "--out", str(out), "--set", "sampler.name=dual-branch", "--set", "mixer.name=lsm",
+            "--set", "saliency.layer=nope"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "[saliency]" in lines[0] and "'nope'" in lines[0] and "layer3" in lines[0]
+    assert not out.exists()

@@ -69,6 +69,9 @@ class GradCAM(SaliencyProvider):
             raise ValueError(f"gradcam: model {type(model).__name__} has no layer {name!r}; valid layers: {', '.join(names)}")
         return name, layers[name], name == names[0]
 
+    def check_model(self, model: nn.Module) -> None:
+        self._layer(model)
+
     def can_use_fast_path(self, model: nn.Module) -> bool:
         _, _, is_default = self._layer(model)
         return bool(
