@@ -64,7 +64,9 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], plot: Opt
         from ..plots import plot_compare
 
         records = [r for group in groups for r in group.runs]
-        labels = [f"{group.label or group.name} (seed {seed})" if len(group.runs) > 1 else (group.label or group.name)
+        # Run names when they tell the groups apart, else the recipe keys that do.
+        by_name = len({g.name for g in groups}) == len(groups)
+        labels = [(group.name if by_name else group.label or group.name) + (f" (seed {seed})" if len(group.runs) > 1 else "")
                   for group in groups for seed in group.seeds]
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_compare(list(zip(labels, (r.summary for r in records))), plot)
