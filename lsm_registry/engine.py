@@ -9,7 +9,6 @@ generator (no device sync).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .components.patches import PixelUnshuffle
-from .interfaces import KINDS, Context, Loss, Mixer, MixResult, PatchOperator, Sampler
+from .interfaces import KINDS, Context, Loss, Mixer, MixResult, Sampler
 from .registry import Owner, Registry
 
 __all__ = ["check_component", "check_params", "tiny_context", "tiny_model", "ReferencePatch", "TEST_OWNER"]
