@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data.augment import augment, normalise
+from .data.augment import augment, stats_tensor, normalise
 from .errors import DataError, LSMError
 from .interfaces import Context, LTData
 from .recipe import Recipe
@@ -265,6 +265,9 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.labels_on_device = self.data.train.labels.to(self.device)
+        # Normalisation constants live on the device once, not one host copy per batch.
+        self.mean = stats_tensor(self.data.mean, self.device)
+        self.std = stats_tensor(self.data.std, self.device)
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch = -1.0, -1
         self._stop_signal: Optional[int] = None
@@ -327,7 +330,7 @@ class Trainer:
 
     def prepare(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         raw = self.data.train.fetch(idx, self.device)
-        x = normalise(augment(raw, self.data.augment, self.generator), self.data.mean, self.data.std)
+        x = normalise(augment(raw, self.data.augment, self.generator), self.mean, self.std)
         return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)]
 
     def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
@@ -391,7 +394,7 @@ class Trainer:
         for start in range(0, shard.numel(), batch_size):
             idx = shard[start : start + batch_size]
             raw = test.fetch(idx, self.device)
-            x = normalise(raw, self.data.mean, self.data.std).contiguous(memory_format=self.memory_format)
+            x = normalise(raw, self.mean, self.std).contiguous(memory_format=self.memory_format)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
                 logits = self.module(x)
             pred = self.loss.eval_logits(logits.float()).argmax(dim=1)

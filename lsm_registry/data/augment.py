@@ -14,9 +14,15 @@ import torch
 from torch import Tensor
 
 
-def normalise(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+def stats_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """Per-channel statistics as a (1, ch, 1, 1) tensor: built once, not per batch."""
+    return torch.tensor(values, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def normalise(x: Tensor, mean: tuple[float, ...] | Tensor, std: tuple[float, ...] | Tensor) -> Tensor:
+    """0..255 images -> (x / 255 - mean) / std; pass tensors from stats_tensor in a loop."""
+    m = mean if isinstance(mean, Tensor) else stats_tensor(mean, x.device)
+    s = std if isinstance(std, Tensor) else stats_tensor(std, x.device)
     return (x.float() / 255.0 - m) / s
 
 
