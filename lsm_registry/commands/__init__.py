@@ -1,1 +1,0 @@
-"""Extra CLI commands, one module each; a module exposes ``command`` (a click.Command)."""
