@@ -55,6 +55,7 @@ def run_one(path: Path, seed: int, epochs: int, out: Path, extra: list[str], reg
     from lsm_registry.checkpoint import list_checkpoints
     from lsm_registry.engine import Trainer
     from lsm_registry.recipe import load_recipe
+    from lsm_registry.reporting import RunReporter
 
     folder = out / f"{path.stem}-e{epochs}-s{seed}"
     if (folder / "summary.json").is_file():
@@ -65,8 +66,8 @@ def run_one(path: Path, seed: int, epochs: int, out: Path, extra: list[str], reg
     recipe = load_recipe(path, overrides, registry)
     resume = bool(list_checkpoints(folder))
     print(f"[{'resume' if resume else 'train'}]   {folder}  ({' '.join(overrides)})", flush=True)
-    trainer = Trainer(recipe, registry, run_dir=folder, progress=sys.stderr.isatty(), resume=resume)
-    trainer.fit()
+    trainer = Trainer(recipe, registry, run_dir=folder, resume=resume)
+    trainer.fit(RunReporter(show_progress=sys.stderr.isatty()))
     return folder
 
 

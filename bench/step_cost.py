@@ -130,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     clock = Clock(device)
     trainers, streams = {}, {}
     for v in variants:
-        trainers[v] = Trainer(recipe_for(v, args.device, args.batch_size, not args.no_channels_last, args.n_max), registry, progress=False)
+        trainers[v] = Trainer(recipe_for(v, args.device, args.batch_size, not args.no_channels_last, args.n_max), registry)
         streams[v] = batch_stream(trainers[v], args.batch_size)
     step_times: dict[str, list[float]] = {v: [] for v in variants}
     peak: dict[str, int] = {v: 0 for v in variants}

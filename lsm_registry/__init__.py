@@ -15,6 +15,7 @@ from .interfaces import (
     Loss,
     LTData,
     Mixer,
+    MixerParams,
     MixResult,
     ModelFactory,
     PatchOperator,
@@ -22,6 +23,9 @@ from .interfaces import (
     Sampler,
     Split,
     TensorSplit,
+    mix_end,
+    mix_prob,
+    mix_start,
 )
 from .params import param
 
@@ -36,6 +40,7 @@ def default_registry(refresh: bool = False):
 
 __all__ = [
     "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Loss", "LTData", "Mixer",
+    "MixerParams", "mix_prob", "mix_start", "mix_end",
     "MixResult", "ModelFactory", "PatchOperator", "SaliencyProvider", "Sampler", "Split",
     "TensorSplit", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
     "RegistryError", "DataError", "__version__",

@@ -4,11 +4,16 @@ A checkpoint is written to a temporary file in the same folder, flushed and fsyn
 then renamed over its final name (``os.replace`` is atomic on POSIX), and the folder
 is fsynced so the rename itself survives a power cut. Only then are older
 checkpoints beyond ``keep`` removed.
+
+Checkpoints are data, not code: every load uses ``torch.load(..., weights_only=True)``,
+so a file holding pickled objects other than tensors and plain containers is refused
+(:class:`UnsafeCheckpointError`) instead of being run. RNG states are stored as plain
+ints, lists and tensors for that reason.
 """
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
 import re
 import shutil
@@ -19,6 +24,7 @@ import numpy as np
 import torch
 
 from .errors import LSMError
+from .files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?\.pt$")
@@ -28,37 +34,59 @@ class ResumeError(LSMError):
     """The run folder cannot be resumed (no checkpoint, or a different recipe)."""
 
 
+class UnsafeCheckpointError(ResumeError):
+    """A checkpoint holds pickled code or objects that a weights-only load refuses."""
+
+
+# What the weights-only unpickler says when it refuses a file's content (as opposed to a
+# damaged file, which fails with EOFError, a zip error or "Unsupported operand").
+_REFUSED = re.compile(
+    r"Unsupported global|GLOBAL \S+ whose module|unrecognized function|Can only create new object|Can only build"
+    r"|must be imported to load|persistent_load id|Only persistent_load of storage"
+)
+_OFFENDER = re.compile(r"GLOBAL (\S+)|unrecognized function (.+?)(?: which belongs|$)|but got (<[^>]+>)", re.M)
+
+
+def _legacy_numpy_globals() -> list[Any]:
+    """The one allow-list entry: NumPy's uint32 RNG key array, held by checkpoints of earlier versions.
+
+    Rebuilding an ndarray runs no code of the file's choosing (its items, if any, still go
+    through the weights-only unpickler); everything else stays refused.
+    """
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; a refused file raises :class:`UnsafeCheckpointError`.
+
+    Any other failure (a damaged or truncated file) is raised as torch raised it.
+    """
+    try:
+        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if not _REFUSED.search(message):
+            raise
+        m = _OFFENDER.search(message)
+        what = f" ({next(g for g in m.groups() if g)})" if m else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refused, the file holds pickled code or objects{what} that a weights-only load refuses; "
+            "checkpoints written by lsm-registry never need that, so it was not loaded"
+        ) from None
+
+
 def checkpoint_name(epoch: int, step: int = 0) -> str:
     """``epoch`` completed epochs; ``step`` > 0 for a checkpoint taken inside epoch ``epoch + 1``."""
     return f"epoch-{epoch:04d}" + (f"-step-{step}" if step else "") + ".pt"
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -89,26 +117,46 @@ def prune(run_dir: Path, keep: int) -> None:
 
 
 def load_latest(run_dir: Path, map_location: Any = "cpu") -> tuple[Optional[dict[str, Any]], list[str]]:
-    """The newest checkpoint that loads, and a note per file that did not."""
+    """The newest checkpoint that loads, and a note per file that did not.
+
+    A damaged file is noted and an older one is tried; a file that a weights-only load
+    refuses (pickled code or objects) raises :class:`UnsafeCheckpointError`: it was not
+    damaged by a crash, someone put it there.
+    """
     notes = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return torch.load(path, map_location=map_location, weights_only=False), notes
+            return load_weights_only(path, map_location=map_location), notes
+        except UnsafeCheckpointError:
+            raise
         except Exception as exc:  # a damaged file: fall back to the previous one
             notes.append(f"{path}: unreadable ({type(exc).__name__}); using an older checkpoint")
     return None, notes
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as plain ints, floats, lists and tensors (what a weights-only load reads)."""
+    version, internal, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"bit_generator": str(name), "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"]), py["gauss_next"])
+    random.setstate(py)
+    if isinstance(npy, dict):  # checkpoints of earlier versions hold NumPy's own tuple
+        npy = (npy["bit_generator"], np.asarray(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -145,3 +193,23 @@ def recipe_diff(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], 
             if va != vb:
                 changes.append(f"{dotted} ({va!r} -> {vb!r})")
     return changes
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a state_dict, or the model of an engine checkpoint, into ``model`` (``lsm preview --checkpoint``)."""
+    try:
+        # Weights only, always: a file holding pickled code or objects is refused, never run.
+        state = load_weights_only(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        raise LSMError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()
+        raise LSMError(f"{path}: does not fit the recipe's model ({' '.join(first[:2])})") from None

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,16 +23,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
+                         rng_state, save_atomic, set_rng_state)
 from .data.augment import augment, stats_tensor, normalise
 from .errors import DataError, LSMError
 from .interfaces import Context, LTData
+from .metrics import summarise_counts
+from .mixing import MixedBatch, MixingStep, permuted_foreground
 from .recipe import Recipe
 from .registry import Registry
 
 LOG_EVERY = 10
+PICTURE_ROWS = 8  # rows of the last mixed batch kept for mixed_samples.png
 MAX_CONFUSION_CLASSES = 1000  # beyond this the confusion matrix is not kept
-MANY_ABOVE = 100  # Many: n_c > 100
-FEW_BELOW = 20  # Few: n_c < 20; Medium: 20 <= n_c <= 100
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -55,77 +60,6 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The engine generator is re-seeded per epoch, so an epoch replays exactly on resume."""
     return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
-
-
-# ------------------------------------------------------------------------------ metrics
-
-
-def group_of(count: int) -> str:
-    if count > MANY_ABOVE:
-        return "many"
-    if count < FEW_BELOW:
-        return "few"
-    return "medium"
-
-
-def summarise_predictions(pred: Tensor, labels: Tensor, class_counts: tuple[int, ...]) -> dict[str, Any]:
-    """Top-1 overall, per class, Many / Medium / Few (None when a group has no class) and rarest three."""
-    num_classes = len(class_counts)
-    correct = torch.bincount(labels[pred == labels], minlength=num_classes)
-    total = torch.bincount(labels, minlength=num_classes)
-    return summarise_counts(correct, total, class_counts)
-
-
-def summarise_counts(correct: Tensor, total: Tensor, class_counts: tuple[int, ...]) -> dict[str, Any]:
-    """Metrics from per-class correct / total counts (what processes all-reduce).
-
-    Group accuracies average the per-class accuracies of the group's classes (the test
-    sets are balanced, so this equals pooling their images).
-    """
-    correct, total = correct.double().cpu(), total.double().cpu()
-    per_class = [float(c / t) if t > 0 else None for c, t in zip(correct.tolist(), total.tolist())]
-    result: dict[str, Any] = {"top1": float(correct.sum() / total.sum()) if total.sum() > 0 else None}
-    for group in ("many", "medium", "few"):
-        accs = [a for a, n in zip(per_class, class_counts) if group_of(n) == group and a is not None]
-        result[group] = sum(accs) / len(accs) if accs else None
-    order = sorted((n, c) for c, n in enumerate(class_counts))
-    rare = [per_class[c] for _, c in order[:3] if per_class[c] is not None]
-    result["rare3"] = sum(rare) / len(rare) if rare else None
-    result["per_class"] = per_class
-    return result
-
-
-# ------------------------------------------------------------------------------ files
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a file so that a crash leaves either the old or the new content, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def fresh_run_dir(base: Path, name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ... when a previous run already lives there."""
-    candidate = base / name
-    n = 2
-    while candidate.exists() and any(candidate.iterdir()):
-        candidate = base / f"{name}-{n}"
-        n += 1
-    return candidate
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise LSMError(f"{folder}: cannot write the run folder ({exc.strerror or exc})") from None
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -192,6 +126,40 @@ def dist_info() -> DistInfo:
     return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
+class Reporter:
+    """What the engine tells the outside world; this base says nothing and writes nothing.
+
+    The engine is handed a reporter instead of knowing the screen or the run folder:
+    :class:`lsm_registry.reporting.RunReporter` draws progress and writes the run
+    folder; tests and benchmarks train with this silent one. Only rank 0's reporter
+    should write.
+    """
+
+    def start(self, trainer: "Trainer") -> None:
+        """Training starts (or resumes: ``trainer.history`` holds the epochs already done)."""
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        """0-based ``epoch`` starts with ``steps`` steps."""
+
+    def advance(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
+        """Every ``LOG_EVERY`` steps: running mean loss of the epoch."""
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        """An evaluation finished; ``record`` has the epoch's metrics."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        """An epoch finished; ``record`` is what metrics.jsonl gets."""
+
+    def note(self, text: str) -> None:
+        """Something the user should know that does not stop the run."""
+
+    def stop(self) -> None:
+        """Training left its loop, finished or not."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The run finished; ``summary`` is what summary.json gets."""
+
+
 class Trainer:
     """Builds every component from a recipe and trains; ``fit()`` returns the summary.
 
@@ -200,16 +168,13 @@ class Trainer:
     are kept) and on SIGINT / SIGTERM; ``resume=True`` continues from the newest one.
     """
 
-    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, console: Any = None,
-                 progress: bool = True, keep: int = 1, resume: bool = False):
+    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, keep: int = 1, resume: bool = False):
         self.recipe = recipe
         self.registry = registry
         self.run_dir = run_dir
-        self.console = console
         self.keep = keep
         self.resume = resume
         self.dist = dist_info()
-        self.show_progress = progress and self.dist.is_main
         run = recipe.run
         self.device = resolve_device(run.device)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -223,6 +188,7 @@ class Trainer:
         if min(self.class_counts) == 0:
             empty = [self.data.class_names[c] for c, n in enumerate(self.class_counts) if n == 0]
             raise DataError(f"[data] {recipe.data.name}: no training image left for class(es) {', '.join(empty[:5])}")
+        self._check_batch_size()
         self.generator = torch.Generator().manual_seed(run.seed)
         self.context = Context(
             class_counts=self.class_counts,
@@ -246,6 +212,8 @@ class Trainer:
         self.patch = recipe.patch.build(registry, self.context) if recipe.patch else None
         self.saliency = recipe.saliency.build(registry, self.context) if recipe.saliency else None
         self.fuser = recipe.label_fuser.build(registry, self.context) if recipe.label_fuser else None
+        self.mixing = MixingStep(self.mixer, self.fuser, self.patch, self.saliency) if self.mixer is not None else None
+        self.last_mixed: Optional[MixedBatch] = None
         if self.mixer is not None and self.patch is not None and (self.mixer.uses_patch or self.saliency is not None):
             _, h, w = self.data.image_size
             try:
@@ -272,6 +240,14 @@ class Trainer:
         self.best_top1, self.best_epoch = -1.0, -1
         self._stop_signal: Optional[int] = None
         self.confusion: Optional[Tensor] = None
+
+    def _check_batch_size(self) -> None:
+        """A batch larger than the training shard would train on a short batch every step, silently."""
+        batch_size, shard = self.recipe.optim.batch_size, len(self.data.train) // self.dist.world_size
+        if batch_size > shard:
+            where = f"{shard} images per process" if self.dist.enabled else f"{shard} images"
+            raise LSMError(f"{self.recipe.path} [optim].batch_size = {batch_size} is larger than the training set of "
+                           f"{self.recipe.data.name} ({where}); lower optim.batch_size")
 
     def _build_data(self) -> LTData:
         spec = self.recipe.data
@@ -333,25 +309,13 @@ class Trainer:
         x = normalise(augment(raw, self.data.augment, self.generator), self.mean, self.std)
         return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)]
 
-    def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-        """(images, soft targets, foreground label weight) when this batch is mixed, else None."""
+    def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor]) -> Optional[MixedBatch]:
+        """The mixed batch when this epoch's window and this batch's coin say so, else None."""
         mixer = self.mixer
         if mixer is None or not mixer.active(epoch) or not mixer.coin():
             return None
-        if fg is None:
-            perm = torch.randperm(xb.shape[0], generator=self.generator).to(self.device)
-            xf, yf = xb[perm], yb[perm]
-        else:
-            xf, yf = self.prepare(fg)
-        s_f = s_b = None
-        if self.saliency is not None:
-            s_f = self.saliency(self.module, xf, yf, self.patch)
-            if self.fuser.needs_background_saliency:
-                s_b = self.saliency(self.module, xb, yb, self.patch)
-        mix = mixer.mix(xf, xb, s_f, self.patch)
-        target = self.fuser.fuse(mix, yf, yb, s_f, s_b)
-        fg_weight = target.gather(1, yf.view(-1, 1)).mean()
-        return mix.images.contiguous(memory_format=self.memory_format), target, fg_weight
+        xf, yf = permuted_foreground(xb, yb, self.generator) if fg is None else self.prepare(fg)
+        return self.mixing(self.module, xb, yb, xf, yf)
 
     def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats) -> None:
         xb, yb = self.prepare(bg)
@@ -359,13 +323,14 @@ class Trainer:
         if mixed is None:
             x, target = xb, yb
         else:
-            x, target, fg_weight = mixed
+            x, target = mixed.images.contiguous(memory_format=self.memory_format), mixed.target
             stats.mixed += 1
-            stats.fg_weight_sum += fg_weight.detach()
+            stats.fg_weight_sum += mixed.lam.detach().mean()
+            self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
         self.model.train()
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             logits = self.model(x)
-        loss = self.loss(logits.float(), target)
+        loss = self.loss(logits.float(), target, mixed)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -413,8 +378,6 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def _checkpoint_state(self, epoch: int, step: int, stats: Optional[StepStats]) -> dict[str, Any]:
-        from .checkpoint import rng_state
-
         return {
             "format": 1,
             "epoch": epoch,
@@ -435,23 +398,18 @@ class Trainer:
         """Rank 0 writes ``checkpoints/epoch-NNNN[-step-S].pt`` atomically, then prunes old ones."""
         if self.run_dir is None or not self.dist.is_main:
             return None
-        from .checkpoint import CHECKPOINT_DIR, checkpoint_name, prune, save_atomic
-
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
         save_atomic(self._checkpoint_state(epoch, step, stats), path)
         prune(self.run_dir, self.keep)
         return path
 
-    def load_checkpoint(self) -> tuple[int, int, Optional[dict[str, Any]]]:
+    def load_checkpoint(self, reporter: Optional["Reporter"] = None) -> tuple[int, int, Optional[dict[str, Any]]]:
         """Restore the newest checkpoint; returns (completed epochs, step inside the next, its state)."""
-        from .checkpoint import ResumeError, load_latest, recipe_diff, set_rng_state
-
         if self.run_dir is None:
             raise ResumeError("resume needs a run folder")
         state, notes = load_latest(self.run_dir, map_location=self.device)
         for note in notes:
-            if self.console is not None:
-                self.console.print(f"warning: {note}", highlight=False)
+            (reporter or Reporter()).note(note)
         if state is None:
             raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
         changes = recipe_diff(state["recipe"], self.recipe.to_dict(), ignore={"run.epochs"})
@@ -473,9 +431,6 @@ class Trainer:
         self._stop_signal = signum
 
     def _install_signal_handlers(self) -> dict[int, Any]:
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
@@ -494,82 +449,80 @@ class Trainer:
     def _check_finite(self, epoch: int, stats: StepStats) -> None:
         bad = int(stats.bad_step)
         if bad >= 0:
-            from .checkpoint import list_checkpoints
-
             kept = list_checkpoints(self.run_dir) if self.run_dir is not None else []
             where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
             raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {bad}; training stopped{where}")
 
-    def fit(self) -> dict[str, Any]:
-        import signal
-
-        from .reporting import RunReporter
-
+    def fit(self, reporter: Optional["Reporter"] = None) -> dict[str, Any]:
+        """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens."""
+        reporter = reporter or Reporter()
         run = self.recipe.run
         batch_size = self.recipe.optim.batch_size
-        start_epoch, start_step, state = self.load_checkpoint() if self.resume else (0, 0, None)
+        start_epoch, start_step, state = self.load_checkpoint(reporter) if self.resume else (0, 0, None)
         if start_epoch >= run.epochs and start_step == 0:
             raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
-        reporter = RunReporter(self, self.console, self.show_progress, resumed=self.resume)
         previous_handlers = self._install_signal_handlers()
         try:
-            with reporter:
-                for epoch in range(start_epoch, run.epochs):
-                    skip = start_step if epoch == start_epoch else 0
-                    if skip:
-                        self.generator.set_state(state["generator"])
-                        stats = StepStats.from_state(state["stats"], self.device)
-                    else:
-                        self.generator.manual_seed(epoch_seed(run.seed, epoch))
-                        stats = StepStats.zeros(self.device)
-                    lr = self.lr_at(epoch)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    self.loss.set_epoch(epoch)
-                    steps = self.sampler.steps_per_epoch(batch_size)
-                    reporter.start_epoch(epoch, steps)
-                    t0 = time.perf_counter()
-                    for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
-                        if i < skip:
-                            continue
-                        self.train_step(epoch, bg, fg, stats)
-                        at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
-                        if at_log:
-                            self._check_finite(epoch, stats)
-                            reporter.advance(stats.steps, float(stats.loss_sum) / stats.steps, lr,
-                                             stats.images / max(time.perf_counter() - t0, 1e-9))
-                        if stats.steps < steps and self._should_stop(at_log):
-                            self._check_finite(epoch, stats)
-                            path = self.save_checkpoint(epoch, stats.steps, stats)
-                            raise Interrupted(
-                                f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
-                                f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
-                            )
-                    self._check_finite(epoch, stats)
-                    elapsed = time.perf_counter() - t0
-                    totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
-                    loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
-                    record: dict[str, Any] = {
-                        "epoch": epoch + 1,
-                        "lr": lr,
-                        "train_loss": loss_sum / max(n_steps, 1),
-                        "mixed_fraction": mixed / max(n_steps, 1),
-                        "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
-                        "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
-                        "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
-                    }
-                    if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
-                        result = self.evaluate()
-                        record.update({k: v for k, v in result.items() if k != "per_class"})
-                        record["per_class"] = result["per_class"]
-                        if result["top1"] is not None and result["top1"] > self.best_top1:
-                            self.best_top1, self.best_epoch = result["top1"], epoch + 1
-                        reporter.evaluated(record)
-                    self.history.append(record)
-                    reporter.log(record)
-                    self.save_checkpoint(epoch + 1)
-                    if self._stop_signal is not None and epoch + 1 < run.epochs:
-                        raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
+            reporter.start(self)
+            try:
+                    for epoch in range(start_epoch, run.epochs):
+                        skip = start_step if epoch == start_epoch else 0
+                        if skip:
+                            self.generator.set_state(state["generator"])
+                            stats = StepStats.from_state(state["stats"], self.device)
+                        else:
+                            self.generator.manual_seed(epoch_seed(run.seed, epoch))
+                            stats = StepStats.zeros(self.device)
+                        lr = self.lr_at(epoch)
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = lr
+                        self.loss.set_epoch(epoch)
+                        steps = self.sampler.steps_per_epoch(batch_size)
+                        reporter.start_epoch(epoch, steps)
+                        t0 = time.perf_counter()
+                        for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
+                            if i < skip:
+                                continue
+                            self.train_step(epoch, bg, fg, stats)
+                            at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
+                            if at_log:
+                                self._check_finite(epoch, stats)
+                                reporter.advance(stats.steps, float(stats.loss_sum) / stats.steps, lr,
+                                                 stats.images / max(time.perf_counter() - t0, 1e-9))
+                            if stats.steps < steps and self._should_stop(at_log):
+                                self._check_finite(epoch, stats)
+                                path = self.save_checkpoint(epoch, stats.steps, stats)
+                                raise Interrupted(
+                                    f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
+                                    f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
+                                )
+                        self._check_finite(epoch, stats)
+                        elapsed = time.perf_counter() - t0
+                        totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
+                        loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
+                        record: dict[str, Any] = {
+                            "epoch": epoch + 1,
+                            "lr": lr,
+                            "train_loss": loss_sum / max(n_steps, 1),
+                            "mixed_fraction": mixed / max(n_steps, 1),
+                            "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
+                            "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
+                            "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
+                        }
+                        if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
+                            result = self.evaluate()
+                            record.update({k: v for k, v in result.items() if k != "per_class"})
+                            record["per_class"] = result["per_class"]
+                            if result["top1"] is not None and result["top1"] > self.best_top1:
+                                self.best_top1, self.best_epoch = result["top1"], epoch + 1
+                            reporter.evaluated(record)
+                        self.history.append(record)
+                        reporter.log(record)
+                        self.save_checkpoint(epoch + 1)
+                        if self._stop_signal is not None and epoch + 1 < run.epochs:
+                            raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
+            finally:
+                reporter.stop()
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)

@@ -17,6 +17,8 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from .params import ParamError, non_negative as _non_negative, param, probability as _probability
+
 __all__ = [
     "KINDS",
     "Context",
@@ -25,6 +27,10 @@ __all__ = [
     "SaliencyProvider",
     "PatchOperator",
     "Mixer",
+    "MixerParams",
+    "mix_prob",
+    "mix_start",
+    "mix_end",
     "MixResult",
     "LabelFuser",
     "Loss",
@@ -214,40 +220,93 @@ class MixResult:
     unit_mask: Optional[Tensor] = None
 
 
+_WINDOW_HELP = (
+    "mixing stops at this 0-based epoch; negative counts from the end (-3: the last 3 epochs are not mixed); none: never stops"
+)
+
+
+@attrs.frozen
+class MixerParams:
+    """The knobs every mixer has: the mixing probability and the epoch window.
+
+    Defined once so that every mixer, built-in or plugin, means the same thing by
+    them and the recipe check for an empty window covers all of them. A mixer's
+    ``Params`` derives from this class and may override the defaults by redeclaring a
+    field with :func:`mix_prob`, :func:`mix_start` or :func:`mix_end`. The window
+    is the 0-based epochs ``start_epoch <= epoch < stop``, where ``stop`` is
+    ``end_epoch``, or ``epochs + end_epoch`` when negative, or ``epochs`` when None.
+    """
+
+    prob: float = param(1.0, help="probability that a batch is mixed", validator=_probability)
+    start_epoch: int = param(0, help="first 0-based epoch that may be mixed", validator=_non_negative)
+    end_epoch: Optional[int] = param(None, help=_WINDOW_HELP)
+
+    def __attrs_post_init__(self) -> None:
+        if self.end_epoch is not None and 0 <= self.end_epoch <= self.start_epoch:
+            raise ParamError("end_epoch", f"must be > start_epoch = {self.start_epoch} or negative (counted from the end) (got {self.end_epoch})")
+
+    def window(self, epochs: int) -> range:
+        """The 0-based epochs in which a batch may be mixed, for a run of ``epochs``."""
+        end = self.end_epoch
+        stop = epochs if end is None else (end if end >= 0 else epochs + end)
+        return range(self.start_epoch, min(stop, epochs))
+
+    def describe_window(self) -> str:
+        end = "none" if self.end_epoch is None else str(self.end_epoch)
+        return f"start_epoch = {self.start_epoch} .. end_epoch = {end}"
+
+
+def mix_prob(default: float, help: str = "probability that a batch is mixed") -> Any:
+    """A ``prob`` field with another default, for a mixer's Params."""
+    return param(default, help=help, validator=_probability)
+
+
+def mix_start(default: int, help: str = "first 0-based epoch that may be mixed") -> Any:
+    """A ``start_epoch`` field with another default, for a mixer's Params."""
+    return param(default, help=help, validator=_non_negative)
+
+
+def mix_end(default: Optional[int], help: str = "") -> Any:
+    """An ``end_epoch`` field with another default, for a mixer's Params."""
+    return param(default, help=help or _WINDOW_HELP)
+
+
 class Mixer(Component):
     """Mixes a foreground (tail) batch into a background (head) batch.
 
     Contract: ``mix(x_f, x_b, saliency_f, patch)`` takes two float batches of equal
     shape (B, ch, H, W), the foreground's saliency (B, H/p, W/p) or None when
-    ``needs_saliency`` is False, and returns a :class:`MixResult`. ``active(epoch)``
-    says whether mixing may happen in this epoch (0-based) and ``coin()`` draws the
-    per-batch decision; both use only ``context``.
+    ``needs_saliency`` is False, and returns a :class:`MixResult`. ``Params`` derives
+    from :class:`MixerParams` (probability and epoch window). ``active(epoch)`` says
+    whether mixing may happen in this epoch (0-based) and ``coin()`` draws the
+    per-batch decision; both use only ``params`` and ``context``.
     """
 
     kind = "mixer"
+    Params = MixerParams
     needs_saliency: ClassVar[bool] = False
     #: Label fuser used when the recipe has no [label_fuser] table.
     default_fuser: ClassVar[str] = "area"
     #: Whether ``mix`` works on the patch operator's units (then p must divide H and W).
     uses_patch: ClassVar[bool] = True
+    #: Sampler the mixer needs (e.g. CMO: "dual-branch"); None: any sampler.
+    requires_sampler: ClassVar[Optional[str]] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not (isinstance(cls.Params, type) and issubclass(cls.Params, MixerParams)):
+            raise TypeError(f"mixer {cls.__qualname__}: Params must derive from lsm_registry.interfaces.MixerParams "
+                            "(the mixing probability and epoch window every mixer shares)")
 
     @abc.abstractmethod
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:
         ...
 
     def active(self, epoch: int) -> bool:
-        start = getattr(self.params, "start_epoch", None)
-        end = getattr(self.params, "end_epoch", None)
-        if start is not None and epoch < start:
-            return False
-        if end is not None and end >= 0 and epoch >= end:
-            return False
-        if end is not None and end < 0 and epoch >= self.context.epochs + end:
-            return False
-        return True
+        return epoch in self.params.window(self.context.epochs)
 
     def coin(self) -> bool:
-        prob = float(getattr(self.params, "prob", 1.0))
+        prob = float(self.params.prob)
         if prob >= 1.0:
             return True
         if prob <= 0.0:
@@ -296,8 +355,12 @@ class LabelFuser(Component):
 class Loss(Component):
     """A training loss on logits and class indices or soft targets.
 
-    Contract: ``__call__(logits, target)`` with logits (B, C) float and target either
-    (B,) int64 class indices or (B, C) float distributions; returns a scalar.
+    Contract: ``__call__(logits, target, mixed=None)`` with logits (B, C) float and
+    target either (B,) int64 class indices or (B, C) float distributions; returns a
+    scalar. ``mixed`` is None for an unmixed batch, otherwise an object with ``y_f``,
+    ``y_b`` (B,) int64 and ``lam`` (B,) float (a MixedBatch) such that
+    ``target = lam e_{y_f} + (1 - lam) e_{y_b}``, for losses that weight each label on
+    its own; a loss may ignore it and use ``target`` alone.
     ``set_epoch(epoch)`` is called at the start of every epoch (0-based) for
     schedules such as DRW. ``eval_logits`` maps model logits to the ones used for
     prediction at test time (identity unless the loss says otherwise).
@@ -311,7 +374,7 @@ class Loss(Component):
         self.epoch = epoch
 
     @abc.abstractmethod
-    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, target: Tensor, mixed: Any = None) -> Tensor:
         ...
 
     def eval_logits(self, logits: Tensor) -> Tensor:

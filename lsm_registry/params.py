@@ -24,6 +24,8 @@ __all__ = [
     "ParamError",
     "coerce",
     "describe_type",
+    "NONE_MARKER",
+    "is_none",
 ]
 
 
@@ -92,8 +94,28 @@ def describe_type(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: How a recipe writes "no value" for an ``Optional`` parameter: TOML has no null, and no
+#: parameter takes a table, so this inline table cannot be mistaken for a real value
+#: (a string such as "none" could be one). ``--unset table.key`` writes it.
+NONE_MARKER: dict[str, bool] = {"none": True}
+NONE_TOML = "{ none = true }"
+
+
+def is_none(value: Any) -> bool:
+    return value is None or value == NONE_MARKER
+
+
+def _accepts_none(tp: Any) -> bool:
+    return tp is Any or tp is None or tp is _NoneType or (
+        typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and _NoneType in typing.get_args(tp))
+
+
 def coerce(value: Any, tp: Any) -> Any:
     """Convert a TOML value to ``tp`` or raise ValueError("expected ... (got ...)")."""
+    if is_none(value):
+        if _accepts_none(tp):
+            return None
+        raise ValueError(f"cannot be unset: it takes {describe_type(tp)}, and none is not one of its values")
     if tp is Any or tp is None:
         return value
     origin = typing.get_origin(tp)
@@ -102,14 +124,13 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError(f"must be one of {describe_type(tp)} (got {value!r})")
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        errors = []
         for arg in typing.get_args(tp):
             if arg is _NoneType:
                 continue
             try:
                 return coerce(value, arg)
-            except ValueError as exc:
-                errors.append(exc)
+            except ValueError:
+                pass
         raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .errors import LSMError
+from .metrics import group_of
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 
@@ -39,8 +40,6 @@ def _group_guides(ax) -> None:
 
 def plot_per_class(summary: dict[str, Any], path: Path, title: Optional[str] = None) -> Path:
     """Per-class test accuracy (y) against training images of the class (x, log scale)."""
-    from .engine import group_of
-
     plt = _pyplot()
     counts = summary["class_counts"]
     accs = summary["per_class"]

@@ -8,7 +8,8 @@ Params that do not construct from their defaults, or collides with a name alread
 registered) it gets one line in ``Registry.problems`` naming its distribution, its
 entry point and the class, and none of its components is registered; every other
 plugin still loads. ``LSM_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name
-or distribution name; the built-in plugin cannot be blocked.
+or distribution name; the built-in plugin cannot be blocked. The plugins it actually
+kept out are listed in ``Registry.blocked``, and an unknown component name names them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ def build_registry(
             dist = ep.dist.name if ep.dist is not None else "?"
             version = ep.dist.version if ep.dist is not None else "?"
             if ep.name in blocked or dist in blocked:
+                _note_blocked(registry, ep.name, dist, blocked)
                 continue
             owner = Owner(ep.name, dist, version)
             source = _Source(ep.name, None, owner, _where(ep.name, owner, ep.value))
@@ -112,6 +114,7 @@ def build_registry(
             sources.append(attrs.evolve(source, obj=obj))
     for name, obj, owner in extra:
         if name in blocked or owner.distribution in blocked:
+            _note_blocked(registry, name, owner.distribution, blocked)
             continue
         label = getattr(obj, "__name__", None) or f"{type(obj).__module__}.{type(obj).__qualname__}"
         sources.append(_Source(name, obj, owner, _where(name, owner, label)))
@@ -120,6 +123,17 @@ def build_registry(
         if problem is not None:
             registry.problems.append(_one_line(f"{source.where}: {problem}; {source.hint}"))
     return registry
+
+
+def _note_blocked(registry: Registry, name: str, dist: str, blocked: set[str]) -> None:
+    """Remember a plugin that LSM_DISABLE_PLUGINS kept out, named as the user named it.
+
+    Only plugins that exist (an installed entry point, or an ``extra`` plugin) are noted:
+    a name in the variable that matches nothing cannot be why a component is missing.
+    """
+    label = dist if dist in blocked else (name if name == dist else f"{name} ({dist})")
+    if label not in registry.blocked:
+        registry.blocked.append(label)
 
 
 def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:

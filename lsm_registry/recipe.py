@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import attrs
 
 from .errors import RecipeError, RegistryError
-from .params import ParamError, at_least, coerce, non_negative, param, positive
+from .params import NONE_TOML, ParamError, at_least, coerce, non_negative, param, positive
 from .registry import Registry, suggest
 
 #: Component tables and the registry kind each selects.
@@ -124,6 +124,8 @@ def _params_dict(params: Any) -> dict[str, Any]:
 
 
 def _toml_value(value: Any) -> str:
+    if value is None:
+        return NONE_TOML
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -143,13 +145,12 @@ def _toml_value(value: Any) -> str:
 
 
 def dumps_toml(tables: dict[str, dict[str, Any]]) -> str:
-    """Writes flat tables of scalars and lists (all a recipe holds); ``None`` values are left out."""
+    """Writes flat tables of scalars and lists (all a recipe holds); ``None`` is written as ``{ none = true }``."""
     lines: list[str] = []
     for table, keys in tables.items():
         lines.append(f"[{table}]")
         for key, value in keys.items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
@@ -253,6 +254,7 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
         specs[table] = _component(registry, kind, name, params, where, table, errors)
 
     _fill_mixing_defaults(registry, specs, where, errors)
+    _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
     if errors:
         raise RecipeError(errors)
     return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], **specs)
@@ -264,7 +266,7 @@ def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[Componen
     if mixer is None:
         return
     mixer_cls = registry.get("mixer", mixer.name)
-    required, sampler = getattr(mixer_cls, "requires_sampler", None), specs.get("sampler")
+    required, sampler = mixer_cls.requires_sampler, specs.get("sampler")
     if required and sampler is not None and sampler.name != required:
         errors.append(f'{where} [sampler].name: mixer {mixer.name!r} needs name = "{required}" (got {sampler.name!r}); '
                       "otherwise its foreground would be a permutation of the batch")
@@ -277,6 +279,18 @@ def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[Componen
     wants = mixer_cls.needs_saliency or bool(fuser_cls and (fuser_cls.needs_saliency or fuser_cls.needs_background_saliency))
     if wants and specs.get("saliency") is None:
         specs["saliency"] = _component(registry, "saliency", "gradcam", {}, where, "saliency", errors)
+
+
+def _check_mixing_happens(mixer: Optional[ComponentSpec], run: Optional[RunParams], where: str, errors: list[str]) -> None:
+    """A [mixer] that can never mix is refused: the run would silently train without it."""
+    if mixer is None or run is None:
+        return
+    params = mixer.params
+    if not params.window(run.epochs):
+        errors.append(f"{where} [mixer] {params.describe_window()} is empty for run.epochs = {run.epochs}: "
+                      "no batch would be mixed; set mixer.start_epoch / mixer.end_epoch")
+    if params.prob == 0.0:
+        errors.append(f"{where} [mixer].prob: 0 means no batch would be mixed; raise it or remove the [mixer] table")
 
 
 def _component(registry: Registry, kind: str, name: str, params: dict[str, Any], where: str, table: str, errors: list[str]) -> Optional[ComponentSpec]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import re
 from typing import Iterable, Optional
 
 import attrs
@@ -38,6 +39,32 @@ def suggest(word: str, choices: Iterable[str]) -> Optional[str]:
     return close[0] if close else None
 
 
+WILDCARD_CHARS = "*?["
+
+
+def _dist_key(name: str) -> str:
+    """Distribution names compare like pip does: case-insensitive, runs of -_. are one '-'."""
+    return re.sub(r"[-_.]+", "-", name).casefold()
+
+
+def matches(entry: Entry, pattern: str) -> bool:
+    """Whether ``lsm list-components PATTERN`` lists ``entry`` (always case-insensitive).
+
+    A pattern with a wildcard character (``*?[``) is a shell wildcard over the component
+    name or the distribution name. Any other pattern matches component names that contain
+    it, and every component of the distribution (or plugin) of exactly that name, so
+    ``edge`` finds ``...-edge-...`` and ``lsm-spectral`` lists that plugin's components.
+    """
+    needle = pattern.casefold()
+    name = entry.name.casefold()
+    if any(ch in pattern for ch in WILDCARD_CHARS):
+        return fnmatch.fnmatchcase(name, needle) or fnmatch.fnmatchcase(entry.owner.distribution.casefold(), needle)
+    if needle in name:
+        return True
+    key = _dist_key(pattern)
+    return key == _dist_key(entry.owner.distribution) or key == _dist_key(entry.owner.plugin)
+
+
 def kind_of(cls: type) -> Optional[str]:
     kind = getattr(cls, "kind", None)
     return kind if kind in KINDS else None
@@ -47,12 +74,15 @@ class Registry:
     """Holds every registered component; lookups name what exists when they fail.
 
     ``problems`` collects the one-line reports of plugins that failed to load, so a
-    broken plugin never hides the components that did load.
+    broken plugin never hides the components that did load. ``blocked`` names the
+    installed plugins that LSM_DISABLE_PLUGINS kept out (filled by
+    ``plugins.build_registry``), so an unknown name can point at them.
     """
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.problems: list[str] = []
+        self.blocked: list[str] = []
 
     def register(self, cls: type, owner: Owner) -> Entry:
         if not isinstance(cls, type) or not issubclass(cls, Component):
@@ -101,18 +131,25 @@ class Registry:
         msg = f"unknown {kind} {name!r}."
         if hint:
             msg += f" Did you mean {hint!r}?"
-        return msg + f" Available: {', '.join(names) or '(none)'}  (see: lsm list-components --kind {kind})"
+        msg += f" Available: {', '.join(names) or '(none)'}  (see: lsm list-components --kind {kind})"
+        if self.blocked:
+            plural = len(self.blocked) > 1
+            msg += (
+                f" (plugin{'s' if plural else ''} blocked by LSM_DISABLE_PLUGINS: {', '.join(self.blocked)}; "
+                f"{'one of them' if plural else 'it'} may provide it)"
+            )
+        return msg
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._entries
 
     def list(self, kind: Optional[str] = None, pattern: Optional[str] = None) -> list[Entry]:
-        """Entries sorted by kind order then name; ``pattern`` is a shell wildcard."""
+        """Entries sorted by kind order then name, filtered by ``pattern`` (see ``matches``)."""
         out = []
         for (k, name), entry in self._entries.items():
             if kind is not None and k != kind:
                 continue
-            if pattern and not fnmatch.fnmatchcase(name, pattern):
+            if pattern and not matches(entry, pattern):
                 continue
             out.append(entry)
         return sorted(out, key=lambda e: (KINDS.index(e.kind), e.name))

@@ -1,7 +1,9 @@
-"""What a run shows and writes: rich progress, metrics.jsonl, summary.json, per_class.csv.
+"""The run folder and the screen: what a run writes and shows, as the engine's reporter.
 
-Files are written with atomic replaces (summary, CSV) or whole-line appends
-(metrics.jsonl), so an interrupted run never leaves a half-written file behind.
+The engine knows neither the terminal nor the folder layout; it is handed a
+:class:`RunReporter`. Files are written with atomic replaces (recipe, summary, CSV)
+or whole-line appends (metrics.jsonl), so an interrupted run never leaves a
+half-written file behind.
 """
 
 from __future__ import annotations
@@ -15,6 +17,13 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from .engine import Reporter, Trainer
+from .errors import LSMError
+from .files import atomic_write
+from .metrics import group_of
+from .pictures import MIXED_SAMPLES, draw_mixed_samples
+from .plots import PlotUnavailable, plot_confusion, plot_per_class
 
 
 def fmt_pct(value: Optional[float]) -> str:
@@ -42,23 +51,48 @@ def per_class_csv(summary: dict[str, Any]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["class", "name", "train_count", "group", "accuracy"])
-    from .engine import group_of
-
     for c, (name, count, acc) in enumerate(zip(summary["class_names"], summary["class_counts"], summary["per_class"])):
         writer.writerow([c, name, count, group_of(count), "" if acc is None else f"{acc:.6f}"])
     return buf.getvalue()
 
 
-class RunReporter:
-    """Progress bars on stderr, the result table on stdout, files in the run folder."""
+def fresh_run_dir(base: Path, name: str) -> Path:
+    """runs/<name>, or runs/<name>-2, -3, ... when a previous run already lives there."""
+    candidate = base / name
+    n = 2
+    while candidate.exists() and any(candidate.iterdir()):
+        candidate = base / f"{name}-{n}"
+        n += 1
+    return candidate
 
-    def __init__(self, trainer: Any, console: Optional[Console], show_progress: bool, resumed: bool = False):
-        self.trainer = trainer
-        self.resumed = resumed
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LSMError(f"{folder}: cannot write the run folder ({exc.strerror or exc})") from None
+
+
+class RunReporter(Reporter):
+    """Progress bars on stderr, the result table on stdout, files in the run folder (rank 0 only)."""
+
+    def __init__(self, console: Optional[Console] = None, show_progress: bool = True):
         self.console = console or Console()
         self.err = Console(stderr=True)
-        self.run_dir: Optional[Path] = trainer.run_dir if trainer.dist.is_main else None
-        self.progress = Progress(
+        self.show_progress = show_progress
+        self.trainer: Optional[Trainer] = None
+        self.run_dir: Optional[Path] = None
+        self.resumed = False
+        self.plain_epochs = False
+        self._wall_before = 0.0
+        self.epochs_task = None
+        self.steps_task = None
+
+    def _make_progress(self, enabled: bool) -> Progress:
+        return Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -66,16 +100,20 @@ class RunReporter:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=self.err,
-            disable=not show_progress,
+            disable=not enabled,
             transient=False,
         )
-        self.epochs_task = None
-        self.steps_task = None
 
-    def __enter__(self) -> "RunReporter":
+    def start(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.resumed = trainer.resume
+        self.run_dir = trainer.run_dir if trainer.dist.is_main else None
+        self.progress = self._make_progress(self.show_progress and trainer.dist.is_main)
+        # Not a terminal (a log file, CI, nohup): the bars draw nothing useful there, so
+        # log() prints one plain line per epoch on rank 0 instead, even with --no-progress.
+        self.plain_epochs = trainer.dist.is_main and not self.err.is_terminal
+        self._wall_before = float(trainer.history[-1]["wall_s"]) if trainer.history else 0.0
         if self.run_dir is not None:
-            from .engine import atomic_write
-
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.run_dir / "recipe.toml", self.trainer.recipe.to_toml())
             # On resume the checkpoint's history is the truth: lines written after it are dropped.
@@ -84,10 +122,13 @@ class RunReporter:
         self.progress.start()
         epochs = self.trainer.recipe.run.epochs
         self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=len(self.trainer.history), info="")
-        return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> None:
         self.progress.stop()
+
+    def note(self, text: str) -> None:
+        if self.trainer is None or self.trainer.dist.is_main:
+            self.err.print(f"warning: {text}", highlight=False, soft_wrap=True)
 
     def start_epoch(self, epoch: int, steps: int) -> None:
         if self.steps_task is not None:
@@ -105,16 +146,28 @@ class RunReporter:
             f"Medium {fmt_pct(record['medium'])}  Few {fmt_pct(record['few'])}  loss {record['train_loss']:.4f}"
         )
 
+    def epoch_line(self, record: dict[str, Any]) -> str:
+        """``epoch 3/200  loss 1.2345  lr 0.1  2210 img/s  41.2 s (total 123 s)  mixed 50%``."""
+        epoch_s = float(record["wall_s"]) - self._wall_before
+        line = (
+            f"epoch {record['epoch']}/{self.trainer.recipe.run.epochs}  loss {record['train_loss']:.4f}  "
+            f"lr {record['lr']:.4g}  {record['images_per_s']:.0f} img/s  {epoch_s:.1f} s (total {record['wall_s']:.0f} s)"
+        )
+        if record.get("mixed_fraction"):
+            line += f"  mixed {100 * record['mixed_fraction']:.0f}%"
+        return line
+
     def log(self, record: dict[str, Any]) -> None:
         self.progress.update(self.epochs_task, advance=1, info=f"loss {record['train_loss']:.4f}")
+        if self.plain_epochs:
+            self.err.print(self.epoch_line(record), highlight=False, soft_wrap=True)
+        self._wall_before = float(record["wall_s"])
         if self.run_dir is not None and "top1" in record:  # one line per evaluation
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def write_pictures(self, summary: dict[str, Any]) -> None:
         """per_class.png, confusion.png and, for mixing recipes, mixed_samples.png."""
-        from .plots import PlotUnavailable, plot_confusion, plot_per_class
-
         trainer = self.trainer
         try:
             plot_per_class(summary, self.run_dir / "per_class.png")
@@ -125,16 +178,14 @@ class RunReporter:
             self.console.print(f"note: {exc}", highlight=False)
         if trainer.mixer is not None:
             try:
-                from .commands.preview import draw_preview
-
-                draw_preview(trainer, self.run_dir / "mixed_samples.png")
+                if draw_mixed_samples(trainer, self.run_dir / MIXED_SAMPLES) is None:
+                    self.console.print(f"note: {MIXED_SAMPLES} not drawn: no batch was mixed in this run"
+                                       + (" since it was resumed" if self.resumed else ""), highlight=False)
             except Exception as exc:  # a picture must never fail a finished run
-                self.console.print(f"note: mixed_samples.png not drawn ({type(exc).__name__}: {exc})", highlight=False)
+                self.console.print(f"note: {MIXED_SAMPLES} not drawn ({type(exc).__name__}: {exc})", highlight=False)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
-            from .engine import atomic_write
-
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             atomic_write(self.run_dir / "per_class.csv", per_class_csv(summary))
             self.write_pictures(summary)

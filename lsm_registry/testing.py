@@ -30,7 +30,9 @@ The checks run on the CPU and leave the caller's global RNG state as it was.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tomllib
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import attrs
@@ -390,6 +392,37 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
             f"one-hot soft targets must give the hard-target loss (epoch {epoch}: {float(one_hot):.6g} != {float(hard):.6g})",
         )
     c.tensor("eval_logits", loss.eval_logits(logits.detach()), (BATCH, num_classes), "float")
+
+    # The engine's call on a mixed batch: loss(logits, target, mixed), mixed with y_f, y_b,
+    # lam (a MixedBatch).
+    try:
+        inspect.signature(loss).bind(None, None, None)
+        takes_mixed = True
+    except TypeError:
+        takes_mixed = False
+    except ValueError:  # no signature to read
+        takes_mixed = True
+    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None): the engine passes the mixed batch's labels")
+    if takes_mixed:
+        y_f, y_b = data["y"], data["y2"]
+        lam = torch.linspace(0.1, 0.9, BATCH)
+        mixed = SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
+        target = lam[:, None] * F.one_hot(y_f, num_classes) + (1 - lam[:, None]) * F.one_hot(y_b, num_classes)
+        whole = SimpleNamespace(y_f=y_f, y_b=y_b, lam=torch.ones(BATCH))
+        for epoch in (0, EPOCHS - 1):
+            loss.set_epoch(epoch)
+            z = logits.detach().clone().requires_grad_(True)
+            value = loss(z, target, mixed)
+            what = f"loss on a mixed batch (epoch {epoch})"
+            c.tensor(what, value, (), "float")
+            value.backward()
+            c.tensor(f"gradient of the {what}", z.grad, (BATCH, num_classes), "float")
+            hard = loss(logits, y_f)
+            one = loss(logits, F.one_hot(y_f, num_classes).float(), whole)
+            c.check(
+                torch.allclose(hard, one, rtol=1e-4, atol=1e-5),
+                f"a mixed batch with lam = 1 must give the hard-target loss of y_f (epoch {epoch}: {float(one):.6g} != {float(hard):.6g})",
+            )
 
     def run(l: Loss) -> list[Tensor]:
         l.set_epoch(EPOCHS - 1)

@@ -49,3 +49,10 @@ def write_recipe(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from lsm_registry.plugins import default_registry
+
+    return default_registry()

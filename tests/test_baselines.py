@@ -1,12 +1,13 @@
-"""CutMix, Mixup, Remix and CMO (METHOD.md section 8), and every mixer with every fuser."""
+"""CutMix, Mixup, Remix and CMO (docs/method.md §9), and every mixer with every fuser."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lsm_registry.components.baseline_fusers import Remix
-from lsm_registry.components.baseline_mixers import CMO, CutMix, Mixup, box_masks
+from lsm_registry.components.fusers import Remix
+from lsm_registry.components.mixers import CMO, CutMix, Mixup
+from lsm_registry.ops import box_masks
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import RecipeError
 from lsm_registry.interfaces import Context, MixResult
@@ -104,7 +105,7 @@ def test_cutmix_is_reproducible_from_the_generator():
 def test_window_parameters_are_validated():
     from lsm_registry.params import ParamError
 
-    with pytest.raises(ParamError, match="start_epoch 5") as info:
+    with pytest.raises(ParamError, match="start_epoch = 5") as info:
         CutMix.Params(start_epoch=5, end_epoch=5)
     assert info.value.key == "end_epoch"
     assert CutMix.Params(start_epoch=5, end_epoch=-3).end_epoch == -3
@@ -222,7 +223,7 @@ def test_cmo_defaults_follow_the_reference_window():
 
 def test_cmo_foreground_comes_from_the_rebalanced_branch(write_recipe, registry):
     path = write_recipe(CMO_RECIPE.replace("n_max = 24", "n_max = 64").replace("imbalance_factor = 6.0", "imbalance_factor = 16.0"))
-    trainer = Trainer(load_recipe(path, [], registry), registry, progress=False)
+    trainer = Trainer(load_recipe(path, ["run.epochs=6"], registry), registry)
     seen: dict[str, list[torch.Tensor]] = {"f": [], "b": []}
     fuse = trainer.fuser.fuse
 
@@ -295,9 +296,10 @@ def test_baseline_mixers_train_through_the_engine_with_every_loss(mixer, write_r
     path = write_recipe(TINY_RECIPE + f'\n[mixer]\nname = "{mixer}"\n\n[label_fuser]\nname = "remix"\n')
     for loss in losses:
         recipe = load_recipe(path, [f"loss.name={loss}"], registry)
-        trainer = Trainer(recipe, registry, progress=False)
+        trainer = Trainer(recipe, registry)
         bg, fg = next(iter(trainer.sampler.batches(0, 16)))
         xb, yb = trainer.prepare(bg)
-        x, target, _ = trainer.mixed_batch(0, xb, yb, fg)
+        mixed = trainer.mixed_batch(0, xb, yb, fg)
+        x, target = mixed.images, mixed.target
         value = trainer.loss(trainer.model(x), target)
         assert torch.isfinite(value), (mixer, loss)

@@ -68,7 +68,7 @@ def test_run_writes_the_run_folder(tiny_recipe, tmp_path):
 def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
     out = tmp_path / "run"
     args = ["run", str(tiny_recipe), "--out", str(out), "--no-progress", "--set", "sampler.name=dual-branch",
-            "--set", "mixer.name=lsm", "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=1", "--set", "mixer.prob=1.0"]
+            "--set", "mixer.name=lsm", "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--set", "mixer.end_epoch=1", "--set", "mixer.prob=1.0"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (out / "mixed_samples.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,7 +79,7 @@ def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
 def test_an_unknown_saliency_layer_is_refused_before_training(tiny_recipe, tmp_path):
     out = tmp_path / "run"
     args = ["run", str(tiny_recipe), "--out", str(out), "--set", "sampler.name=dual-branch", "--set", "mixer.name=lsm",
-            "--set", "saliency.layer=nope"]
+            "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--set", "saliency.layer=nope"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]

@@ -317,3 +317,50 @@ def test_split_file_unreadable_image_at_fetch(tmp_path):
     with pytest.raises(DataError) as info:
         data.train.fetch(torch.tensor([4, 5, 6]), torch.device("cpu"))
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_decoding_a_large_tree_shows_progress_without_changing_the_images(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from lsm_registry.data import folders
+
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        png(paths[-1], (20 * i, 255 - 20 * i, 7), size=(9, 5))
+    quiet = folders.decode_images(paths, 8, workers=0)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(folders, "PROGRESS_MIN_IMAGES", 10)
+    for workers in (0, 3):  # in-process and with the thread pool
+        out = io.StringIO()
+        monkeypatch.setattr(folders, "_progress_console", lambda: Console(file=out, force_terminal=True, width=100))
+        assert torch.equal(folders.decode_images(paths, 8, workers=workers), quiet)
+        shown = out.getvalue()
+        assert "decoding 12 images to 8x8" in shown and "12/12" in shown  # the bar, ticked once per image
+
+
+def test_decoding_progress_is_one_line_in_a_log_and_silent_for_small_sets(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from lsm_registry.data import folders
+
+    paths = [tmp_path / f"{i}.png" for i in range(10)]
+    for p in paths:
+        png(p, (1, 2, 3))
+    out = io.StringIO()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setattr(folders, "_progress_console", lambda: Console(file=out))
+    folders.decode_images(paths, 8, workers=2)
+    assert out.getvalue() == ""  # below PROGRESS_MIN_IMAGES
+    monkeypatch.setattr(folders, "PROGRESS_MIN_IMAGES", 10)
+    folders.decode_images(paths, 8, workers=2)
+    assert out.getvalue() == "decoding 10 images to 8x8 ...\n"
+    monkeypatch.setenv("RANK", "1")  # other torchrun ranks stay quiet
+    folders.decode_images(paths, 8, workers=2)
+    assert out.getvalue() == "decoding 10 images to 8x8 ...\n"

@@ -12,7 +12,7 @@ def registry():
 
 
 def train(path, registry, overrides=()):
-    trainer = Trainer(load_recipe(path, list(overrides), registry), registry, progress=False)
+    trainer = Trainer(load_recipe(path, list(overrides), registry), registry)
     return trainer, trainer.fit()
 
 
@@ -40,14 +40,14 @@ def test_another_seed_changes_the_run(tiny_recipe, registry):
 
 def test_lr_schedule_warmup_then_steps(tiny_recipe, registry):
     recipe = load_recipe(tiny_recipe, ["optim.warmup_epochs=2", "optim.lr=0.1", "optim.milestones=[4, 6]", "optim.gamma=0.1", "run.epochs=8"], registry)
-    trainer = Trainer(recipe, registry, progress=False)
+    trainer = Trainer(recipe, registry)
     lrs = [round(trainer.lr_at(e), 8) for e in range(8)]
     assert lrs == [0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
 
 
 def test_cosine_schedule_decays_to_zero(tiny_recipe, registry):
     recipe = load_recipe(tiny_recipe, ["optim.schedule=cosine", "run.epochs=10"], registry)
-    trainer = Trainer(recipe, registry, progress=False)
+    trainer = Trainer(recipe, registry)
     assert trainer.lr_at(0) == pytest.approx(0.05)
     assert trainer.lr_at(9) < trainer.lr_at(5) < trainer.lr_at(1)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import attrs
 import pytest
 import torch
 import torch.nn.functional as F
@@ -226,3 +228,134 @@ def test_focal_gradient_finite_when_confident():
     loss = Focal(FocalParams(gamma=0.5), ctx())(z, torch.tensor([0, 1]))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+# ---------------------------------------------------------------- class weights on mixed batches
+
+def test_per_label_is_the_default():
+    assert ReweightParams().mixed_weighting == "per-label"
+    assert FocalParams().mixed_weighting == LDAMParams().mixed_weighting == "per-label"
+
+W3 = [0.5, 1.0, 1.5]
+Z3 = [[0.8, -0.4, 0.1], [0.2, 0.9, -0.6], [-0.5, 0.3, 0.7]]
+YF3, YB3, LAM3 = [0, 1, 2], [2, 0, 1], [0.7, 0.4, 0.2]
+
+
+def hand_ce(z, c):
+    return -math.log(softmax_list(z)[c])
+
+
+def hand_focal2(z, c):
+    p = softmax_list(z)[c]
+    return (1 - p) ** 2 * -math.log(p)
+
+
+def weighted(cls, params, w, counts=COUNTS):
+    loss = cls(params, ctx(counts))
+    loss._balanced = torch.tensor(w)  # explicit class weights for the hand computations
+    loss.set_epoch(0)
+    assert loss.class_weights() is not None
+    return loss
+
+
+def mixed3():
+    y_f, y_b, lam = torch.tensor(YF3), torch.tensor(YB3), torch.tensor(LAM3)
+    target = lam[:, None] * F.one_hot(y_f, 3) + (1 - lam[:, None]) * F.one_hot(y_b, 3)
+    return target, SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
+
+
+HAND = [
+    ("ce", CrossEntropy, lambda form: ReweightParams(reweight="cb", mixed_weighting=form), hand_ce),
+    ("focal", Focal, lambda form: FocalParams(gamma=2.0, reweight="cb", mixed_weighting=form), hand_focal2),
+]
+
+
+@pytest.mark.parametrize("name,cls,make,l", HAND, ids=[h[0] for h in HAND])
+def test_per_label_weighting_by_hand(name, cls, make, l):
+    target, mixed = mixed3()
+    term_f = sum(LAM3[b] * W3[YF3[b]] * l(Z3[b], YF3[b]) for b in range(3)) / sum(W3[YF3[b]] for b in range(3))
+    term_b = sum((1 - LAM3[b]) * W3[YB3[b]] * l(Z3[b], YB3[b]) for b in range(3)) / sum(W3[YB3[b]] for b in range(3))
+    loss = weighted(cls, make("per-label"), W3)
+    assert loss(torch.tensor(Z3), target, mixed).item() == pytest.approx(term_f + term_b, rel=1e-5)
+
+
+@pytest.mark.parametrize("name,cls,make,l", HAND, ids=[h[0] for h in HAND])
+def test_joint_weighting_by_hand(name, cls, make, l):
+    target, mixed = mixed3()
+    num = sum(LAM3[b] * W3[YF3[b]] * l(Z3[b], YF3[b]) + (1 - LAM3[b]) * W3[YB3[b]] * l(Z3[b], YB3[b]) for b in range(3))
+    den = sum(LAM3[b] * W3[YF3[b]] + (1 - LAM3[b]) * W3[YB3[b]] for b in range(3))
+    joint = weighted(cls, make("joint"), W3)
+    assert joint(torch.tensor(Z3), target, mixed).item() == pytest.approx(num / den, rel=1e-5)
+    # without ``mixed`` a soft target gets the joint form whatever the parameter says
+    per_label = weighted(cls, make("per-label"), W3)
+    assert per_label(torch.tensor(Z3), target).item() == pytest.approx(num / den, rel=1e-5)
+    # the two forms differ on this case, so the tests above tell them apart
+    assert per_label(torch.tensor(Z3), target, mixed).item() != pytest.approx(num / den, rel=1e-3)
+
+
+def test_per_label_equals_cmo_reference_for_constant_lam():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(8, 3, generator=g)
+    y_f = torch.tensor([0, 1, 2, 2, 1, 0, 2, 1])
+    y_b = torch.tensor([1, 0, 0, 2, 2, 0, 1, 1])  # with y_f == y_b on some rows
+    lam = 0.35
+    lam_b = torch.full((8,), lam)
+    target = lam * F.one_hot(y_f, 3) + (1 - lam) * F.one_hot(y_b, 3)
+    loss = CrossEntropy(ReweightParams(reweight="drw", reweight_epoch=2, beta=0.9), ctx())
+    loss.set_epoch(2)
+    w = loss.class_weights()
+    ref = lam * F.cross_entropy(z, y_f, weight=w) + (1 - lam) * F.cross_entropy(z, y_b, weight=w)
+    got = loss(z, target, SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam_b))
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    qw = target * w
+    old = (qw * loss.class_losses(z)).sum() / qw.sum()
+    assert got.item() != pytest.approx(old.item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("cls,params", LOSSES, ids=[c.name for c, _ in LOSSES])
+def test_joint_parameter_reproduces_the_single_denominator(cls, params):
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(6, 3, generator=g).tanh()
+    y_f = torch.tensor([0, 1, 2, 0, 2, 1])
+    y_b = torch.tensor([1, 1, 0, 2, 0, 2])
+    lam = torch.rand(6, generator=g)
+    target = lam[:, None] * F.one_hot(y_f, 3) + (1 - lam[:, None]) * F.one_hot(y_b, 3)
+    mixed = SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
+    loss = cls(attrs.evolve(params, reweight="cb", beta=0.99, mixed_weighting="joint"), ctx())
+    qw = target * loss.class_weights()
+    expected = (qw * loss.class_losses(z)).sum() / qw.sum()
+    assert loss(z, target, mixed).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss(z, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("cls,params", LOSSES, ids=[c.name for c, _ in LOSSES])
+def test_uniform_weights_make_both_forms_the_plain_mean(cls, params):
+    counts = (50, 50, 50)  # equal counts: class-balanced weights are all 1
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(5, 3, generator=g).tanh()
+    y_f = torch.tensor([0, 1, 2, 0, 2])
+    y_b = torch.tensor([1, 1, 0, 2, 0])
+    lam = torch.tensor([0.3, 0.5, 0.9, 0.0, 1.0])
+    target = lam[:, None] * F.one_hot(y_f, 3) + (1 - lam[:, None]) * F.one_hot(y_b, 3)
+    mixed = SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
+    values = []
+    for form in ("per-label", "joint"):
+        loss = cls(attrs.evolve(params, reweight="cb", mixed_weighting=form), ctx(counts))
+        torch.testing.assert_close(loss.class_weights(), torch.ones(3))
+        values.append(loss(z, target, mixed).item())
+    plain = cls(params, ctx(counts))
+    m = plain.class_losses(z)
+    mean = (lam * m.gather(1, y_f[:, None]).squeeze(1) + (1 - lam) * m.gather(1, y_b[:, None]).squeeze(1)).mean()
+    assert values[0] == pytest.approx(mean.item(), rel=1e-5)
+    assert values[1] == pytest.approx(mean.item(), rel=1e-5)
+    assert plain(z, target, mixed).item() == pytest.approx(mean.item(), rel=1e-5)
+
+
+def test_hard_targets_ignore_the_weighting_form():
+    z = torch.tensor(Z3)
+    y = torch.tensor(YF3)
+    ref = F.cross_entropy(z, y, weight=torch.tensor(W3))
+    for form in ("per-label", "joint"):
+        loss = weighted(CrossEntropy, ReweightParams(reweight="cb", mixed_weighting=form), W3)
+        assert loss(z, y).item() == pytest.approx(ref.item(), rel=1e-5)
+        assert loss(z, y, None).item() == pytest.approx(ref.item(), rel=1e-5)

@@ -1,6 +1,6 @@
 import torch
 
-from lsm_registry.engine import group_of, summarise_predictions
+from lsm_registry.metrics import group_of, summarise_predictions
 
 
 def test_groups_follow_the_thresholds():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lsm_registry.components.fusers import AreaFuser, Saliency2Fuser, SaliencyFuser
-from lsm_registry.components.mixers import LSM, rank_descending
+from lsm_registry.components.mixers import LSM
+from lsm_registry.ops import rank_descending
 from lsm_registry.components.patches import PixelUnshuffle
 from lsm_registry.components.samplers import DualBranchSampler
 from lsm_registry.errors import RecipeError
@@ -254,7 +255,7 @@ def test_mixed_training_is_deterministic_for_a_seed():
     assert recipe.saliency.name == "gradcam" and recipe.label_fuser.name == "saliency" and recipe.patch.name == "pixel-unshuffle"
     records = []
     for _ in range(2):
-        trainer = Trainer(recipe, default_registry(), progress=False)
+        trainer = Trainer(recipe, default_registry())
         trainer.fit()
         records.append(trainer.history[0])
     a, b = records

@@ -13,7 +13,7 @@ import attrs
 import pytest
 from click.testing import CliRunner
 
-from lsm_registry import Component, Loss, Mixer, MixResult, hookimpl, hookspecs, plugins
+from lsm_registry import MixerParams, Component, Loss, Mixer, MixResult, hookimpl, hookspecs, plugins
 from lsm_registry.params import param, positive
 from lsm_registry.plugins import build_registry, hook_names
 from lsm_registry.registry import Owner
@@ -52,7 +52,7 @@ class GoodLoss(Loss):
     class Params:
         scale: float = param(1.0, help="scale", validator=positive)
 
-    def __call__(self, logits, target):
+    def __call__(self, logits, target, mixed=None):
         return logits.sum() * 0
 
 
@@ -62,7 +62,7 @@ class GoodMixer(Mixer):
     name = "good-mixer"
 
     @attrs.frozen
-    class Params:
+    class Params(MixerParams):
         pass
 
     def mix(self, x_f, x_b, saliency_f, patch):
@@ -250,6 +250,41 @@ def test_disable_by_plugin_or_distribution_name():
     assert load(broken).problems
     assert load(broken, env={"LSM_DISABLE_PLUGINS": "boom"}).problems == []
     assert load(broken, env={"LSM_DISABLE_PLUGINS": "other, boom-dist"}).problems == []
+
+
+def test_unknown_name_names_the_blocked_plugins():
+    from lsm_registry.errors import RegistryError
+
+    good = ("good", plugin(GoodLoss))
+    other = ("other", plugin(type("OtherLoss", (GoodLoss,), {"name": "other-loss"})))
+    registry = load(good, other, env={"LSM_DISABLE_PLUGINS": "good-dist, other, not-installed"})
+    assert registry.blocked == ["good-dist", "other (other-dist)"]  # a name that matches nothing is not mentioned
+    with pytest.raises(RegistryError) as info:
+        registry.get("loss", "good-loss")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("unknown loss 'good-loss'.")
+    assert message.endswith(
+        "(plugins blocked by LSM_DISABLE_PLUGINS: good-dist, other (other-dist); one of them may provide it)"
+    )
+    one = load(good, env={"LSM_DISABLE_PLUGINS": "good"})
+    with pytest.raises(RegistryError, match=r"\(plugin blocked by LSM_DISABLE_PLUGINS: good \(good-dist\); it may provide it\)"):
+        one.get("loss", "good-loss")
+    nothing_blocked = load(good, env={"LSM_DISABLE_PLUGINS": "not-installed"})
+    assert nothing_blocked.blocked == []
+    with pytest.raises(RegistryError) as info:
+        nothing_blocked.get("loss", "no-such-loss")
+    assert "LSM_DISABLE_PLUGINS" not in str(info.value)
+
+
+def test_recipe_error_names_a_blocked_installed_plugin(broken_site):
+    from lsm_registry.errors import RecipeError
+    from lsm_registry.recipe import validate
+
+    registry = build_registry(env={"LSM_DISABLE_PLUGINS": "broken-plug"})
+    assert "broken-plug" in registry.blocked and not [p for p in registry.problems if "broken-plug" in p]
+    with pytest.raises(RecipeError) as info:
+        validate({"data": {"name": "synthetic-lt"}, "loss": {"name": "scipy-loss"}}, "r.toml", registry)
+    assert any("unknown loss 'scipy-loss'" in line and "LSM_DISABLE_PLUGINS: broken-plug;" in line for line in info.value.lines)
 
 
 def test_a_module_plugin_is_named_by_its_module():

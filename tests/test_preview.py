@@ -20,6 +20,8 @@ test_per_class = 2
 [model]
 name = "resnet32"
 width = 4
+[optim]
+batch_size = 16
 [sampler]
 name = "dual-branch"
 """
@@ -38,12 +40,12 @@ def run(*args):
 
 def test_preview_draws_one_row_per_pair(recipe, tmp_path):
     out = tmp_path / "p.png"
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--out", out, "--rows", 3)
+    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", out, "--rows", 3)
     assert res.exit_code == 0, res.output
     assert "3 rows, mixer lsm, label fuser saliency" in res.output
     img = Image.open(out)
     two = tmp_path / "p2.png"
-    assert run(recipe, "--set", 'mixer.name="lsm"', "--out", two, "--rows", 2).exit_code == 0
+    assert run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", two, "--rows", 2).exit_code == 0
     # five columns of upscaled 32x32 tiles; height grows with the rows
     assert img.width == Image.open(two).width >= 5 * 96
     assert img.height > Image.open(two).height
@@ -54,11 +56,11 @@ def test_preview_loads_a_checkpoint_and_rejects_a_wrong_one(recipe, tmp_path):
 
     good = tmp_path / "good.pt"
     torch.save({"model": CifarResNet(32, 4, width=4).state_dict(), "epoch": 1}, good)
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--out", tmp_path / "c.png", "--checkpoint", good, "--rows", 1)
+    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", tmp_path / "c.png", "--checkpoint", good, "--rows", 1)
     assert res.exit_code == 0, res.output
     bad = tmp_path / "bad.pt"
     torch.save(CifarResNet(32, 4, width=8).state_dict(), bad)
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--out", tmp_path / "d.png", "--checkpoint", bad, "--rows", 1)
+    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", tmp_path / "d.png", "--checkpoint", bad, "--rows", 1)
     assert res.exit_code == 2
     assert "bad.pt: does not fit the recipe's model" in res.output
 

@@ -16,7 +16,7 @@ class _Loss(Loss):
     class Params:
         pass
 
-    def __call__(self, logits, target):
+    def __call__(self, logits, target, mixed=None):
         return logits.sum()
 
 
@@ -99,3 +99,39 @@ def test_non_component_is_refused():
 def test_component_summary_is_first_docstring_line():
     assert _Loss.summary() == "A test loss."
     assert issubclass(_Loss, Component)
+
+
+def test_listing_pattern_is_a_case_insensitive_substring_of_the_name():
+    registry = build_registry(entry_points=False)
+    assert [e.name for e in registry.list("sampler", "branch")] == ["dual-branch"]
+    assert "balanced-softmax" in [e.name for e in registry.list(pattern="SOFTMAX")]
+    assert registry.list(pattern="no-such-thing") == []
+
+
+def test_listing_pattern_matches_a_distribution_or_plugin_by_name():
+    class Plugin:
+        @hookimpl
+        def lsm_registry_components(self):
+            return [type("Wave", (_Loss,), {"name": "wave"})]
+
+    extra = [("acme", Plugin(), Owner("acme", "acme_LSM.tools", "1.0"))]
+    registry = build_registry(extra=extra, entry_points=False)
+    for pattern in ("acme-lsm-tools", "ACME_lsm_tools", "acme"):
+        assert [e.name for e in registry.list(pattern=pattern)] == ["wave"], pattern
+    builtins = registry.list(pattern="lsm-registry")
+    assert builtins and "wave" not in {e.name for e in builtins}
+    assert all(e.owner.distribution == "lsm-registry" for e in builtins)
+    assert registry.list(pattern="lsm") == [registry.entry("mixer", "lsm")]  # no substring match on distributions
+
+
+def test_listing_wildcard_matches_name_or_distribution():
+    class Plugin:
+        @hookimpl
+        def lsm_registry_components(self):
+            return [type("Wave", (_Loss,), {"name": "wave"})]
+
+    registry = build_registry(extra=[("acme", Plugin(), Owner("acme", "acme-tools", "1.0"))], entry_points=False)
+    assert [e.name for e in registry.list("sampler", "*BRANCH")] == ["dual-branch"]
+    assert [e.name for e in registry.list(pattern="acme-*")] == ["wave"]
+    assert [e.name for e in registry.list("loss", "[b]*")] == ["balanced-softmax"]
+    assert registry.list(pattern="branch*") == []  # a wildcard is anchored, unlike a plain word

@@ -128,7 +128,7 @@ class NanAfterFirstEpoch(Loss):
     class Params:
         pass
 
-    def __call__(self, logits, target):
+    def __call__(self, logits, target, mixed=None):
         loss = torch.nn.functional.cross_entropy(logits, target)
         return loss * float("nan") if getattr(self, "epoch", 0) >= 1 else loss
 
@@ -142,7 +142,7 @@ class NanPlugin:
 def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path):
     registry = build_registry(extra=[("nan", NanPlugin(), Owner("nan", "test", "0"))], entry_points=False)
     recipe = load_recipe(write_recipe(TINY_RECIPE.replace('name = "ce"', 'name = "nan-later"')), ["run.epochs=3"], registry)
-    trainer = Trainer(recipe, registry, run_dir=tmp_path / "run", progress=False)
+    trainer = Trainer(recipe, registry, run_dir=tmp_path / "run")
     with pytest.raises(TrainingError, match=r"not finite at epoch 2, step 1;.*epoch-0001\.pt"):
         trainer.fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["epoch-0001.pt"]

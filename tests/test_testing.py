@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lsm_registry import (
+    MixerParams,
     DatasetFactory,
     LabelFuser,
     Loss,
@@ -164,7 +165,7 @@ class Blend(Mixer):
     name = "t-blend"
 
     @attrs.frozen
-    class Params:
+    class Params(MixerParams):
         pass
 
     def mix(self, x_f, x_b, saliency_f, patch):
@@ -269,7 +270,7 @@ class Plain(Loss):
     class Params:
         pass
 
-    def __call__(self, logits, target):
+    def __call__(self, logits, target, mixed=None):
         logp = F.log_softmax(logits, dim=1)
         if target.dim() == 1:
             return F.nll_loss(logp, target)
@@ -282,7 +283,7 @@ def test_loss_soft_one_hot_must_equal_hard():
 
         name = "t-soft-smoothed"
 
-        def __call__(self, logits, target):
+        def __call__(self, logits, target, mixed=None):
             if target.dim() == 2:
                 target = 0.9 * target + 0.1 / target.shape[1]
             return super().__call__(logits, target)
@@ -297,7 +298,7 @@ def test_loss_nan_on_constant_logits():
 
         name = "t-standardised"
 
-        def __call__(self, logits, target):
+        def __call__(self, logits, target, mixed=None):
             return super().__call__((logits - logits.mean()) / logits.std(), target)
 
     fails(Standardised, r"constant logits.*NaN")

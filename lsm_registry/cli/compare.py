@@ -6,19 +6,21 @@ from pathlib import Path
 from typing import Optional
 
 import click
+from rich.console import Console
 
-from ..cli import user_errors
+from .. import runs
+from ..errors import LSMError
+from ..plots import plot_compare
+from .common import user_errors
 
 
 def render(groups, fmt: str, width: Optional[int] = None) -> str:
     """The comparison as text in ``fmt`` (table, markdown or csv)."""
-    from .. import runs
 
     if fmt == "markdown":
         return runs.markdown(groups)
     if fmt == "csv":
         return runs.csv_text(groups)
-    from rich.console import Console
 
     console = Console(width=width or 160, color_system=None, force_terminal=False)
     with console.capture() as capture:
@@ -44,10 +46,7 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], plot: Opt
     seeds); the setting column names the recipe keys that tell the groups apart.
     Accuracies are the last epoch's, on the test set, in percent.
     """
-    from rich.console import Console
 
-    from .. import runs
-    from ..errors import LSMError
 
     groups = runs.group_runs(runs.load_runs(list(run_dirs)))
     if fmt == "table":

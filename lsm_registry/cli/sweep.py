@@ -15,9 +15,16 @@ from typing import Any, Optional
 
 import attrs
 import click
+from rich.console import Console
+from rich.text import Text
 
-from ..cli import SET_HELP, debug_enabled, registry_with_warnings, user_errors
+from .. import runs
+from ..engine import Trainer
 from ..errors import LSMError, RecipeError
+from ..recipe import ALL_TABLES, COMPONENT_TABLES, load_recipe
+from ..registry import suggest
+from ..reporting import RunReporter, check_writable, fresh_run_dir
+from .common import debug_enabled, registry_with_warnings, set_option, user_errors
 
 GRID_HELP = (
     "A swept key and its values: table.key=v1,v2,... (values in TOML syntax as in --set, bare words are "
@@ -140,8 +147,6 @@ def expand(axes: list[GridAxis], seeds: list[int]) -> list[GridPoint]:
 
 def check_keys(axes: list[GridAxis], base: Any, errors: list[str]) -> None:
     """Each swept key must exist in the resolved recipe (or in a component swept by name)."""
-    from ..recipe import ALL_TABLES, COMPONENT_TABLES
-    from ..registry import suggest
 
     resolved = base.to_dict()
     by_name = {a.table for a in axes if a.key == "name"}
@@ -174,7 +179,6 @@ def resolve_points(recipe: Path, sets: list[str], points: list[GridPoint], regis
     A problem shared by several points (a bad value shows up once per seed and per
     value of the other axes) is reported once, naming the first point and how many more.
     """
-    from ..recipe import load_recipe
 
     parsed = []
     where: dict[str, list[GridPoint]] = {}
@@ -196,7 +200,7 @@ def resolve_points(recipe: Path, sets: list[str], points: list[GridPoint], regis
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--grid", "grids", multiple=True, metavar="TABLE.KEY=V1,V2", help=GRID_HELP)
 @click.option("--seeds", default=None, metavar="S1,S2", help="Seeds to repeat every grid point with (default: the recipe's run.seed).")
-@click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP + " Applies to every point.")
+@set_option
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Sweep folder (default: runs/sweep-<recipe stem>, with -2, -3, ... when taken); one sub-folder per run.")
 @click.option("--dry-run", is_flag=True, help="Validate every point and print the plan without training.")
@@ -207,16 +211,11 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
     """Train RECIPE at every point of the --grid product (times --seeds), then compare.
 
     Example: lsm sweep recipes/fashion_mnist_lt/lsm_ce.toml --grid label_fuser.name=saliency,area --seeds 0,1.
-    Each run lands in OUT/<key=value,...,seed=N>/ with the usual run files; the sweep
+    --set / --unset apply to every point. Each run lands in OUT/<key=value,...,seed=N>/ with the usual run files; the sweep
     ends with the `lsm compare` table of the finished runs. Exit status: 0 when every
     run finished, 1 when some failed (the others still run), 2 for bad input.
     """
-    from rich.console import Console
-    from rich.text import Text
 
-    from .. import runs
-    from ..engine import Trainer, check_writable, fresh_run_dir
-    from ..recipe import load_recipe
 
     registry = registry_with_warnings()
     errors: list[str] = []
@@ -256,8 +255,8 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
         folder = out / point.folder
         console.rule(Text(f"[{i}/{len(points)}] {point.label}", style="bold"))
         try:
-            trainer = Trainer(spec, registry, run_dir=folder, console=console, progress=not no_progress)
-            trainer.fit()
+            trainer = Trainer(spec, registry, run_dir=folder)
+            trainer.fit(RunReporter(console, show_progress=not no_progress))
             finished.append(folder)
         except KeyboardInterrupt:
             raise

@@ -13,8 +13,6 @@ MODULES = (
     "patches",
     "mixers",
     "fusers",
-    "baseline_mixers",
-    "baseline_fusers",
     "losses",
     "models",
     "datasets",
@@ -25,11 +23,5 @@ MODULES = (
 def lsm_registry_components() -> list[type]:
     classes: list[type] = []
     for module in MODULES:
-        try:
-            mod = importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__package__}.{module}":
-                continue  # a kind with no built-in component yet
-            raise
-        classes.extend(mod.COMPONENTS)
+        classes.extend(importlib.import_module(f"{__package__}.{module}").COMPONENTS)
     return classes

@@ -1,9 +1,10 @@
-"""Label fusers: soft targets for a mixed batch (METHOD.md section 6).
+"""Label fusers: soft targets for a mixed batch (docs/method.md §6, §9 for remix).
 
 ``saliency`` (LSM's default) gives the foreground class the share of its saliency
 that was pasted, so a few pasted blocks that hold the whole object still carry most
 of the label; ``area`` is CutMix's pixel share; ``saliency2`` also discounts the
-background class by how much of its own saliency was covered. All three read the
+background class by how much of its own saliency was covered; ``remix`` (a baseline)
+moves the label to the minority class when the majority image is only faint. All three read the
 unit mask when the mixer has one and otherwise the per-pixel weight map, so every
 mixer works with every fuser.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..interfaces import LabelFuser, MixResult
+from ..params import param, positive, probability
 
 
 def pasted_share(mix: MixResult, saliency: Tensor) -> Tensor:
@@ -95,4 +97,33 @@ class Saliency2Fuser(LabelFuser):
         return self.two_label(share, y_f, y_b)
 
 
-COMPONENTS = [SaliencyFuser, AreaFuser, Saliency2Fuser]
+class Remix(LabelFuser):
+    """Remix: rebalanced labels; a faint majority image gives its whole label to the minority one."""
+
+    name = "remix"
+
+    @attrs.frozen
+    class Params:
+        kappa: float = param(3.0, help="class-count ratio n_major / n_minor from which the label is moved", validator=positive)
+        tau: float = param(0.5, help="the majority image's share must be below tau for its label to be dropped", validator=probability)
+
+    def fuse(
+        self,
+        mix: MixResult,
+        y_f: Tensor,
+        y_b: Tensor,
+        saliency_f: Optional[Tensor],
+        saliency_b: Optional[Tensor],
+    ) -> Tensor:
+        # Remix is written for x = lam x_i + (1 - lam) x_j: i is the foreground
+        # (weight lam, the mean of the weight map), j the background.
+        lam = mix.weight.float().mean(dim=(1, 2, 3))
+        counts = self.context.counts_tensor().to(lam.device)
+        ratio = counts[y_f] / counts[y_b]  # n_{y_i} / n_{y_j}
+        kappa, tau = float(self.params.kappa), float(self.params.tau)
+        lam_y = torch.where((lam < tau) & (ratio >= kappa), torch.zeros_like(lam), lam)
+        lam_y = torch.where((1.0 - lam < tau) & (kappa * ratio <= 1.0), torch.ones_like(lam), lam_y)
+        return self.two_label(lam_y, y_f, y_b)
+
+
+COMPONENTS = [SaliencyFuser, AreaFuser, Saliency2Fuser, Remix]

@@ -2,7 +2,7 @@
 
 A loss implements ``class_losses(logits) -> (B, C)``, the matrix of ``l_c(z_b)``,
 the loss image ``b`` would get with hard label ``c``. Hard targets gather from it
-and soft targets ``q`` take ``sum_c q_c l_c(z)`` (METHOD.md section 7), so every
+and soft targets ``q`` take ``sum_c q_c l_c(z)`` (docs/method.md §8), so every
 loss handles mixed labels the same way. Built-ins: ``ce``, ``focal``, ``ldam`` (asks
 for a cosine head), ``balanced-softmax`` and ``logit-adjust`` (training-time prior
 shifts; prediction uses the plain logits). Formulas and defaults: docs/losses.md.
@@ -10,9 +10,22 @@ shifts; prediction uses the plain logits). Formulas and defaults: docs/losses.md
 Reweighting (``reweight``): ``none``; ``drw``, uniform weights until
 ``reweight_epoch`` and then the class-balanced weights of Cui et al.
 (``(1 - beta) / (1 - beta ** n_c)``, normalised to sum to C); ``cb``, those weights
-from the start. With weights the batch loss is the weighted mean
-``sum_b sum_c w_c q_bc l_c / sum_b sum_c w_c q_bc``, which for hard labels is exactly
-``F.cross_entropy(weight=w)``.
+from the start. With weights, hard labels (and unmixed batches) take the weighted mean
+``sum_b w[y_b] l_{y_b}(z_b) / sum_b w[y_b]``, exactly ``F.cross_entropy(weight=w)``. A
+mixed batch (``mixed`` with y_f, y_b, lam) is weighted as ``mixed_weighting`` says:
+
+- ``per-label`` (default, CMO's reference form): each label's term is normalised by the
+  batch sum of its own label's weights,
+  ``sum_b lam_b w[yf_b] l_{yf_b}(z_b) / sum_b w[yf_b]
+  + sum_b (1 - lam_b) w[yb_b] l_{yb_b}(z_b) / sum_b w[yb_b]``.
+  With ``lam`` constant over the batch, ``lam`` factors out of each sum and this is
+  exactly CMO's ``lam * F.cross_entropy(z, y_f, weight=w)
+  + (1 - lam) * F.cross_entropy(z, y_b, weight=w)``.
+- ``joint``: one denominator, ``sum_b sum_c w_c q_bc l_c / sum_b sum_c w_c q_bc``. Also
+  what a soft target given without ``mixed`` gets.
+
+Without weights, or with uniform ones, both forms are the plain mean
+``mean_b sum_c q_bc l_c(z_b)``.
 """
 
 from __future__ import annotations
@@ -33,6 +46,11 @@ class ReweightParams:
     reweight: Literal["none", "drw", "cb"] = param("none", help="class reweighting: none, drw (deferred), cb (from the start)")
     reweight_epoch: int = param(160, help="DRW: first epoch (0-based) with class-balanced weights", validator=non_negative)
     beta: float = param(0.9999, help="effective-number beta of the class-balanced weights")
+    mixed_weighting: Literal["per-label", "joint"] = param(
+        "per-label",
+        help="class weights on mixed batches: per-label = CMO reference form, each label's term normalised by "
+        "its own weights; joint = one denominator sum w q",
+    )
 
     def __attrs_post_init__(self):
         if not 0.0 <= self.beta < 1.0:
@@ -67,7 +85,7 @@ class ClassMatrixLoss(Loss):
     def class_losses(self, logits: Tensor) -> Tensor:
         return -F.log_softmax(logits, dim=1)
 
-    def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
+    def __call__(self, logits: Tensor, target: Tensor, mixed=None) -> Tensor:
         losses = self.class_losses(logits.float())
         weights = self.class_weights()
         if target.dim() == 1:
@@ -79,8 +97,19 @@ class ClassMatrixLoss(Loss):
         q = target.to(losses.dtype)
         if weights is None:
             return (q * losses).sum(dim=1).mean()
+        if mixed is not None and self.params.mixed_weighting == "per-label":
+            lam = mixed.lam.to(losses.dtype)
+            return _label_term(losses, weights, mixed.y_f, lam) + _label_term(losses, weights, mixed.y_b, 1.0 - lam)
         qw = q * weights
         return (qw * losses).sum() / qw.sum()
+
+
+def _label_term(losses: Tensor, weights: Tensor, y: Tensor, share: Tensor) -> Tensor:
+    """``sum_b share_b w[y_b] l_{y_b}(z_b) / sum_b w[y_b]``: one label's term of CMO's form."""
+    y = y.to(device=losses.device, dtype=torch.long)
+    w = weights[y]
+    picked = losses.gather(1, y.view(-1, 1)).squeeze(1)
+    return (share * w * picked).sum() / w.sum()
 
 
 class CrossEntropy(ClassMatrixLoss):

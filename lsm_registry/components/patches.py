@@ -1,4 +1,4 @@
-"""Patch operators: the feature decoupling of LSM (METHOD.md section 3).
+"""Patch operators: the feature decoupling of LSM (docs/method.md §3).
 
 A patch operator turns an image into independent units that can be swapped between
 two images and turns them back without loss. ``pixel-unshuffle`` makes each

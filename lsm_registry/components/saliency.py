@@ -1,6 +1,6 @@
 """Saliency providers: one non-negative score per unit of the patch operator.
 
-``gradcam`` implements METHOD.md section 4: Grad-CAM on a named layer, resized to
+``gradcam`` implements docs/method.md §4: Grad-CAM on a named layer, resized to
 the image, min-max normalised per image and averaged over each ``p x p`` unit.
 ``random`` fills the same contract with noise, the ablation that tells how much
 of LSM's gain comes from where the blocks are taken rather than from mixing blocks

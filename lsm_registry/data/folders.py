@@ -3,20 +3,25 @@ and the one image decoder shared with the split-file sets.
 
 Every image is decoded with PIL (any format it reads), converted to RGB and resized
 to a square ``size x size`` (aspect ratio not kept: the batched augmentation crops
-later). A file PIL cannot read raises ValueError naming it.
+later). A file PIL cannot read raises ValueError naming it. Decoding a tree of
+PROGRESS_MIN_IMAGES images or more shows a transient progress bar on stderr (one
+plain line instead when stderr is not a terminal; only on rank 0 under torchrun).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 TEST_FOLDERS = ("test", "val")
+PROGRESS_MIN_IMAGES = 256  # below this, decoding is quick enough to stay silent
 
 
 def load_image(path: str | Path, size: int) -> Tensor:
@@ -38,14 +43,52 @@ def load_image(path: str | Path, size: int) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+def _progress_console():
+    """Where the decoding progress goes (a function, so tests can capture it)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def decode_progress(total: int, size: int) -> Iterator[Callable[[], None]]:
+    """A callable to call once per decoded image: a transient rich bar on a terminal,
+    one plain line otherwise, nothing for small sets or on ranks other than 0."""
+    if total < PROGRESS_MIN_IMAGES or os.environ.get("RANK", "0").strip() not in ("", "0"):
+        yield lambda: None
+        return
+    console = _progress_console()
+    what = f"decoding {total} images to {size}x{size}"
+    if not console.is_terminal:
+        console.print(f"{what} ...", highlight=False, soft_wrap=True)
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("decode", total=total)
+        yield lambda: progress.advance(task)
+
+
 def decode_images(paths: Sequence[str | Path], size: int, workers: int = 4) -> Tensor:
     """uint8 (N, 3, size, size); PIL releases the GIL while decoding, so threads run in parallel."""
     if not paths:
         return torch.empty(0, 3, size, size, dtype=torch.uint8)
-    if workers <= 1 or len(paths) < 8:
-        return torch.stack([load_image(p, size) for p in paths])
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return torch.stack(list(pool.map(lambda p: load_image(p, size), paths)))
+    images: list[Tensor] = []
+    with decode_progress(len(paths), size) as tick:
+        if workers <= 1 or len(paths) < 8:
+            for p in paths:
+                images.append(load_image(p, size))
+                tick()
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for image in pool.map(lambda p: load_image(p, size), paths):  # in order of ``paths``
+                    images.append(image)
+                    tick()
+    return torch.stack(images)
 
 
 def _files(folder: Path) -> list[Path]:

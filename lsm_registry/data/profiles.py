@@ -1,4 +1,4 @@
-"""Long-tailed class profiles (METHOD.md section 1) and the per-class subsampling."""
+"""Long-tailed class profiles (docs/method.md §1) and the per-class subsampling."""
 
 from __future__ import annotations
 

@@ -208,7 +208,7 @@ def test_recipe_trains_and_mixes(tmp_path):
     recipe = load_recipe(RECIPE, tiny, registry)
     assert (recipe.mixer.name, recipe.saliency.name, recipe.label_fuser.name, recipe.sampler.name) == (
         "saliencymix", "spectral-residual", "saliency", "dual-branch")
-    trainer = Trainer(recipe, registry, run_dir=tmp_path / "run", progress=False)
+    trainer = Trainer(recipe, registry, run_dir=tmp_path / "run")
     summary = trainer.fit()
     assert [h["mixed_fraction"] for h in trainer.history] == [1.0, 0.0]
     assert 0.0 < trainer.history[0]["fg_label_weight"] < 1.0

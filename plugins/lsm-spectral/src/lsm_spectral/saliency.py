@@ -103,7 +103,7 @@ class SpectralResidual(SaliencyProvider):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator) -> Tensor:
         height, width = x.shape[-2:]
         gh, gw = patch.grid(height, width)
-        uniform = 1.0 / (gh * gw)  # METHOD.md: a constant map is uniform 1/N over the N units
+        uniform = 1.0 / (gh * gw)  # a constant map is uniform, 1/N per unit (docs/method.md §4)
         with torch.no_grad():
             grey = x.detach().float().mean(dim=1)  # (B, H, W)
             side = max(height, width)

@@ -1,0 +1,38 @@
+"""The ``lsm`` command line (click + rich): the top of the house.
+
+Each command lives in a module of its own and imports the library below it; nothing
+in the library imports this package (only the ``lsm`` entry point and
+``python -m lsm_registry`` start here).
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from . import compare, listing, preview, sweep, train
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lsm")
+def cli() -> None:
+    """LSM registry: long-tailed image classification from TOML recipes.
+
+    Train with `lsm run RECIPE` (continue with `lsm resume RUN_DIR`), see what a
+    recipe resolves to with `lsm show RECIPE`, draw one mixed batch with
+    `lsm preview`, run a grid with `lsm sweep` and tabulate runs with
+    `lsm compare`. `lsm list-components` lists the registered samplers, saliency
+    providers, patch operators, mixers, label fusers, losses, models and data sets.
+    Set LSM_DISABLE_PLUGINS=a,b to block plugins, LSM_DEBUG=1 for tracebacks.
+    """
+
+
+for _command in (train.run_cmd, train.resume_cmd, listing.show_cmd, listing.list_components_cmd, preview.command,
+                 sweep.command, compare.command):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="lsm")

@@ -1,0 +1,70 @@
+"""What every command shares: one-line errors, the plugin warnings, ``--set`` / ``--unset``.
+
+Invalid input exits with code 2 and one line per problem, no traceback; set
+``LSM_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import click
+
+from ..errors import LSMError, RecipeError
+from ..params import NONE_TOML
+from ..plugins import default_registry
+
+SET_HELP = "Override a recipe key: table.key=value, the value in TOML syntax (repeatable)."
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LSM_DEBUG", "") not in ("", "0")
+
+
+def user_errors(func: Callable) -> Callable:
+    """Turn LSMError into one line per problem on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LSMError as exc:
+            if debug_enabled():
+                raise
+            lines = exc.lines if isinstance(exc, RecipeError) else [str(exc)]
+            for line in lines:
+                click.echo(f"error: {line}", err=True)
+            sys.exit(getattr(exc, "exit_code", 2))
+
+    return wrapper
+
+
+def registry_with_warnings():
+    registry = default_registry()
+    for problem in registry.problems:
+        click.echo(f"warning: {problem}", err=True)
+    return registry
+
+
+UNSET_HELP = "Set an optional recipe key back to none, e.g. --unset mixer.end_epoch (repeatable)."
+
+
+def unset_overrides(keys: tuple[str, ...]) -> list[str]:
+    """``--unset table.key`` is ``--set table.key={ none = true }``: TOML has no null."""
+    return [f"{key}={NONE_TOML}" for key in keys]
+
+
+def set_option(func: Callable) -> Callable:
+    """``--set`` and ``--unset``; the command receives both as one ``overrides`` list, in order of kind."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, overrides: tuple[str, ...] = (), unsets: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        return func(*args, overrides=tuple(overrides) + tuple(unset_overrides(unsets)), **kwargs)
+
+    wrapper = click.option("--unset", "unsets", multiple=True, metavar="TABLE.KEY", help=UNSET_HELP)(wrapper)
+    return click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)(wrapper)
+
+

@@ -1,0 +1,79 @@
+"""``lsm run`` and ``lsm resume``: train a recipe into a run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import click
+from rich.console import Console
+
+from ..checkpoint import check_free_space, estimate_size
+from ..engine import Trainer, dist_info
+from ..errors import LSMError
+from ..recipe import load_recipe
+from ..reporting import RunReporter, check_writable, fresh_run_dir
+from .common import registry_with_warnings, set_option, user_errors
+
+
+@click.command("run")
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@set_option
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: runs/<run.name>).")
+@click.option("--resume", is_flag=True, help="Continue the run in the run folder from its newest checkpoint.")
+@click.option("--keep", default=1, show_default=True, type=click.IntRange(min=1), help="Epoch checkpoints to keep.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@user_errors
+def run_cmd(recipe: Path, overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> None:
+    """Train and evaluate the RECIPE; writes the run folder and prints Many/Medium/Few.
+
+    A checkpoint is written atomically after every epoch and on Ctrl-C / SIGTERM;
+    `--resume` (or `lsm resume RUN_DIR`) continues from it. Under torchrun
+    (`torchrun --nproc_per_node N -m lsm_registry run RECIPE`) every process trains a
+    shard and only rank 0 writes the run folder.
+    """
+
+    registry = registry_with_warnings()
+    parsed = load_recipe(recipe, list(overrides), registry)
+    _train(parsed, registry, out, resume, keep, no_progress)
+
+
+def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> None:
+
+    if out is not None:
+        run_dir = out
+    elif resume:
+        run_dir = Path("runs") / parsed.run.name
+    elif dist_info().enabled:
+        run_dir = Path("runs") / parsed.run.name  # every process must agree on the folder
+    else:
+        run_dir = fresh_run_dir(Path("runs"), parsed.run.name)
+    if resume and not run_dir.is_dir():
+        raise LSMError(f"{run_dir}: no such run folder to resume")
+    trainer = Trainer(parsed, registry, run_dir=None, keep=keep, resume=resume)
+    if trainer.dist.is_main:
+        check_writable(run_dir)
+        check_free_space(run_dir, estimate_size(trainer.module))
+    trainer.run_dir = run_dir
+    trainer.fit(RunReporter(Console(), show_progress=not no_progress))
+
+
+@click.command("resume")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@set_option
+@click.option("--keep", default=1, show_default=True, type=click.IntRange(min=1), help="Epoch checkpoints to keep.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
+@user_errors
+def resume_cmd(run_dir: Path, overrides: tuple[str, ...], keep: int, no_progress: bool) -> None:
+    """Continue the run in RUN_DIR from its newest checkpoint, with its own recipe.toml.
+
+    Only run.epochs may change (e.g. --set run.epochs=300); any other difference from
+    the checkpointed recipe is refused with the list of changed keys.
+    """
+
+    if not (run_dir / "recipe.toml").is_file():
+        raise LSMError(f"{run_dir}: not a run folder (no recipe.toml)")
+    registry = registry_with_warnings()
+    parsed = load_recipe(run_dir / "recipe.toml", list(overrides), registry)
+    _train(parsed, registry, run_dir, True, keep, no_progress)
