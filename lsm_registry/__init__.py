@@ -28,14 +28,9 @@ from .interfaces import (
     mix_start,
 )
 from .params import param
+from .plugins import default_registry
+from .version import __version__
 
-__version__ = "0.1.0"
-
-
-def default_registry(refresh: bool = False):
-    from .plugins import default_registry as _default
-
-    return _default(refresh)
 
 
 __all__ = [

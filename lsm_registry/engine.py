@@ -30,7 +30,8 @@ from .errors import DataError, LSMError
 from .interfaces import Context, LTData
 from .metrics import summarise_counts
 from .mixing import MixedBatch, MixingStep, permuted_foreground
-from .recipe import Recipe
+from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
+from .recipe import Recipe, migrate
 from .registry import Registry
 
 LOG_EVERY = 10
@@ -346,15 +347,20 @@ class Trainer:
     # -------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self, batch_size: int = 512) -> dict[str, Any]:
-        """Test-set metrics; under several processes each takes a shard and counts are summed."""
+    def evaluate(self, batch_size: int = 512, split: str = "test") -> dict[str, Any]:
+        """Metrics of the test split (or ``split = "val"``: the validation split); under several
+        processes each takes a shard and counts are summed. Only the test split sets ``confusion``."""
+        if split not in ("test", "val"):
+            raise ValueError(f'split must be "test" or "val" (got {split!r})')
+        if split == "val" and self.data.val is None:
+            raise LSMError(f"[data] {self.recipe.data.name}: no validation split (set val_per_class)")
         was_training = self.module.training
         self.module.eval()
-        test = self.data.test
+        test = self.data.test if split == "test" else self.data.val
         num_classes = self.data.num_classes
         correct = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
         total = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
-        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device) if num_classes <= MAX_CONFUSION_CLASSES else None
+        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device) if num_classes <= MAX_CONFUSION_CLASSES and split == "test" else None
         shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
         for start in range(0, shard.numel(), batch_size):
             idx = shard[start : start + batch_size]
@@ -379,7 +385,8 @@ class Trainer:
 
     def _checkpoint_state(self, epoch: int, step: int, stats: Optional[StepStats]) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
+            "recipe_format": RECIPE_FORMAT,
             "epoch": epoch,
             "step": step,
             "model": self.module.state_dict(),
@@ -412,7 +419,15 @@ class Trainer:
             (reporter or Reporter()).note(note)
         if state is None:
             raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
-        changes = recipe_diff(state["recipe"], self.recipe.to_dict(), ignore={"run.epochs"})
+        folder = self.run_dir / CHECKPOINT_DIR
+        for value, current, where in ((state.get("format"), CHECKPOINT_FORMAT, f"{folder}"),
+                                      (state.get("recipe_format"), RECIPE_FORMAT, f"{folder} (its recipe)")):
+            problem = format_problem(value, current, where)
+            if problem is not None:
+                raise ResumeError(problem)
+        # An older checkpoint's recipe lacks the keys added since: they take their defaults.
+        old_recipe = migrate(state["recipe"], self.registry, where=str(folder))
+        changes = recipe_diff(old_recipe, self.recipe.to_dict(), ignore={"run.epochs"})
         if changes:
             raise ResumeError(f"{self.run_dir}: cannot resume, the recipe differs in " + ", ".join(changes))
         if state.get("world_size", 1) != self.dist.world_size:
@@ -513,8 +528,13 @@ class Trainer:
                             result = self.evaluate()
                             record.update({k: v for k, v in result.items() if k != "per_class"})
                             record["per_class"] = result["per_class"]
-                            if result["top1"] is not None and result["top1"] > self.best_top1:
-                                self.best_top1, self.best_epoch = result["top1"], epoch + 1
+                            score = result["top1"]
+                            if self.data.val is not None:
+                                val = self.evaluate(split="val")
+                                record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
+                                score = val["top1"]
+                            if score is not None and score > self.best_top1:
+                                self.best_top1, self.best_epoch = score, epoch + 1
                             reporter.evaluated(record)
                         self.history.append(record)
                         reporter.log(record)
@@ -533,6 +553,8 @@ class Trainer:
             "epochs": run.epochs,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
+            "best_on": "val" if self.data.val is not None else "test",
+            **({f"val_{k}": last_eval.get(f"val_{k}") for k in ("top1", "many", "medium", "few", "rare3")} if self.data.val is not None else {}),
             "final_loss": self.history[-1]["train_loss"],
             "wall_time_s": self.history[-1]["wall_s"],
             "class_counts": list(self.class_counts),

@@ -275,8 +275,8 @@ class Mixer(Component):
     """Mixes a foreground (tail) batch into a background (head) batch.
 
     Contract: ``mix(x_f, x_b, saliency_f, patch)`` takes two float batches of equal
-    shape (B, ch, H, W), the foreground's saliency (B, H/p, W/p) or None when
-    ``needs_saliency`` is False, and returns a :class:`MixResult`. ``Params`` derives
+    shape (B, ch, H, W), the foreground's saliency (B, H/p, W/p) when the recipe
+    has a saliency provider (always when ``needs_saliency``; otherwise None), and returns a :class:`MixResult`. ``Params`` derives
     from :class:`MixerParams` (probability and epoch window). ``active(epoch)`` says
     whether mixing may happen in this epoch (0-based) and ``coin()`` draws the
     per-batch decision; both use only ``params`` and ``context``.
@@ -387,7 +387,7 @@ class Loss(Component):
 class ModelFactory(Component):
     """Builds a classifier.
 
-    Contract: ``build(num_classes, in_channels, image_size, normed_head)`` returns an
+    Contract: ``build(num_classes, in_channels, normed_head)`` returns an
     ``nn.Module`` mapping (B, ch, H, W) float to logits (B, C). The module exposes
     ``saliency_layers() -> dict[str, nn.Module]`` (named layers Grad-CAM may hook,
     the default first) and, when its head is global-average-pooling followed by a
@@ -451,7 +451,8 @@ class LTData:
     ``train`` / ``test`` splits, ``class_names`` (C,), ``mean`` / ``std`` per channel
     for normalisation, ``image_size`` (ch, H, W) of what ``fetch`` returns and
     ``augment`` = "crop32" (pad-4 random crop + flip) | "rrc" (random resized crop +
-    flip) | "none".
+    flip) | "none". ``val`` is an optional balanced validation split (``val_per_class``
+    of the sets that support it; docs/data.md); the engine then picks ``best_*`` on it.
     """
 
     train: Split
@@ -461,6 +462,7 @@ class LTData:
     std: tuple[float, ...]
     image_size: tuple[int, int, int]
     augment: str = "crop32"
+    val: Optional[Split] = None
 
     @property
     def num_classes(self) -> int:

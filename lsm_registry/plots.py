@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from .errors import LSMError
 from .metrics import group_of
 
@@ -65,7 +67,6 @@ def plot_per_class(summary: dict[str, Any], path: Path, title: Optional[str] = N
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "confusion matrix") -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), head classes first."""
-    import numpy as np
 
     plt = _pyplot()
     m = np.asarray(confusion, dtype=np.float64)

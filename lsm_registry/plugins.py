@@ -23,8 +23,11 @@ import attrs
 import pluggy
 
 from . import hookspecs
+from .components import builtin
 from .interfaces import KINDS, Component
-from .registry import Owner, Registry, suggest
+from .errors import RegistryError
+from .registry import Owner, Registry, class_problem, suggest
+from .version import __version__
 
 ENTRY_POINT_GROUP = "lsm_registry"
 BUILTIN_PLUGIN = "builtin"
@@ -38,8 +41,6 @@ def disabled_plugins(env: Optional[dict[str, str]] = None) -> set[str]:
 
 
 def _own_version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -89,8 +90,6 @@ def build_registry(
     name), then ``extra`` (name, plugin object, owner) triples, which tests use to
     register throwaway plugins. Problems land in ``registry.problems``; nothing raises.
     """
-    from .components import builtin
-
     registry = Registry()
     blocked = disabled_plugins(env)
     own = Owner(BUILTIN_PLUGIN, "lsm-registry", _own_version())
@@ -154,46 +153,12 @@ def _unmarked_hooks(obj: Any) -> list[str]:
     return out
 
 
-def _class_label(cls: type) -> str:
-    return f"class {cls.__module__}.{cls.__qualname__}"
-
-
-def class_problem(cls: Any) -> Optional[str]:
-    """Why ``cls`` cannot be registered (kind, name, Params, abstract methods), or None."""
-    if not isinstance(cls, type):
-        if isinstance(cls, Component):
-            return f"returned an instance of {type(cls).__qualname__}; return the class itself"
-        return (
-            f"returned {cls!r} ({type(cls).__name__}), which is not a component class; "
-            "return classes derived from a base class in lsm_registry.interfaces"
-        )
-    label = _class_label(cls)
-    if not issubclass(cls, Component):
-        return f"{label} is not a component class (derive it from a base class in lsm_registry.interfaces)"
-    kind = getattr(cls, "kind", None)
-    if kind not in KINDS:
-        hint = suggest(str(kind), KINDS)
-        return (
-            f"{label} declares kind {kind!r}, which does not exist."
-            + (f" Did you mean {hint!r}?" if hint else "")
-            + f" Kinds: {', '.join(KINDS)}"
-        )
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.strip():
-        return f"{label} has no name (set the class attribute name = \"...\")"
-    if name != name.strip() or any(ch.isspace() for ch in name):
-        return f"{label} has name {name!r}; names cannot contain spaces"
-    if inspect.isabstract(cls):
-        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
-        return f"{label} ({kind} {name!r}) is abstract: it does not implement {missing}"
-    params = getattr(cls, "Params", None)
-    if not (isinstance(params, type) and attrs.has(params)):
-        return f"{label} ({kind} {name!r}): Params is not an attrs class (use @attrs.frozen)"
-    try:
-        params()
-    except Exception as exc:
-        return f"{label} ({kind} {name!r}): Params() fails with its defaults: {type(exc).__name__}: {exc}"
-    return None
+def _unique(items: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in items:
+        if not any(item is seen for seen in out):
+            out.append(item)
+    return out
 
 
 def _flatten(results: list[Any]) -> list[Any]:
@@ -233,29 +198,17 @@ def _load_plugin(registry: Registry, source: _Source) -> Optional[str]:
         return f"its hook lsm_registry_components raised {type(exc).__name__}: {exc}"
     if not results:
         return "lsm_registry_components returned None; return a list of component classes"
-    classes = _flatten(results)
+    staged = registry.copy()  # all or nothing: commit only when every class registered
     errors: list[str] = []
-    seen: dict[tuple[str, str], type] = {}
-    for cls in classes:
-        problem = class_problem(cls)
-        if problem is None:
-            key = (cls.kind, cls.name)
-            if key in registry:
-                first = registry.entry(*key)
-                problem = (
-                    f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, already provided by "
-                    f"{first.owner} as {_class_label(first.cls)}"
-                )
-            elif key in seen and seen[key] is not cls:
-                problem = f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(seen[key])}"
-            seen[key] = cls
-        if problem is not None:
-            errors.append(problem)
+    for cls in _unique(_flatten(results)):  # the same class listed twice registers once
+        try:
+            staged.register(cls, source.owner)
+        except RegistryError as exc:
+            errors.append(str(exc))
     if errors:
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         return errors[0] + more
-    for cls in dict.fromkeys(classes):  # the same class listed twice registers once
-        registry.register(cls, source.owner)
+    registry.adopt(staged)
     return None
 
 

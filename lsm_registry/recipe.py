@@ -16,7 +16,9 @@ from typing import Any, Literal, Optional
 import attrs
 
 from .errors import RecipeError, RegistryError
+from .formats import RECIPE_FORMAT, format_problem
 from .params import NONE_TOML, ParamError, at_least, coerce, non_negative, param, positive
+from .plugins import default_registry
 from .registry import Registry, suggest
 
 #: Component tables and the registry kind each selects.
@@ -67,6 +69,8 @@ class OptimParams:
 
 
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams}
+#: The top-level key (before the first table) that holds the recipe format.
+FORMAT_KEY = "format"
 ALL_TABLES = ("run", "data", "model", "optim", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss")
 
 
@@ -96,9 +100,6 @@ class Recipe:
     mixer: Optional[ComponentSpec] = None
     label_fuser: Optional[ComponentSpec] = None
 
-    def table(self, name: str) -> Any:
-        return getattr(self, name)
-
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of the resolved recipe (every key, defaults included)."""
         out: dict[str, dict[str, Any]] = {}
@@ -113,11 +114,12 @@ class Recipe:
         return out
 
     def to_toml(self) -> str:
-        return dumps_toml(self.to_dict())
+        """The resolved recipe as TOML, led by ``format = RECIPE_FORMAT`` (see :mod:`lsm_registry.formats`)."""
+        return dumps_toml(self.to_dict(), format=RECIPE_FORMAT)
 
 
 def _params_dict(params: Any) -> dict[str, Any]:
-    return {f.name: getattr(params, f.name) for f in attrs.fields(type(params))}
+    return attrs.asdict(params, recurse=False)
 
 
 # ------------------------------------------------------------------------------ TOML out
@@ -144,9 +146,12 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def dumps_toml(tables: dict[str, dict[str, Any]]) -> str:
-    """Writes flat tables of scalars and lists (all a recipe holds); ``None`` is written as ``{ none = true }``."""
-    lines: list[str] = []
+def dumps_toml(tables: dict[str, dict[str, Any]], format: Optional[int] = None) -> str:
+    """Writes flat tables of scalars and lists (all a recipe holds); ``None`` is written as ``{ none = true }``.
+
+    ``format``, when given, is written first as the top-level key ``format = N``.
+    """
+    lines: list[str] = [f"format = {int(format)}", ""] if format is not None else []
     for table, keys in tables.items():
         lines.append(f"[{table}]")
         for key, value in keys.items():
@@ -207,11 +212,16 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[
 
 def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = None, errors: Optional[list[str]] = None) -> Recipe:
     if registry is None:
-        from .plugins import default_registry
-
         registry = default_registry()
     errors = list(errors or [])
+    # The one top-level key: the recipe format (absent: the current one). A newer format
+    # is refused alone: its other lines would only be noise from keys this version lacks.
+    problem = format_problem(raw.get(FORMAT_KEY), RECIPE_FORMAT, where)
+    if problem is not None:
+        raise RecipeError([problem])
     for table, value in raw.items():
+        if table == FORMAT_KEY:
+            continue
         if table not in ALL_TABLES:
             hint = suggest(table, ALL_TABLES)
             errors.append(
@@ -258,6 +268,20 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     if errors:
         raise RecipeError(errors)
     return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], **specs)
+
+
+def migrate(old: dict[str, Any], registry: Optional[Registry] = None, where: str = "recipe") -> dict[str, dict[str, Any]]:
+    """An older resolved recipe (a checkpoint's dict, a run's recipe.toml) as this version resolves it.
+
+    Keys added to the library since it was written take their defaults, so it compares
+    equal to a new recipe of the same settings. A dict that no longer validates (a value
+    a newer validator refuses, a component no longer installed) is returned as it was,
+    without its format key: comparing it then shows what differs.
+    """
+    try:
+        return validate(dict(old), where, registry).to_dict()
+    except RecipeError:
+        return {table: keys for table, keys in old.items() if table != FORMAT_KEY}
 
 
 def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[ComponentSpec]], where: str, errors: list[str]) -> None:
@@ -336,6 +360,16 @@ def build_params(cls: type, values: dict[str, Any], where: str, table: str, erro
         kwargs[key] = value
     if len(errors) > before:
         return None
+    try:
+        # Each field's validator ran above (so that every bad key is reported at once);
+        # building the class runs only the cross-field checks of __attrs_post_init__.
+        with attrs.validators.disabled():
+            return cls(**kwargs)
+    except ParamError as exc:
+        errors.append(f"{where} [{table}].{exc.key}: {exc}")
+    except (ValueError, TypeError) as exc:
+        errors.append(f"{where} [{table}]: {exc}")
+    return None
     try:
         return cls(**kwargs)
     except ParamError as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from typing import Iterable, Optional
+import inspect
+from typing import Any, Iterable, Optional
 
 import attrs
 
@@ -65,9 +66,46 @@ def matches(entry: Entry, pattern: str) -> bool:
     return key == _dist_key(entry.owner.distribution) or key == _dist_key(entry.owner.plugin)
 
 
-def kind_of(cls: type) -> Optional[str]:
+def _class_label(cls: type) -> str:
+    return f"class {cls.__module__}.{cls.__qualname__}"
+
+
+def class_problem(cls: Any) -> Optional[str]:
+    """Why ``cls`` cannot be registered (kind, name, Params, abstract methods), or None."""
+    if not isinstance(cls, type):
+        if isinstance(cls, Component):
+            return f"returned an instance of {type(cls).__qualname__}; return the class itself"
+        return (
+            f"returned {cls!r} ({type(cls).__name__}), which is not a component class; "
+            "return classes derived from a base class in lsm_registry.interfaces"
+        )
+    label = _class_label(cls)
+    if not issubclass(cls, Component):
+        return f"{label} is not a component class (derive it from a base class in lsm_registry.interfaces)"
     kind = getattr(cls, "kind", None)
-    return kind if kind in KINDS else None
+    if kind not in KINDS:
+        hint = suggest(str(kind), KINDS)
+        return (
+            f"{label} declares kind {kind!r}, which does not exist."
+            + (f" Did you mean {hint!r}?" if hint else "")
+            + f" Kinds: {', '.join(KINDS)}"
+        )
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"{label} has no name (set the class attribute name = \"...\")"
+    if name != name.strip() or any(ch.isspace() for ch in name):
+        return f"{label} has name {name!r}; names cannot contain spaces"
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        return f"{label} ({kind} {name!r}) is abstract: it does not implement {missing}"
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and attrs.has(params)):
+        return f"{label} ({kind} {name!r}): Params is not an attrs class (use @attrs.frozen)"
+    try:
+        params()
+    except Exception as exc:
+        return f"{label} ({kind} {name!r}): Params() fails with its defaults: {type(exc).__name__}: {exc}"
+    return None
 
 
 class Registry:
@@ -85,28 +123,32 @@ class Registry:
         self.blocked: list[str] = []
 
     def register(self, cls: type, owner: Owner) -> Entry:
-        if not isinstance(cls, type) or not issubclass(cls, Component):
-            raise RegistryError(f"{cls!r} is not a component class (derive from a base class in lsm_registry.interfaces)")
-        kind = kind_of(cls)
-        if kind is None:
-            raise RegistryError(
-                f"{cls.__qualname__} declares kind {getattr(cls, 'kind', None)!r}, which does not exist "
-                f"(kinds: {', '.join(KINDS)})"
-            )
-        name = getattr(cls, "name", "")
-        if not isinstance(name, str) or not name:
-            raise RegistryError(f"{cls.__qualname__} has no name")
-        if not attrs.has(cls.Params):
-            raise RegistryError(f"{kind} {name!r}: Params is not an attrs class")
-        key = (kind, name)
-        if key in self._entries:
-            first = self._entries[key]
-            raise RegistryError(
-                f"duplicate {kind} {name!r}: provided by {first.owner} and by {owner}"
-            )
-        entry = Entry(kind, name, cls, owner)
+        """Add ``cls``; every check of a component class happens here, once, with a one-line error."""
+        problem = class_problem(cls)
+        if problem is not None:
+            raise RegistryError(problem)
+        key = (cls.kind, cls.name)
+        first = self._entries.get(key)
+        if first is not None:
+            if first.cls is cls and first.owner == owner:
+                return first
+            if first.owner != owner:
+                raise RegistryError(f"{_class_label(cls)} of {owner.distribution} {owner.version}: duplicate {key[0]} {key[1]!r}, "
+                                    f"already provided by {first.owner} as {_class_label(first.cls)}")
+            raise RegistryError(f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(first.cls)}")
+        entry = Entry(key[0], key[1], cls, owner)
         self._entries[key] = entry
         return entry
+
+    def copy(self) -> "Registry":
+        """A registry with the same entries, to stage a plugin's classes before committing them."""
+        staged = Registry()
+        staged._entries = dict(self._entries)
+        return staged
+
+    def adopt(self, staged: "Registry") -> None:
+        """Take the entries of a registry made by :meth:`copy` (the plugin loaded whole)."""
+        self._entries = staged._entries
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for (k, name) in self._entries if k == kind)

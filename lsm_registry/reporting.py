@@ -21,6 +21,7 @@ from rich.table import Table
 from .engine import Reporter, Trainer
 from .errors import LSMError
 from .files import atomic_write
+from .formats import SUMMARY_FORMAT
 from .metrics import group_of
 from .pictures import MIXED_SAMPLES, draw_mixed_samples
 from .plots import PlotUnavailable, plot_confusion, plot_per_class
@@ -32,7 +33,8 @@ def fmt_pct(value: Optional[float]) -> str:
 
 def result_table(summary: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", "best top-1 (epoch)", "epochs", "wall time"):
+    best = "best val top-1 (epoch)" if summary.get("best_on") == "val" else "best top-1 (epoch)"
+    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", best, "epochs", "wall time"):
         table.add_column(column, justify="right")
     table.add_row(
         fmt_pct(summary["top1"]),
@@ -186,7 +188,7 @@ class RunReporter(Reporter):
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run_dir is not None:
-            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+            atomic_write(self.run_dir / "summary.json", json.dumps({"format": SUMMARY_FORMAT, **summary}, indent=2) + "\n")
             atomic_write(self.run_dir / "per_class.csv", per_class_csv(summary))
             self.write_pictures(summary)
         if not self.trainer.dist.is_main:

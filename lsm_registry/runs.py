@@ -4,7 +4,9 @@ A run folder (written by :mod:`lsm_registry.reporting`) holds ``recipe.toml`` (t
 resolved recipe), ``metrics.jsonl``, ``summary.json`` and ``per_class.csv``. Runs
 whose resolved recipes differ only in ``run.seed`` and ``run.name`` are repeats of
 one setting and are grouped as mean +- standard deviation; each group is labelled by
-the recipe keys that tell it apart from the other groups.
+the recipe keys that tell it apart from the other groups. An older run's recipe.toml
+may lack keys added to the library since: such a key counts as its default (see
+:mod:`lsm_registry.formats`), so old and new runs of one setting group together.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import attrs
+from rich.table import Table
 
 from .errors import LSMError
+from .formats import RECIPE_FORMAT, SUMMARY_FORMAT, format_problem
+from .plugins import default_registry
+from .recipe import ALL_TABLES, COMPONENT_TABLES, FIXED_TABLES, _toml_value
 
 #: Recipe keys that do not change what a run measures, ignored when grouping.
 REPEAT_KEYS = (("run", "seed"), ("run", "name"))
@@ -120,6 +126,9 @@ def load_run(folder: Path) -> RunRecord:
         raise LSMError(f"{summary_path}: not valid JSON ({exc})") from None
     if not isinstance(summary, dict) or "top1" not in summary:
         raise LSMError(f"{summary_path}: not a run summary (no top1 key)")
+    problem = format_problem(summary.get("format"), SUMMARY_FORMAT, str(summary_path))
+    if problem is not None:
+        raise LSMError(problem)
     recipe: dict[str, Any] = {}
     recipe_path = folder / "recipe.toml"
     if recipe_path.is_file():
@@ -127,6 +136,9 @@ def load_run(folder: Path) -> RunRecord:
             recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise LSMError(f"{recipe_path}: cannot read the resolved recipe ({exc})") from None
+        problem = format_problem(recipe.get("format"), RECIPE_FORMAT, str(recipe_path))
+        if problem is not None:
+            raise LSMError(problem)
     return RunRecord(path=folder, summary=summary, recipe=recipe)
 
 
@@ -149,15 +161,79 @@ def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def setting_key(record: RunRecord) -> str:
+_NO_DEFAULT = object()
+
+
+class _Defaults:
+    """Parameter defaults as recipe.toml reads them back, found through the registry (built on first need)."""
+
+    def __init__(self) -> None:
+        self._registry: Any = None
+
+    def _params_class(self, recipe: dict[str, Any], table: str) -> Optional[type]:
+        if table in FIXED_TABLES:
+            return FIXED_TABLES[table]
+        body = recipe.get(table)
+        if table not in COMPONENT_TABLES or not isinstance(body, dict) or not isinstance(body.get("name"), str):
+            return None
+        if self._registry is None:
+            self._registry = default_registry()
+        try:
+            return self._registry.get(COMPONENT_TABLES[table], body["name"]).Params
+        except (LSMError, AttributeError):  # a component not installed here: its defaults are unknown
+            return None
+
+    def get(self, recipe: dict[str, Any], table: str, key: str) -> Any:
+        """The default of ``[table].key`` for the component ``recipe`` chooses, or ``_NO_DEFAULT``."""
+        cls = self._params_class(recipe, table)
+        if cls is None or not attrs.has(cls):
+            return _NO_DEFAULT
+        field = next((f for f in attrs.fields(cls) if f.name == key), None)
+        if field is None or field.default is attrs.NOTHING:
+            return _NO_DEFAULT
+        default = field.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            if default.takes_self:
+                return _NO_DEFAULT
+            default = default.factory()
+        try:  # the value as recipe.toml holds it (lists for tuples, { none = true } for None)
+            return tomllib.loads(f"v = {_toml_value(default)}")["v"]
+        except (TypeError, tomllib.TOMLDecodeError):
+            return _NO_DEFAULT
+
+
+def migrated_flats(records: list[RunRecord]) -> list[dict[str, Any]]:
+    """:func:`flatten` of each run's recipe, a key that other runs list but this one lacks filled with its default.
+
+    An older recipe.toml lacks the keys added to the library since it was written; the
+    run used what their defaults do. A key of a component the run does not use, or
+    whose default is unknown (a component not installed here), stays missing.
+    """
+    flats = [flatten(r.recipe) for r in records]
+    listed = sorted({k for f in flats for k in f})
+    defaults = _Defaults()
+    for record, flat in zip(records, flats):
+        if not record.recipe:
+            continue
+        for dotted in listed:
+            table, _, key = dotted.partition(".")
+            if dotted in flat or not isinstance(record.recipe.get(table), dict):
+                continue
+            default = defaults.get(record.recipe, table, key)
+            if default is not _NO_DEFAULT:
+                flat[dotted] = default
+    return flats
+
+
+def setting_key(record: RunRecord, flat: Optional[dict[str, Any]] = None) -> str:
+    """What repeats of one setting share; ``flat`` is the run's (migrated) flattened recipe."""
     if not record.recipe:  # no resolved recipe: only identical run names can be repeats
         return json.dumps({"__run__": record.name})
-    return json.dumps(flatten(record.recipe), sort_keys=True, default=str)
+    return json.dumps(flatten(record.recipe) if flat is None else flat, sort_keys=True, default=str)
 
 
 def _table_order(key: str) -> tuple[int, bool, str]:
     """Recipe table order, a component's name first within its table."""
-    from .recipe import ALL_TABLES
 
     table, _, name = key.partition(".")
     return (ALL_TABLES.index(table) if table in ALL_TABLES else len(ALL_TABLES), name != "name", key)
@@ -177,13 +253,15 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
     """Groups of repeats in order of first appearance, each labelled by what sets it apart."""
     order: list[str] = []
     members: dict[str, list[RunRecord]] = {}
-    for record in records:
-        key = setting_key(record)
+    first_flat: dict[str, dict[str, Any]] = {}
+    for record, flat in zip(records, migrated_flats(records)):
+        key = setting_key(record, flat)
         if key not in members:
             order.append(key)
             members[key] = []
+            first_flat[key] = flat
         members[key].append(record)
-    flats = [flatten(members[k][0].recipe) for k in order]
+    flats = [first_flat[k] for k in order]
     keys = sorted({k for f in flats for k in f}, key=_table_order)
 
     # A key that only some groups have (a parameter of a component the others do not
@@ -237,7 +315,6 @@ def text_rows(groups: list[RunGroup], plus_minus: str = " ± ") -> list[list[str
 
 
 def rich_table(groups: list[RunGroup], title: str = "comparison: last epoch, test set (mean ± std over seeds)"):
-    from rich.table import Table
 
     table = Table(title=title)
     for column in COLUMNS:

@@ -40,9 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .components.models import CifarResNet
+from .components.fusers import AreaFuser
 from .components.patches import PixelUnshuffle
+from .components.saliency import RandomSaliency
 from .interfaces import KINDS, Context, Loss, Mixer, MixResult, Sampler
-from .registry import Owner, Registry
+from .mixing import MixingStep
+from .params import ParamError
+from .plugins import build_registry
+from .recipe import _params_dict, build_params, dumps_toml
+from .registry import Owner, Registry, class_problem
 
 __all__ = ["check_component", "check_params", "tiny_context", "tiny_model", "ReferencePatch", "TEST_OWNER"]
 
@@ -77,7 +84,6 @@ class ReferencePatch(PixelUnshuffle):
 
 def tiny_model(num_classes: int = len(CLASS_COUNTS), seed: int = 0) -> nn.Module:
     """A CIFAR ResNet-8 of width 4 (about 5k parameters), built without touching the global RNG."""
-    from .components.models import CifarResNet
 
     with _seeded(seed):
         return CifarResNet(8, num_classes, IMAGE_SIZE[0], normed_head=False, width=4)
@@ -154,8 +160,6 @@ class _Checker:
 
 
 def _check_class(c: _Checker, cls: Any) -> None:
-    from .plugins import class_problem
-
     problem = class_problem(cls)
     if problem is not None:
         raise AssertionError(problem)
@@ -164,8 +168,6 @@ def _check_class(c: _Checker, cls: Any) -> None:
 
 def _check_registration(c: _Checker, cls: type, registry: Optional[Registry]) -> None:
     if registry is None:
-        from .plugins import build_registry
-
         registry = build_registry(entry_points=False)
     key = (cls.kind, cls.name)
     if key in registry:
@@ -182,8 +184,6 @@ def _check_registration(c: _Checker, cls: type, registry: Optional[Registry]) ->
 
 def check_params(cls: type) -> Any:
     """Params construct from their defaults, have help text and survive a recipe TOML round trip."""
-    from .params import ParamError
-    from .recipe import _params_dict, build_params, dumps_toml
 
     c = _Checker(cls)
     params_cls = cls.Params
@@ -327,6 +327,17 @@ def _check_mixer(c: _Checker, cls: type, params: Any) -> None:
 
     a, b = _twice(lambda ctx: cls(params, ctx), run)
     c.same("mix (images, weight, coin draws)", a, b)
+
+    # The whole mixing step, as the engine, lsm preview and plugin code call it.
+    ctx = tiny_context()
+    step = MixingStep(cls(params, ctx), AreaFuser(AreaFuser.Params(), ctx), patch,
+                      RandomSaliency(RandomSaliency.Params(), ctx) if cls.needs_saliency else None)
+    batch = step(tiny_model(), data["x2"], data["y2"], data["x"], data["y"])
+    target = c.tensor("MixingStep target", batch.target, (BATCH, len(CLASS_COUNTS)), "float", lo=0.0, hi=1.0)
+    c.check(torch.allclose(target.sum(dim=1), torch.ones(BATCH), atol=1e-5), "MixingStep targets must sum to 1")
+    c.tensor("MixingStep lam", batch.lam, (BATCH,), "float", lo=0.0, hi=1.0)
+    err = float((batch.images - (batch.mask * batch.x_f + (1 - batch.mask) * batch.x_b)).abs().max())
+    c.check(err <= 1e-5, f"MixingStep images != mask * x_f + (1 - mask) * x_b (max error {err:.3g})")
 
 
 def _check_label_fuser(c: _Checker, cls: type, params: Any) -> None:

@@ -56,3 +56,17 @@ def registry():
     from lsm_registry.plugins import default_registry
 
     return default_registry()
+
+
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of a rich table as lists of cells (wrapped continuation lines joined on)."""
+    rows: list[list[str]] = []
+    for line in output.splitlines():
+        if not line.startswith("\u2502"):  # a body line of the box: "│ a │ b │"
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("\u2502").split("\u2502")]
+        if cells[0]:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells)]
+    return rows

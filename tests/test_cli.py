@@ -1,28 +1,63 @@
+import fnmatch
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from lsm_registry import __version__
 from lsm_registry.cli import cli
+from lsm_registry.plugins import default_registry
+
+from conftest import table_rows
+
+COMMANDS = ("compare", "list-components", "preview", "resume", "run", "show", "sweep")
 
 
-def test_help_lists_commands():
+def help_commands(output: str) -> list[str]:
+    """The command names listed in the "Commands:" section of a click --help, in order."""
+    lines = output.splitlines()
+    start = lines.index("Commands:") + 1
+    names = []
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        names.append(line.split()[0])
+    return names
+
+
+def test_every_command_is_registered_and_listed_in_help():
+    assert sorted(cli.commands) == list(COMMANDS)
     result = CliRunner().invoke(cli, ["--help"])
-    assert result.exit_code == 0
-    for command in ("run", "show", "list-components"):
-        assert command in result.output
+    assert result.exit_code == 0, result.output
+    assert help_commands(result.output) == list(COMMANDS)
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_each_command_has_its_own_help(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"Usage: cli {name} ")
+    assert cli.commands[name].help.split("\n")[0].split()[0] in result.output
 
 
 def test_list_components_shows_builtins_with_provider():
-    result = CliRunner().invoke(cli, ["list-components", "--kind", "loss"])
+    result = CliRunner().invoke(cli, ["list-components", "--kind", "loss"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "ce" in result.output and "lsm-registry" in result.output
-    assert "resnet32" not in result.output
+    rows = table_rows(result.output)
+    assert {row[0] for row in rows} == {"loss"}
+    names = [row[1] for row in rows]
+    assert names == sorted(default_registry().names("loss")) and "ce" in names
+    ce = rows[names.index("ce")]
+    assert ce[2] == f"lsm-registry {__version__}"
+    assert ce[3].startswith("Softmax cross-entropy")
 
 
 def test_list_components_wildcard():
-    result = CliRunner().invoke(cli, ["list-components", "synth*"])
-    assert result.exit_code == 0
-    assert "synthetic-lt" in result.output and "resnet32" not in result.output
+    result = CliRunner().invoke(cli, ["list-components", "synth*"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    names = [row[1] for row in table_rows(result.output)]
+    assert "synthetic-lt" in names
+    assert all(fnmatch.fnmatch(name, "synth*") for name in names), names
 
 
 def test_show_prints_the_resolved_recipe(tiny_recipe):

@@ -13,10 +13,12 @@ import attrs
 import pytest
 from click.testing import CliRunner
 
-from lsm_registry import MixerParams, Component, Loss, Mixer, MixResult, hookimpl, hookspecs, plugins
+from lsm_registry import MixerParams, Component, Loss, Mixer, MixResult, __version__, hookimpl, hookspecs, plugins
 from lsm_registry.params import param, positive
 from lsm_registry.plugins import build_registry, hook_names
 from lsm_registry.registry import Owner
+
+from conftest import table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -345,9 +347,10 @@ def test_cli_still_works_with_a_broken_plugin(broken_site, monkeypatch):
     runner = CliRunner()
     help_result = runner.invoke(cli, ["--help"])
     assert help_result.exit_code == 0 and "LSM_DISABLE_PLUGINS" in help_result.output
-    result = runner.invoke(cli, ["list-components", "--kind", "loss"])
+    result = runner.invoke(cli, ["list-components", "--kind", "loss"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "ce" in result.output and "lsm-registry" in result.output
+    providers = {row[1]: row[2] for row in table_rows(result.output)}
+    assert providers["ce"] == f"lsm-registry {__version__}"
     lines = [line for line in result.output.splitlines() if line.startswith("not loaded: ")]
     assert any("broken-plug 0.3" in line and "LSM_DISABLE_PLUGINS=broken" in line for line in lines)
     assert "did not load" in result.output

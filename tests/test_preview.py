@@ -6,6 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lsm_registry.cli import cli
+from lsm_registry.pictures import COLUMNS, TILE_MIN
 
 RECIPE = """
 [run]
@@ -38,6 +39,21 @@ def run(*args):
     return CliRunner().invoke(cli, ["preview", *map(str, args)], catch_exceptions=False)
 
 
+# pictures.render's layout: 4 px padding, 20 px caption under each row (and under the
+# picture for a footnote), a 22 px header; tiles scaled up (nearest) to >= TILE_MIN.
+PAD, CAPTION, HEADER = 4, 20, 22
+
+
+def tile_side(image_side: int = 32) -> int:
+    return image_side * max(1, -(-TILE_MIN // image_side))
+
+
+def expected_size(rows: int, footnote: bool, image_side: int = 32) -> tuple[int, int]:
+    tile = tile_side(image_side)
+    width = len(COLUMNS) * (tile + PAD) + PAD
+    return width, HEADER + rows * (tile + PAD + CAPTION) + PAD + (CAPTION if footnote else 0)
+
+
 def test_preview_draws_one_row_per_pair(recipe, tmp_path):
     out = tmp_path / "p.png"
     res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", out, "--rows", 3)
@@ -46,9 +62,11 @@ def test_preview_draws_one_row_per_pair(recipe, tmp_path):
     img = Image.open(out)
     two = tmp_path / "p2.png"
     assert run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", two, "--rows", 2).exit_code == 0
-    # five columns of upscaled 32x32 tiles; height grows with the rows
-    assert img.width == Image.open(two).width >= 5 * 96
-    assert img.height > Image.open(two).height
+    # five columns of 32x32 images upscaled x3 to 96 px tiles; lsm uses saliency, so no footnote
+    assert tile_side() == 96 and len(COLUMNS) == 5
+    assert img.size == expected_size(3, footnote=False) == (504, 386)
+    assert Image.open(two).size == expected_size(2, footnote=False)
+    assert img.height - Image.open(two).height == 96 + PAD + CAPTION  # exactly one more row
 
 
 def test_preview_loads_a_checkpoint_and_rejects_a_wrong_one(recipe, tmp_path):
@@ -75,9 +93,11 @@ def test_preview_needs_a_mixer(recipe, tmp_path):
 def test_preview_of_a_mixer_without_unit_masks(recipe, tmp_path):
     from lsm_registry.plugins import default_registry
 
-    if ("mixer", "cutmix") not in default_registry():
-        pytest.skip("no cutmix mixer registered")
+    # cutmix is a built-in: it must be registered, not skipped when it is not
+    assert default_registry().entry("mixer", "cutmix").owner.distribution == "lsm-registry"
     out = tmp_path / "cm.png"
     res = run(recipe, "--set", 'mixer.name="cutmix"', "--out", out, "--rows", 2)
     assert res.exit_code == 0, res.output
-    assert Image.open(out).height > 0
+    assert "2 rows, mixer cutmix" in res.output
+    # cutmix uses no saliency: the saliency column is Grad-CAM for display, explained in a footnote
+    assert Image.open(out).size == expected_size(2, footnote=True) == (504, 286)

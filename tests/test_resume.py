@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import attrs
@@ -48,27 +47,90 @@ def reference(tmp_path_factory) -> tuple[Path, dict]:
     return recipe, summary(folder / "run")
 
 
-def wait_for(predicate, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError("timed out")
+# `lsm` with one extra loss, registered by a throwaway plugin: ce-tripwire is the built-in
+# cross-entropy that, armed through LSM_TRIPWIRE="SIGNAL:EPOCH:STEP" (both 1-based),
+# sends SIGNAL to its own process when it computes the loss of that step. The signal
+# lands at an exact step however busy the machine is; unarmed, it is plain CE.
+TRIPWIRE_LSM = """
+import os
+import signal
+
+from lsm_registry import hookimpl, plugins
+from lsm_registry.cli import main
+from lsm_registry.components.losses import CrossEntropy
+from lsm_registry.registry import Owner
 
 
-def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tmp_path):
-    recipe, expected = reference
+class TripwireCE(CrossEntropy):
+    name = "ce-tripwire"
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.step = 0
+        armed = os.environ.get("LSM_TRIPWIRE")
+        self.trigger = None
+        if armed:
+            signame, epoch, step = armed.split(":")
+            self.trigger = (getattr(signal, signame), int(epoch), int(step))
+
+    def set_epoch(self, epoch):
+        super().set_epoch(epoch)
+        self.step = 0
+
+    def __call__(self, logits, target, mixed=None):
+        self.step += 1
+        if self.trigger is not None and self.trigger[1:] == (self.epoch + 1, self.step):
+            os.kill(os.getpid(), self.trigger[0])
+        return super().__call__(logits, target, mixed)
+
+
+class TripwirePlugin:
+    @hookimpl
+    def lsm_registry_components(self):
+        return [TripwireCE]
+
+
+plugins._default = plugins.build_registry(
+    extra=[("tripwire", TripwirePlugin(), Owner("tripwire", "lsm-tests", "0"))], entry_points=False)
+main()
+"""
+
+KILL_EPOCH, KILL_STEP = 2, 5  # 1-based: the fifth step of the second epoch (an epoch has 20)
+
+
+@pytest.fixture(scope="module")
+def tripwire(tmp_path_factory) -> tuple[Path, Path]:
+    """(the tripwire `lsm` script, the LONGER recipe with loss ce-tripwire)."""
+    folder = tmp_path_factory.mktemp("tripwire")
+    script = folder / "tripwire_lsm.py"
+    script.write_text(TRIPWIRE_LSM)
+    recipe = folder / "r.toml"
+    assert LONGER.count('name = "ce"') == 1
+    recipe.write_text(LONGER.replace('name = "ce"', 'name = "ce-tripwire"'))
+    return script, recipe
+
+
+def tripwire_lsm(script: Path, *args: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in ENV.items() if k != "LSM_TRIPWIRE"}
+    if signal_at is not None:
+        env["LSM_TRIPWIRE"] = signal_at
+    return subprocess.run([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tripwire, tmp_path):
+    _, expected = reference
+    script, recipe = tripwire
     run_dir = tmp_path / "run"
-    proc = lsm("run", str(recipe), "--out", str(run_dir), "--no-progress")
-    wait_for(lambda: list_checkpoints(run_dir) or proc.poll() is not None)
-    time.sleep(0.3)  # somewhere inside epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert not (run_dir / "summary.json").exists(), "the kill came too late to test anything"
-    resumed = lsm("resume", str(run_dir), "--no-progress")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
+    killed = tripwire_lsm(script, "run", str(recipe), "--out", str(run_dir), "--no-progress",
+                          signal_at=f"SIGKILL:{KILL_EPOCH}:{KILL_STEP}")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout
+    # killed inside epoch 2: only epoch 1's checkpoint and metrics exist
+    assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001.pt"]
+    assert not (run_dir / "summary.json").exists()
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+    resumed = tripwire_lsm(script, "resume", str(run_dir), "--no-progress")
+    assert resumed.returncode == 0, resumed.stdout
     got = summary(run_dir)
     assert got["per_class"] == expected["per_class"]
     assert got["final_loss"] == expected["final_loss"]
@@ -76,21 +138,22 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, 
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
-def test_sigterm_writes_a_step_checkpoint_and_resume_is_exact(reference, tmp_path):
-    recipe, expected = reference
+def test_sigterm_writes_a_step_checkpoint_and_resume_is_exact(reference, tripwire, tmp_path):
+    _, expected = reference
+    script, recipe = tripwire
     run_dir = tmp_path / "run"
-    proc = lsm("run", str(recipe), "--out", str(run_dir), "--no-progress")
-    wait_for(lambda: list_checkpoints(run_dir) or proc.poll() is not None)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("the run ended before the signal arrived")
-    assert proc.returncode == 130, out
-    assert "lsm resume" in out
-    resumed = lsm("run", str(recipe), "--out", str(run_dir), "--resume", "--no-progress")
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
+    stopped = tripwire_lsm(script, "run", str(recipe), "--out", str(run_dir), "--no-progress",
+                           signal_at=f"SIGTERM:{KILL_EPOCH}:{KILL_STEP}")
+    assert stopped.returncode == 130, stopped.stdout
+    assert f"stopped by signal SIGTERM in epoch {KILL_EPOCH} at step {KILL_STEP}" in stopped.stdout
+    assert f"lsm resume {run_dir}" in stopped.stdout
+    step_checkpoint = f"epoch-{KILL_EPOCH - 1:04d}-step-{KILL_STEP}.pt"
+    assert [p.name for p in list_checkpoints(run_dir)][-1] == step_checkpoint
+    assert not (run_dir / "summary.json").exists()
+    state, notes = load_latest(run_dir)
+    assert notes == [] and (state["epoch"], state["step"]) == (KILL_EPOCH - 1, KILL_STEP)
+    resumed = tripwire_lsm(script, "run", str(recipe), "--out", str(run_dir), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stdout
     got = summary(run_dir)
     assert got["per_class"] == expected["per_class"]
     assert got["final_loss"] == expected["final_loss"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from ..version import __version__
 from . import compare, listing, preview, sweep, train
 
 __all__ = ["cli", "main"]

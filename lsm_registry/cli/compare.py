@@ -60,8 +60,6 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], plot: Opt
         except OSError as exc:
             raise LSMError(f"{out}: cannot write the comparison ({exc.strerror or exc})") from None
     if plot is not None:
-        from ..plots import plot_compare
-
         records = [r for group in groups for r in group.runs]
         # Run names when they tell the groups apart, else the recipe keys that do.
         by_name = len({g.name for g in groups}) == len(groups)

@@ -3,7 +3,10 @@
 Every file-backed set shares :class:`LTParams` (root, profile, imbalance_factor,
 n_max, split_seed): the long-tailed training subset is cut from the full training
 split with the reference code's per-class seeded shuffle
-(:func:`lsm_registry.data.profiles.lt_subset`); test splits stay balanced. Layouts,
+(:func:`lsm_registry.data.profiles.lt_subset`); test splits stay balanced. The sets
+without their own validation files (CIFAR, Fashion-MNIST, class folders) add
+``val_per_class`` (:class:`HoldOutParams`): a balanced validation split held out of
+the full training split before the cut (:func:`lsm_registry.data.profiles.hold_out`). Layouts,
 paths and preprocessing: docs/data.md.
 """
 
@@ -15,10 +18,18 @@ from typing import Literal, Optional
 import attrs
 import torch
 
-from ..data.profiles import lt_counts, lt_subset
+from ..data.cifar import CIFAR_MEAN, CIFAR_STD, LAYOUTS, load_cifar
+from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from ..data.folders import channel_stats, decode_images, scan_tree
+from ..data.profiles import hold_out, lt_counts, lt_subset
+from ..data.split_files import FileSplit, read_split_file
 from ..data.synthetic import class_name, render_split
 from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
 from ..params import at_least, non_negative, param, positive
+
+
+#: Seed stream of synthetic-lt's validation split (train uses 2 * seed, test 2 * seed + 1).
+SYNTHETIC_VAL_SEED = 1 << 32
 
 
 class SyntheticLT(DatasetFactory):
@@ -34,6 +45,7 @@ class SyntheticLT(DatasetFactory):
         profile: Literal["exp", "step", "none"] = param("exp", help="long-tailed profile of the train split")
         test_per_class: int = param(100, help="balanced test images per class", validator=positive)
         seed: int = param(0, help="generator seed (independent of the run seed)")
+        val_per_class: int = param(0, help="balanced validation images per class, drawn like the test split from another seed stream (0: no validation split)", validator=non_negative)
 
     def build(self) -> LTData:
         p = self.params
@@ -42,6 +54,9 @@ class SyntheticLT(DatasetFactory):
             raise ValueError(f"n_max {p.n_max} with imbalance_factor {p.imbalance_factor} leaves a class with no image")
         train_x, train_y = render_split(counts, seed=2 * p.seed)
         test_x, test_y = render_split([p.test_per_class] * p.num_classes, seed=2 * p.seed + 1)
+        val: Optional[Split] = None
+        if p.val_per_class > 0:
+            val = TensorSplit(*render_split([p.val_per_class] * p.num_classes, seed=SYNTHETIC_VAL_SEED + p.seed))
         mean = tuple(float(m) for m in train_x.float().mean(dim=(0, 2, 3)) / 255.0)
         std = tuple(float(s) for s in train_x.float().std(dim=(0, 2, 3)) / 255.0)
         return LTData(
@@ -52,6 +67,7 @@ class SyntheticLT(DatasetFactory):
             std=std,
             image_size=(3, 32, 32),
             augment="crop32",
+            val=val,
         )
 
 
@@ -72,20 +88,45 @@ def _cut(p: LTParams, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return lt_subset(labels, num_classes, p.profile, p.n_max, p.imbalance_factor, p.split_seed)
 
 
+@attrs.frozen
+class HoldOutParams(LTParams):
+    val_per_class: int = param(0, help="images per class held out of the full training split, before the long-tailed cut, as a balanced validation split (0: none)", validator=non_negative)
+
+
+def _hold_out_and_cut(
+    p: HoldOutParams, labels: torch.Tensor, names: tuple[str, ...], dataset: str
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(validation indices or None, training indices) into the full training split.
+
+    ``val_per_class`` images per class are held out first (:func:`hold_out`, seeded by
+    ``split_seed``); the long-tailed cut then runs on the rest, with ``n_max`` clamped to
+    the largest class left. ``val_per_class = 0`` is the plain cut.
+    """
+    if p.val_per_class == 0:
+        return None, _cut(p, labels, len(names))
+    val_idx, rest = hold_out(labels, p.val_per_class, p.split_seed, num_classes=len(names), class_names=names, dataset=dataset)
+    left = labels[rest]
+    largest = int(torch.bincount(left, minlength=len(names)).max())
+    n_max = largest if p.n_max is None else min(p.n_max, largest)
+    if p.profile == "none" and p.n_max is None:
+        n_max = None  # keep every image left, in order
+    keep = lt_subset(left, len(names), p.profile, n_max, p.imbalance_factor, p.split_seed)
+    return val_idx, rest[keep]
+
+
 class _Cifar(DatasetFactory):
     which = ""
 
     @attrs.frozen
-    class Params(LTParams):
+    class Params(HoldOutParams):
         download: bool = param(False, help="download the archive into root with torchvision when it is missing")
 
     def build(self) -> LTData:
-        from ..data.cifar import CIFAR_MEAN, CIFAR_STD, load_cifar
 
         p = self.params
         root = Path(p.root if p.root is not None else f"data/{self.which}")
         train_x, train_y, test_x, test_y, names = load_cifar(self.which, root, p.download)
-        keep = _cut(p, train_y, len(names))
+        val_idx, keep = _hold_out_and_cut(p, train_y, names, f"{root}: {LAYOUTS[self.which]['title']} training split")
         return LTData(
             train=TensorSplit(train_x[keep], train_y[keep]),
             test=TensorSplit(test_x, test_y),
@@ -94,6 +135,7 @@ class _Cifar(DatasetFactory):
             std=CIFAR_STD,
             image_size=(3, 32, 32),
             augment="crop32",
+            val=TensorSplit(train_x[val_idx], train_y[val_idx]) if val_idx is not None else None,
         )
 
 
@@ -116,15 +158,14 @@ class FashionMnistLT(DatasetFactory):
 
     name = "fashion-mnist-lt"
 
-    Params = LTParams
+    Params = HoldOutParams
 
     def build(self) -> LTData:
-        from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-        from ..data.folders import channel_stats
 
         p = self.params
         train_x, train_y, test_x, test_y = load_fashion_mnist(p.root)
-        keep = _cut(p, train_y, len(CLASS_NAMES))
+        val_idx, keep = _hold_out_and_cut(p, train_y, CLASS_NAMES, "Fashion-MNIST training split")
+        val = TensorSplit(train_x[val_idx], train_y[val_idx]) if val_idx is not None else None
         train_x, train_y = train_x[keep], train_y[keep]
         mean, std = channel_stats(train_x)
         return LTData(
@@ -135,6 +176,7 @@ class FashionMnistLT(DatasetFactory):
             std=std,
             image_size=(1, 32, 32),
             augment="crop32",
+            val=val,
         )
 
 
@@ -144,20 +186,22 @@ class ImageFolderLT(DatasetFactory):
     name = "imagefolder-lt"
 
     @attrs.frozen
-    class Params(LTParams):
+    class Params(HoldOutParams):
         image_size: int = param(32, help="images are resized to image_size x image_size when decoded", validator=at_least(8))
         workers: int = param(4, help="decoding threads", validator=non_negative)
 
     def build(self) -> LTData:
-        from ..data.folders import channel_stats, decode_images, scan_tree
 
         p = self.params
         if p.root is None:
             raise ValueError("root is not set; expected root/train/<class>/* and root/test/<class>/* (or val/)")
         names, train_files, train_y, test_files, test_y = scan_tree(Path(p.root))
-        keep = _cut(p, train_y, len(names))
+        val_idx, keep = _hold_out_and_cut(p, train_y, names, str(Path(p.root) / "train"))
         train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
         test_x = decode_images(test_files, p.image_size, p.workers)
+        val: Optional[Split] = None
+        if val_idx is not None:
+            val = TensorSplit(decode_images([train_files[i] for i in val_idx.tolist()], p.image_size, p.workers), train_y[val_idx])
         mean, std = channel_stats(train_x)
         return LTData(
             train=TensorSplit(train_x, train_y[keep]),
@@ -167,6 +211,7 @@ class ImageFolderLT(DatasetFactory):
             std=std,
             image_size=(3, p.image_size, p.image_size),
             augment="crop32" if p.image_size == 32 else "rrc",
+            val=val,
         )
 
 
@@ -176,7 +221,6 @@ class _SplitFiles(DatasetFactory):
     title = ""
 
     def build(self) -> LTData:
-        from ..data.split_files import FileSplit, read_split_file
 
         p = self.params
         if p.root is None:

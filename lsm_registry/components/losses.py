@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..interfaces import Loss
-from ..params import non_negative, param, positive
+from ..params import ParamError, non_negative, param, positive
 
 
 @attrs.frozen
@@ -54,8 +54,6 @@ class ReweightParams:
 
     def __attrs_post_init__(self):
         if not 0.0 <= self.beta < 1.0:
-            from ..params import ParamError
-
             raise ParamError("beta", f"must be in [0, 1) (got {self.beta!r})")
 
 

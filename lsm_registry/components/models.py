@@ -13,10 +13,12 @@ from typing import Optional
 import attrs
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import Tensor, nn
 
 from ..interfaces import ModelFactory
 from ..params import param, positive
+from ..registry import suggest
 
 
 class NormedLinear(nn.Module):
@@ -143,12 +145,8 @@ class Torchvision(ModelFactory):
         weights: Optional[str] = param(None, help="torchvision weights name; None trains from scratch")
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
-        import torchvision
-
         names = torchvision.models.list_models(module=torchvision.models)
         if self.params.arch not in names:
-            from ..registry import suggest
-
             hint = suggest(self.params.arch, names)
             raise ValueError(
                 f"unknown torchvision model {self.params.arch!r}." + (f" Did you mean {hint!r}?" if hint else "")

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor
+from torchvision.ops import roi_align
 
 
 def stats_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
@@ -44,7 +45,6 @@ def pad_crop(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
 
 
 def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tensor:
-    from torchvision.ops import roi_align
 
     b, _, h, w = x.shape
     area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator) * h * w

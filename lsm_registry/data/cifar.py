@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor
 
 #: Normalisation of the reference code (LDAM-DRW, CMO), used for both CIFAR sets.
@@ -109,8 +110,6 @@ def class_names(folder: Path, layout: dict[str, Any]) -> tuple[str, ...]:
 
 
 def download(root: Path, layout: dict[str, Any]) -> None:
-    import torchvision
-
     cls = getattr(torchvision.datasets, layout["torchvision"])
     try:
         for train in (True, False):

@@ -18,6 +18,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 TEST_FOLDERS = ("test", "val")
@@ -26,8 +29,6 @@ PROGRESS_MIN_IMAGES = 256  # below this, decoding is quick enough to stay silent
 
 def load_image(path: str | Path, size: int) -> Tensor:
     """uint8 (3, size, size)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that suffices
@@ -45,8 +46,6 @@ def load_image(path: str | Path, size: int) -> Tensor:
 
 def _progress_console():
     """Where the decoding progress goes (a function, so tests can capture it)."""
-    from rich.console import Console
-
     return Console(stderr=True)
 
 
@@ -63,8 +62,6 @@ def decode_progress(total: int, size: int) -> Iterator[Callable[[], None]]:
         console.print(f"{what} ...", highlight=False, soft_wrap=True)
         yield lambda: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     with Progress(
         TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=True,

@@ -1,6 +1,9 @@
-"""Long-tailed class profiles (docs/method.md §1) and the per-class subsampling."""
+"""Long-tailed class profiles (docs/method.md §1), the per-class subsampling and the
+balanced validation hold-out (docs/data.md)."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -52,3 +55,47 @@ def lt_subset(
         n_max = int(torch.bincount(labels, minlength=num_classes).max()) if labels.numel() else 0
     counts = lt_counts(profile, n_max, imbalance_factor, num_classes)
     return long_tailed_indices(labels, counts, split_seed)
+
+
+def hold_out(
+    labels: Tensor,
+    per_class: int,
+    seed: int = 0,
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    dataset: str = "the training split",
+) -> tuple[Tensor, Tensor]:
+    """(val indices, rest indices): ``per_class`` images of every class held out for validation.
+
+    Per class, the indices are shuffled with ``numpy.random.RandomState(seed)`` (one
+    generator, classes in order) and the first ``per_class`` go to validation (grouped
+    by class); the rest keep their original order, so the long-tailed cut can run on
+    them as on a full split. A class with ``per_class`` images or fewer (nothing left to
+    train on) raises ValueError, one line naming ``dataset``, the class and the counts.
+    """
+    if per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0 (got {per_class})")
+    labels_np = labels.cpu().numpy()
+    if num_classes is None:
+        num_classes = int(labels_np.max()) + 1 if labels_np.size else 0
+    if per_class == 0:
+        return torch.empty(0, dtype=torch.int64), torch.arange(labels.numel(), dtype=torch.int64)
+    counts = np.bincount(labels_np, minlength=num_classes)
+    for c, n in enumerate(counts.tolist()):
+        if n <= per_class:
+            name = class_names[c] if class_names is not None else str(c)
+            raise ValueError(
+                f"{dataset}: class {name!r} has {n} image(s), too few to hold out "
+                f"val_per_class = {per_class} and keep any to train on (needs more than {per_class})"
+            )
+    rng = np.random.RandomState(seed)
+    val = []
+    for c in range(num_classes):
+        idx = np.where(labels_np == c)[0]
+        rng.shuffle(idx)
+        val.append(idx[:per_class])
+    val_idx = np.concatenate(val).astype(np.int64)
+    rest = np.ones(labels_np.size, dtype=bool)
+    rest[val_idx] = False
+    return torch.from_numpy(val_idx), torch.from_numpy(np.flatnonzero(rest).astype(np.int64))
