@@ -211,9 +211,12 @@ def difference_table(runs: dict[str, dict[int, dict[str, Any]]], base: str) -> s
 
 def tables(runs: dict[str, dict[int, dict[str, Any]]], base: str) -> str:
     """The per-method table and the paired-difference table, with what they show."""
-    return f"""Per method: mean ± sample std (n − 1) over the seeds, in percent (the mean alone for one seed).
+    text = f"""Per method: mean ± sample std (n − 1) over the seeds, in percent (the mean alone for one seed).
 
-{method_table(runs, base)}
+{method_table(runs, base)}"""
+    if len(runs) < 2:
+        return text + "\n(one method: no paired differences)\n"
+    return text + f"""
 Paired difference to {base}: method − {base} on each seed both have, in percentage points;
 mean [95 % t-interval: mean ± t(0.975, n − 1) · sd / √n over the n paired seeds]; "n/a" with one
 pair. "within spread?": yes when the top-1 interval contains 0, i.e. this many seeds do not tell
@@ -362,11 +365,11 @@ def block_text(runs: dict[str, dict[int, dict[str, Any]]], base: str, command: s
 {command}
 ```
 
-Budget: {epochs} epochs per run; seeds {', '.join(map(str, seeds))}, the same for every recipe
+Budget: {epochs} epoch{'' if epochs == 1 else 's'} per run; seeds {', '.join(map(str, seeds))}, the same for every recipe
 (paired protocol); the recipes' own settings otherwise (their epoch-valued keys scaled to the
-budget, see bench/accuracy.py). Runs: `{store}/` ({trained} trained now, {reused} taken from the
-store, trained earlier, possibly on another machine). Accuracy of the last epoch on the balanced
-test set ("val top-1": on the validation split, when there is one). Many / Medium / Few: classes
+budget, see bench/accuracy.py).
+Runs: `{store}/`, {trained} trained now, {reused} taken from the store (trained earlier, possibly elsewhere).
+Accuracy of the last epoch on the balanced test set ("val top-1": on the validation split, when there is one). Many / Medium / Few: classes
 with > 100, 20-100, < 20 training images ("{MISSING}": no class in the group); "rarest 3": the three
 classes with the fewest training images. Benchmark wall time: {wall_s / 60:.1f} min.
 

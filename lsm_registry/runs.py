@@ -249,6 +249,64 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+#: How a setting label names a component table ("mixer lsm", "fuser saliency", "no mixer").
+SHORT_TABLES = {"label_fuser": "fuser", "data": "data", "model": "model"}
+
+
+def setting_labels(flats: list[dict[str, Any]]) -> list[str]:
+    """Per setting, only what tells it apart from the others: ``mixer lsm, fuser saliency``, ``loss.gamma=2.0``.
+
+    A component chosen differently (or absent: ``no mixer``) is named once by its table;
+    its parameters are listed only where they differ between settings that use the same
+    component, since a different component already explains any difference in them.
+    """
+    keys = sorted({k for f in flats for k in f}, key=_table_order)
+    tables = list(dict.fromkeys(k.partition(".")[0] for k in keys))
+    named = [t for t in tables if f"{t}.name" in keys and len({json.dumps(f.get(f"{t}.name")) for f in flats}) > 1]
+    params = []
+    for k in keys:
+        table, _, key = k.partition(".")
+        if key == "name":
+            continue
+        by_component: dict[str, set[str]] = {}
+        for f in flats:
+            if k in f:
+                by_component.setdefault(json.dumps(f.get(f"{table}.name")), set()).add(json.dumps(f[k], default=str))
+        if any(len(values) > 1 for values in by_component.values()):
+            params.append(k)
+    labels = []
+    for flat in flats:
+        parts = []
+        for t in named:
+            name = flat.get(f"{t}.name")
+            short = SHORT_TABLES.get(t, t)
+            parts.append(f"{short} {name}" if name is not None else f"no {short}")
+        parts += [f"{k}={_fmt_value(flat[k])}" for k in params if k in flat]
+        if len(parts) > LABEL_KEYS:
+            parts = parts[:LABEL_KEYS] + [f"(+{len(parts) - LABEL_KEYS} more)"]
+        labels.append(", ".join(parts))
+    return labels
+
+
+#: Metrics a comparison can be ranked by.
+RANK_KEYS = ("val_top1", "top1")
+
+
+def rank_groups(groups: list[RunGroup], by: str) -> list[RunGroup]:
+    """Best first by the mean of ``by`` (``val_top1``: choose on validation, report the test set)."""
+    def key(group: RunGroup) -> float:
+        mean = group.stat(by)[0]
+        return -mean if mean is not None else float("inf")
+
+    return sorted(groups, key=key)
+
+
+def metrics_of(groups: list[RunGroup]) -> tuple[tuple[str, str], ...]:
+    """The accuracy columns; validation top-1 first when some run has a validation split."""
+    has_val = any(r.summary.get("val_top1") is not None for g in groups for r in g.runs)
+    return ((("val_top1", "val top-1"),) if has_val else ()) + METRICS
+
+
 def group_runs(records: list[RunRecord]) -> list[RunGroup]:
     """Groups of repeats in order of first appearance, each labelled by what sets it apart."""
     order: list[str] = []
@@ -264,22 +322,16 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
     flats = [first_flat[k] for k in order]
     keys = sorted({k for f in flats for k in f}, key=_table_order)
 
-    # A key that only some groups have (a parameter of a component the others do not
-    # use) is already told apart by the component's name, so only shared keys count.
-    differing = [k for k in keys if len({json.dumps(f[k], default=str) for f in flats if k in f}) > 1]
-    groups = []
-    for key, flat in zip(order, flats):
-        parts = [f"{k}={_fmt_value(flat.get(k))}" for k in differing]
-        if len(parts) > LABEL_KEYS:
-            parts = parts[:LABEL_KEYS] + [f"(+{len(parts) - LABEL_KEYS} more)"]
-        groups.append(RunGroup(runs=tuple(members[key]), label=", ".join(parts)))
+    labels = setting_labels(flats)
+    groups = [RunGroup(runs=tuple(members[key]), label=label) for key, label in zip(order, labels)]
     return groups
 
 
 # ------------------------------------------------------------------------------ output
 
 
-COLUMNS = ("run", "setting", "runs") + tuple(title for _, title in METRICS) + ("epochs", "wall time")
+def columns_of(groups: list[RunGroup]) -> tuple[str, ...]:
+    return ("run", "setting", "runs") + tuple(title for _, title in metrics_of(groups)) + ("epochs", "wall time")
 
 
 def _pct(mean: Optional[float], std: Optional[float], plus_minus: str = " ± ") -> str:
@@ -308,16 +360,16 @@ def text_rows(groups: list[RunGroup], plus_minus: str = " ± ") -> list[list[str
     rows = []
     for g in groups:
         row = [g.name, g.label or "—", str(len(g.runs))]
-        row += [_pct(*g.stat(key), plus_minus=plus_minus) for key, _ in METRICS]
+        row += [_pct(*g.stat(key), plus_minus=plus_minus) for key, _ in metrics_of(groups)]
         row += [_epochs(g), _wall(g.stat("wall_time_s")[0])]
         rows.append(row)
     return rows
 
 
-def rich_table(groups: list[RunGroup], title: str = "comparison: last epoch, test set (mean ± std over seeds)"):
+def rich_table(groups: list[RunGroup], title: str = "comparison: last epoch (mean ± std over seeds)"):
 
     table = Table(title=title)
-    for column in COLUMNS:
+    for column in columns_of(groups):
         if column in ("run", "setting"):
             table.add_column(column, overflow="fold", min_width=8 if column == "run" else 12)
         else:  # a narrow terminal puts the std under the mean
@@ -331,7 +383,8 @@ def markdown(groups: list[RunGroup]) -> str:
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if c in ("run", "setting") else "---:" for c in COLUMNS) + "|"]
+    columns = columns_of(groups)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in ("run", "setting") else "---:" for c in columns) + "|"]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in text_rows(groups)]
     return "\n".join(lines) + "\n"
 
@@ -341,13 +394,13 @@ def csv_text(groups: list[RunGroup]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     header = ["run", "setting", "runs", "seeds", "folders"]
-    for key, _ in METRICS:
+    for key, _ in metrics_of(groups):
         header += [f"{key}_mean", f"{key}_std"]
     header += ["epochs", "wall_time_s_mean"]
     writer.writerow(header)
     for g in groups:
         row: list[Any] = [g.name, g.label, len(g.runs), " ".join(str(s) for s in g.seeds), " ".join(str(r.path) for r in g.runs)]
-        for key, _ in METRICS:
+        for key, _ in metrics_of(groups):
             mean, std = g.stat(key)
             row += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
         row += [_epochs(g), "" if g.stat("wall_time_s")[0] is None else f"{g.stat('wall_time_s')[0]:.1f}"]

@@ -89,18 +89,19 @@ def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
     monkeypatch.setattr(bench, "train_run", no_training)
     monkeypatch.setattr(bench, "machine", lambda: "test machine")
     store, results = tmp_path / "store", tmp_path / "results.md"
-    recipe = load_recipe(tiny_recipe, ["run.epochs=1", "run.seed=0", "run.name=tiny"], default_registry())
+    registry = default_registry()
     for seed in (0, 1):
+        recipe = load_recipe(tiny_recipe, ["run.epochs=1", f"run.seed={seed}", "run.name=tiny"], registry)
         folder = store / bench.folder_name("tiny", 1, seed, "t")
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(_summary(seed, 0.5 + seed / 10, 0.8, 0.5, 0.2)))
-        (folder / "recipe.toml").write_text(recipe.to_toml().replace("seed = 0", f"seed = {seed}"))
+        (folder / "recipe.toml").write_text(recipe.to_toml())
     argv = ["--recipe-dir", str(tiny_recipe.parent), "--recipes", "tiny", "--epochs", "1", "--seeds", "0,1", "--tag", "t",
             "--store", str(store), "--out", str(tmp_path / "out"), "--results", str(results)]
     assert bench.main(argv) == 0
     text = results.read_text()
     assert "<!-- bench/accuracy.py t: begin -->" in text and "| tiny (base) | 0,1 | 55.0 ± 7.1 |" in text
-    assert "0 trained now, 2 taken from the store" in text
+    assert "0 trained now, 2 taken from the store" in text and "no paired differences" in text
     # a stored run of another setting is refused, not mixed in (and not retrained)
     other = store / bench.folder_name("tiny", 1, 0, "t") / "recipe.toml"
     other.write_text(other.read_text().replace("lr = 0.05", "lr = 0.5"))

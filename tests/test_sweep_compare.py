@@ -205,3 +205,41 @@ def test_compare_plot_overlays_per_class_accuracy(tmp_path):
     result = invoke("compare", *folders, "--plot", str(out))
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_setting_labels_name_only_what_differs():
+    ce = {"loss.name": "ce", "optim.lr": 0.1}
+    lsm = {**ce, "mixer.name": "lsm", "mixer.prob": 0.5, "label_fuser.name": "saliency"}
+    lsm_area = {**lsm, "label_fuser.name": "area"}
+    lsm_p1 = {**lsm, "mixer.prob": 1.0}
+    labels = runs.setting_labels([ce, lsm, lsm_area, lsm_p1])
+    assert labels == [
+        "no mixer, no fuser",
+        "mixer lsm, fuser saliency, mixer.prob=0.5",
+        "mixer lsm, fuser area, mixer.prob=0.5",
+        "mixer lsm, fuser saliency, mixer.prob=1.0",
+    ]
+    # A parameter that differs only because the component differs is not spelt out.
+    cutmix = {**ce, "mixer.name": "cutmix", "mixer.prob": 1.0, "label_fuser.name": "area"}
+    assert runs.setting_labels([lsm, cutmix]) == ["mixer lsm, fuser saliency", "mixer cutmix, fuser area"]
+    assert "(unset)" not in " ".join(labels)
+
+
+def test_compare_ranks_by_validation_and_shows_it(tmp_path):
+    def with_val(folder: Path, val: float) -> Path:
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["val_top1"] = val
+        (folder / "summary.json").write_text(json.dumps(summary))
+        return folder
+
+    good_on_test = with_val(fake_run(tmp_path / "a", 0, 1.0, 0.60), 0.30)
+    good_on_val = with_val(fake_run(tmp_path / "b", 0, 0.5, 0.40), 0.50)
+    groups = runs.rank_groups(runs.group_runs(runs.load_runs([good_on_test, good_on_val])), "val_top1")
+    assert [g.label for g in groups] == ["mixer.alpha=0.5", "mixer.alpha=1.0"]
+    md = invoke("compare", str(good_on_test), str(good_on_val), "--format", "markdown", "--rank-by", "val_top1")
+    assert md.exit_code == 0, md.output
+    lines = md.output.splitlines()
+    assert "val top-1" in lines[0]
+    assert lines[2].startswith("| lsm_ce | mixer.alpha=0.5 | 1 | 50.0 | 40.0 |")
+    refused = invoke("compare", str(fake_run(tmp_path / "c", 0, 1.0, 0.4)), "--rank-by", "val_top1")
+    assert refused.exit_code == 2 and "val_per_class" in refused.output

@@ -34,21 +34,29 @@ def render(groups, fmt: str, width: Optional[int] = None) -> str:
               help="table (rich, for the terminal), markdown (for docs) or csv (mean and std columns, fractions).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison to this file (in --format; a table is written as plain text).")
+@click.option("--rank-by", "rank_by", type=click.Choice(["none", *runs.RANK_KEYS]), default="none", show_default=True,
+              help="Order the settings best first by this mean: val_top1 chooses on the validation split, top1 on the test set.")
 @click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the per-class accuracy of every run against its training count into this PNG (needs matplotlib).")
 @user_errors
-def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], plot: Optional[Path]) -> None:
+def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: str, plot: Optional[Path]) -> None:
     """Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time.
 
     Each RUN_DIR is a run folder (it holds summary.json) or a folder of run folders,
     such as the output of `lsm sweep`. Runs whose resolved recipes differ only in
     run.seed and run.name are grouped and shown as mean ± std (sample std over the
-    seeds); the setting column names the recipe keys that tell the groups apart.
-    Accuracies are the last epoch's, on the test set, in percent.
+    seeds); the setting column names only what tells the groups apart (e.g. "mixer
+    lsm, fuser saliency"). Accuracies are the last epoch's, in percent, on the test set;
+    runs with a validation split also get a "val top-1" column, and --rank-by val_top1
+    orders the settings by it, so that a choice is made on validation, not on the test set.
     """
 
 
     groups = runs.group_runs(runs.load_runs(list(run_dirs)))
+    if rank_by != "none":
+        if not any(g.stat(rank_by)[0] is not None for g in groups):
+            raise LSMError(f"--rank-by {rank_by}: no run has it (val_top1 needs [data] val_per_class > 0)")
+        groups = runs.rank_groups(groups, rank_by)
     if fmt == "table":
         Console().print(runs.rich_table(groups))
     else:

@@ -269,7 +269,12 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
             click.echo(f"error: run {point.label} failed: {message}", err=True)
 
     if finished:
-        console.print(runs.rich_table(runs.group_runs(runs.load_runs(finished)), title=f"sweep {out}: last epoch, test set (mean ± std over seeds)"))
+        groups = runs.group_runs(runs.load_runs(finished))
+        ranked = any(g.stat("val_top1")[0] is not None for g in groups)
+        if ranked:  # choose on validation; the test set is only reported
+            groups = runs.rank_groups(groups, "val_top1")
+        order = ", ranked by validation top-1" if ranked else ""
+        console.print(runs.rich_table(groups, title=f"sweep {out}: last epoch (mean ± std over seeds{order})"))
     if failures:
         click.echo(f"{len(failures)} of {len(points)} run(s) failed:", err=True)
         for label, message in failures:
