@@ -38,7 +38,7 @@ install: venv
 	fi
 
 run: install
-	$(BIN)/lsm run recipes/quickstart.toml
+	$(BIN)/lsm run recipes/quickstart.toml recipes/quickstart_lsm.toml
 
 test: install
 	$(BIN)/python -m pytest -q tests $(foreach d,$(PLUGIN_DIRS),$(d)/tests)

@@ -288,6 +288,10 @@ def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[Componen
     """A mixer brings what it needs: a patch operator, a saliency provider, a label fuser."""
     mixer = specs.get("mixer")
     if mixer is None:
+        for table in ("saliency", "patch", "label_fuser"):
+            if specs.get(table) is not None:
+                errors.append(f"{where} [{table}]: there is no [mixer] table, so no batch is mixed and this table is never "
+                              "used; add a [mixer] or remove it")
         return
     mixer_cls = registry.get("mixer", mixer.name)
     required, sampler = mixer_cls.requires_sampler, specs.get("sampler")

@@ -197,3 +197,5 @@ class RunReporter(Reporter):
         self.console.print(result_table(summary, title))
         if self.run_dir is not None:
             self.console.print(f"run folder: {self.run_dir}")
+            if (self.run_dir / MIXED_SAMPLES).is_file():
+                self.console.print(f"mixed samples: {self.run_dir / MIXED_SAMPLES}")

@@ -250,7 +250,11 @@ def _fmt_value(value: Any) -> str:
 
 
 #: How a setting label names a component table ("mixer lsm", "fuser saliency", "no mixer").
-SHORT_TABLES = {"label_fuser": "fuser", "data": "data", "model": "model"}
+SHORT_TABLES = {"label_fuser": "fuser"}
+#: Tables named first in a label: what a comparison of methods is usually about.
+LEADING_TABLES = ("mixer", "label_fuser", "loss")
+#: Tables a recipe gets with its mixer; a run without a mixer is not labelled "no fuser" too.
+MIXING_TABLES = ("label_fuser", "saliency", "patch")
 
 
 def setting_labels(flats: list[dict[str, Any]]) -> list[str]:
@@ -263,6 +267,7 @@ def setting_labels(flats: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for f in flats for k in f}, key=_table_order)
     tables = list(dict.fromkeys(k.partition(".")[0] for k in keys))
     named = [t for t in tables if f"{t}.name" in keys and len({json.dumps(f.get(f"{t}.name")) for f in flats}) > 1]
+    named.sort(key=lambda t: (t not in LEADING_TABLES, LEADING_TABLES.index(t) if t in LEADING_TABLES else 0))
     params = []
     for k in keys:
         table, _, key = k.partition(".")
@@ -279,6 +284,8 @@ def setting_labels(flats: list[dict[str, Any]]) -> list[str]:
         parts = []
         for t in named:
             name = flat.get(f"{t}.name")
+            if name is None and t in MIXING_TABLES and "mixer.name" not in flat:
+                continue  # "no mixer" says it: the mixing tables come with a mixer
             short = SHORT_TABLES.get(t, t)
             parts.append(f"{short} {name}" if name is not None else f"no {short}")
         parts += [f"{k}={_fmt_value(flat[k])}" for k in params if k in flat]

@@ -1,5 +1,6 @@
 import fnmatch
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -120,3 +121,37 @@ def test_an_unknown_saliency_layer_is_refused_before_training(tiny_recipe, tmp_p
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "[saliency]" in lines[0] and "'nope'" in lines[0] and "layer3" in lines[0]
     assert not out.exists()
+
+
+def test_run_of_two_recipes_trains_both_and_compares(tmp_path, monkeypatch):
+    from conftest import TINY_RECIPE
+
+    monkeypatch.chdir(tmp_path)
+    base = tmp_path / "base.toml"
+    base.write_text(TINY_RECIPE.replace('name = "tiny"', 'name = "base"'))
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(TINY_RECIPE.replace('name = "tiny"', 'name = "mixed"')
+                     + '\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nprob = 1.0\nstart_epoch = 0\n'
+                     + "end_epoch = { none = true }\n")
+    result = CliRunner().invoke(cli, ["run", str(base), str(mixed), "--no-progress"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "base" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "mixed" / "summary.json").is_file()
+    table = result.output[result.output.index("comparison: last epoch"):]
+    assert "│ base" in table and "│ mixed" in table and "mixer lsm" in table
+    assert f"mixed samples: {Path('runs') / 'mixed' / 'mixed_samples.png'}" in result.output or "matplotlib" in result.output
+
+
+def test_run_validates_every_recipe_before_training(tmp_path, monkeypatch):
+    from conftest import TINY_RECIPE
+
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / "good.toml"
+    good.write_text(TINY_RECIPE)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY_RECIPE.replace('name = "ce"', 'name = "cee"'))
+    result = CliRunner().invoke(cli, ["run", str(good), str(bad), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "--out names one run folder" in result.output
+    result = CliRunner().invoke(cli, ["run", str(good), str(bad)])
+    assert result.exit_code == 2 and "unknown loss 'cee'" in result.output
+    assert not (tmp_path / "runs").exists()

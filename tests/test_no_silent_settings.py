@@ -157,3 +157,11 @@ def test_none_like_strings_stay_strings(write_recipe):
         assert recipe.data.params.root == word
     assert load_recipe(path, ["data.root=x", "data.root={ none = true }"]).data.params.root is None
     assert tomllib.loads(load_recipe(path, ["model.name=torchvision", "model.weights=null"]).to_toml())["model"]["weights"] == "null"
+
+
+def test_mixing_tables_without_a_mixer_are_refused(write_recipe, registry):
+    path = write_recipe(TINY_RECIPE + '\n[label_fuser]\nname = "saliency2"\n\n[saliency]\nname = "gradcam"\n')
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, [], registry)
+    assert sorted(line.split(" ")[1] for line in info.value.lines) == ["[label_fuser]:", "[saliency]:"]
+    assert all("there is no [mixer] table" in line for line in info.value.lines)

@@ -214,7 +214,7 @@ def test_setting_labels_name_only_what_differs():
     lsm_p1 = {**lsm, "mixer.prob": 1.0}
     labels = runs.setting_labels([ce, lsm, lsm_area, lsm_p1])
     assert labels == [
-        "no mixer, no fuser",
+        "no mixer",
         "mixer lsm, fuser saliency, mixer.prob=0.5",
         "mixer lsm, fuser area, mixer.prob=0.5",
         "mixer lsm, fuser saliency, mixer.prob=1.0",

@@ -10,14 +10,15 @@ from rich.console import Console
 
 from ..checkpoint import check_free_space, estimate_size
 from ..engine import Trainer, dist_info
-from ..errors import LSMError
+from .. import runs
+from ..errors import LSMError, RecipeError
 from ..recipe import load_recipe
 from ..reporting import RunReporter, check_writable, fresh_run_dir
 from .common import registry_with_warnings, set_option, user_errors
 
 
 @click.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @set_option
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: runs/<run.name>).")
@@ -25,21 +26,42 @@ from .common import registry_with_warnings, set_option, user_errors
 @click.option("--keep", default=1, show_default=True, type=click.IntRange(min=1), help="Epoch checkpoints to keep.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
-def run_cmd(recipe: Path, overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> None:
-    """Train and evaluate the RECIPE; writes the run folder and prints Many/Medium/Few.
+def run_cmd(recipes: tuple[Path, ...], overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: int,
+            no_progress: bool) -> None:
+    """Train and evaluate each RECIPE; writes its run folder and prints Many/Medium/Few.
 
-    A checkpoint is written atomically after every epoch and on Ctrl-C / SIGTERM;
+    With several recipes (e.g. a baseline and its LSM variant) every one is validated
+    first, they train one after the other, and the run ends with the `lsm compare`
+    table of their folders; --set applies to each, --out is then not allowed. A checkpoint is written atomically after every epoch and on Ctrl-C / SIGTERM;
     `--resume` (or `lsm resume RUN_DIR`) continues from it. Under torchrun
     (`torchrun --nproc_per_node N -m lsm_registry run RECIPE`) every process trains a
     shard and only rank 0 writes the run folder.
     """
 
+    if out is not None and len(recipes) > 1:
+        raise LSMError(f"--out names one run folder, but {len(recipes)} recipes were given; leave --out out")
     registry = registry_with_warnings()
-    parsed = load_recipe(recipe, list(overrides), registry)
-    _train(parsed, registry, out, resume, keep, no_progress)
+    parsed = _load_all(recipes, overrides, registry)
+    folders = [_train(p, registry, out, resume, keep, no_progress) for p in parsed]
+    if len(folders) > 1 and dist_info().is_main:
+        groups = runs.group_runs(runs.load_runs(folders))
+        Console().print(runs.rich_table(groups, title="comparison: last epoch, test set"))
 
 
-def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> None:
+def _load_all(recipes: tuple[Path, ...], overrides: tuple[str, ...], registry) -> list:
+    """Every recipe validated before the first trains: a typo in the last costs seconds, not a run."""
+    parsed, errors = [], []
+    for recipe in recipes:
+        try:
+            parsed.append(load_recipe(recipe, list(overrides), registry))
+        except RecipeError as exc:
+            errors.extend(exc.lines)
+    if errors:
+        raise RecipeError(errors)
+    return parsed
+
+
+def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> Path:
 
     if out is not None:
         run_dir = out
@@ -57,6 +79,7 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_pr
         check_free_space(run_dir, estimate_size(trainer.module))
     trainer.run_dir = run_dir
     trainer.fit(RunReporter(Console(), show_progress=not no_progress))
+    return run_dir
 
 
 @click.command("resume")
