@@ -374,10 +374,3 @@ def build_params(cls: type, values: dict[str, Any], where: str, table: str, erro
     except (ValueError, TypeError) as exc:
         errors.append(f"{where} [{table}]: {exc}")
     return None
-    try:
-        return cls(**kwargs)
-    except ParamError as exc:
-        errors.append(f"{where} [{table}].{exc.key}: {exc}")
-    except (ValueError, TypeError) as exc:
-        errors.append(f"{where} [{table}]: {exc}")
-    return None
