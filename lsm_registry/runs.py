@@ -25,7 +25,7 @@ from rich.table import Table
 from .errors import LSMError
 from .formats import RECIPE_FORMAT, SUMMARY_FORMAT, format_problem
 from .plugins import default_registry
-from .recipe import ALL_TABLES, COMPONENT_TABLES, FIXED_TABLES, _toml_value
+from .recipe import ALL_TABLES, dumps_toml, migrate
 
 #: Recipe keys that do not change what a run measures, ignored when grouping.
 REPEAT_KEYS = (("run", "seed"), ("run", "name"))
@@ -161,68 +161,18 @@ def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-_NO_DEFAULT = object()
-
-
-class _Defaults:
-    """Parameter defaults as recipe.toml reads them back, found through the registry (built on first need)."""
-
-    def __init__(self) -> None:
-        self._registry: Any = None
-
-    def _params_class(self, recipe: dict[str, Any], table: str) -> Optional[type]:
-        if table in FIXED_TABLES:
-            return FIXED_TABLES[table]
-        body = recipe.get(table)
-        if table not in COMPONENT_TABLES or not isinstance(body, dict) or not isinstance(body.get("name"), str):
-            return None
-        if self._registry is None:
-            self._registry = default_registry()
-        try:
-            return self._registry.get(COMPONENT_TABLES[table], body["name"]).Params
-        except (LSMError, AttributeError):  # a component not installed here: its defaults are unknown
-            return None
-
-    def get(self, recipe: dict[str, Any], table: str, key: str) -> Any:
-        """The default of ``[table].key`` for the component ``recipe`` chooses, or ``_NO_DEFAULT``."""
-        cls = self._params_class(recipe, table)
-        if cls is None or not attrs.has(cls):
-            return _NO_DEFAULT
-        field = next((f for f in attrs.fields(cls) if f.name == key), None)
-        if field is None or field.default is attrs.NOTHING:
-            return _NO_DEFAULT
-        default = field.default
-        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
-            if default.takes_self:
-                return _NO_DEFAULT
-            default = default.factory()
-        try:  # the value as recipe.toml holds it (lists for tuples, { none = true } for None)
-            return tomllib.loads(f"v = {_toml_value(default)}")["v"]
-        except (TypeError, tomllib.TOMLDecodeError):
-            return _NO_DEFAULT
-
-
 def migrated_flats(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """:func:`flatten` of each run's recipe, a key that other runs list but this one lacks filled with its default.
+    """:func:`flatten` of each run's recipe as this version resolves it (:func:`recipe.migrate`).
 
     An older recipe.toml lacks the keys added to the library since it was written; the
-    run used what their defaults do. A key of a component the run does not use, or
-    whose default is unknown (a component not installed here), stays missing.
+    run used what their defaults do, and migrating fills them in. The result is read back
+    through TOML, so every run's values have the form recipe.toml gives them (lists for
+    tuples, ``{ none = true }`` for None). A recipe that no longer validates (a component
+    not installed here) is compared as written.
     """
-    flats = [flatten(r.recipe) for r in records]
-    listed = sorted({k for f in flats for k in f})
-    defaults = _Defaults()
-    for record, flat in zip(records, flats):
-        if not record.recipe:
-            continue
-        for dotted in listed:
-            table, _, key = dotted.partition(".")
-            if dotted in flat or not isinstance(record.recipe.get(table), dict):
-                continue
-            default = defaults.get(record.recipe, table, key)
-            if default is not _NO_DEFAULT:
-                flat[dotted] = default
-    return flats
+    registry = default_registry()
+    return [flatten(tomllib.loads(dumps_toml(migrate(r.recipe, registry, str(r.path))))) if r.recipe else {}
+            for r in records]
 
 
 def setting_key(record: RunRecord, flat: Optional[dict[str, Any]] = None) -> str:
