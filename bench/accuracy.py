@@ -447,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     folders: dict[str, dict[int, Path]] = {}
     failed, trained = [], 0
-    for path in paths:
-        for seed in seeds:
+    # Seed-major, so that a benchmark stopped early leaves whole paired seeds behind.
+    for seed in seeds:
+        for path in paths:
             try:
                 folder, new = run_one(path, seed, args.epochs, args.out, args.overrides, registry, args.store, args.tag)
             except Exception as exc:  # report and go on with the rest of the benchmark

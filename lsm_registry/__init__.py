@@ -12,6 +12,7 @@ from .interfaces import (
     Context,
     DatasetFactory,
     LabelFuser,
+    Logger,
     Loss,
     LTData,
     Mixer,
@@ -19,6 +20,7 @@ from .interfaces import (
     MixResult,
     ModelFactory,
     PatchOperator,
+    RunInfo,
     SaliencyProvider,
     Sampler,
     Split,
@@ -34,9 +36,9 @@ from .version import __version__
 
 
 __all__ = [
-    "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Loss", "LTData", "Mixer",
+    "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
     "MixerParams", "mix_prob", "mix_start", "mix_end",
-    "MixResult", "ModelFactory", "PatchOperator", "SaliencyProvider", "Sampler", "Split",
+    "MixResult", "ModelFactory", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
     "TensorSplit", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
     "RegistryError", "DataError", "__version__",
 ]

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import attrs
 import numpy as np
@@ -27,11 +27,11 @@ from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_chec
                          rng_state, save_atomic, set_rng_state)
 from .data.augment import augment, stats_tensor, normalise
 from .errors import DataError, LSMError
-from .interfaces import Context, LTData
+from .interfaces import Context, Loss, LTData, Split
 from .metrics import summarise_counts
 from .mixing import MixedBatch, MixingStep, permuted_foreground
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
-from .recipe import Recipe, migrate
+from .recipe import Recipe, migrate, without_loggers
 from .registry import Registry
 
 LOG_EVERY = 10
@@ -61,6 +61,50 @@ def seed_everything(seed: int) -> None:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The engine generator is re-seeded per epoch, so an epoch replays exactly on resume."""
     return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
+
+
+def build_data(recipe: Recipe, registry: Registry) -> LTData:
+    """The recipe's data set; a missing file or a bad value becomes one line naming the data set."""
+    spec = recipe.data
+    factory = spec.build(registry, Context(class_counts=(), image_size=(0, 0, 0), seed=recipe.run.seed))
+    try:
+        return factory.build()
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        message = str(exc) if not isinstance(exc, FileNotFoundError) or str(exc) else f"missing file {exc.filename}"
+        raise DataError(f"[data] {spec.name}: {message}") from None
+
+
+@torch.no_grad()
+def score_split(module: nn.Module, split: Split, loss: Loss, num_classes: int, mean: Tensor, std: Tensor,
+                device: torch.device, indices: Tensor, batch_size: int = 512,
+                memory_format: torch.memory_format = torch.contiguous_format, autocast_dtype: Optional[torch.dtype] = None,
+                confusion: bool = False, on_logits: Optional[Callable[[Tensor, Tensor], None]] = None,
+                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per-class correct and total counts of ``module`` on the images ``indices`` of ``split``, and the
+    flat confusion counts when asked; one function, so that ``Trainer.evaluate`` and ``lsm evaluate``
+    score alike. ``on_logits(indices, logits)`` sees each batch's prediction logits (on the device)."""
+    was_training = module.training
+    module.eval()
+    correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
+    for start in range(0, indices.numel(), batch_size):
+        idx = indices[start : start + batch_size]
+        raw = split.fetch(idx, device)
+        x = normalise(raw, mean, std).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits = module(x)
+        logits = loss.eval_logits(logits.float())
+        if on_logits is not None:
+            on_logits(idx, logits)
+        pred = logits.argmax(dim=1)
+        labels = split.labels[idx].to(device)
+        correct += torch.bincount(labels[pred == labels], minlength=num_classes)
+        total += torch.bincount(labels, minlength=num_classes)
+        if counts is not None:
+            counts += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
+    module.train(was_training)
+    return correct, total, counts
 
 
 # ------------------------------------------------------------------------------ trainer
@@ -142,8 +186,10 @@ class Reporter:
     def start_epoch(self, epoch: int, steps: int) -> None:
         """0-based ``epoch`` starts with ``steps`` steps."""
 
-    def advance(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
-        """Every ``LOG_EVERY`` steps: running mean loss of the epoch."""
+    def advance(self, step: int, scalars: dict[str, Optional[float]]) -> None:
+        """Every ``LOG_EVERY`` steps, running values of the epoch so far: ``loss`` (mean),
+        ``lr``, ``images_per_s``, ``mixed_fraction`` (of the steps) and ``fg_label_weight``
+        (mean foreground label weight of the mixed batches; None before one was mixed)."""
 
     def evaluated(self, record: dict[str, Any]) -> None:
         """An evaluation finished; ``record`` has the epoch's metrics."""
@@ -154,8 +200,9 @@ class Reporter:
     def note(self, text: str) -> None:
         """Something the user should know that does not stop the run."""
 
-    def stop(self) -> None:
-        """Training left its loop, finished or not."""
+    def stop(self, completed: bool = False) -> None:
+        """Training left its loop: ``completed`` when every epoch ran and ``finish`` follows,
+        False when it stopped (a signal) or failed, and ``finish`` will not come."""
 
     def finish(self, summary: dict[str, Any]) -> None:
         """The run finished; ``summary`` is what summary.json gets."""
@@ -251,13 +298,7 @@ class Trainer:
                            f"{self.recipe.data.name} ({where}); lower optim.batch_size")
 
     def _build_data(self) -> LTData:
-        spec = self.recipe.data
-        factory = spec.build(self.registry, Context(class_counts=(), image_size=(0, 0, 0), seed=self.recipe.run.seed))
-        try:
-            return factory.build()
-        except (FileNotFoundError, ValueError, OSError) as exc:
-            message = str(exc) if not isinstance(exc, FileNotFoundError) or str(exc) else f"missing file {exc.filename}"
-            raise DataError(f"[data] {spec.name}: {message}") from None
+        return build_data(self.recipe, self.registry)
 
     def _wrap_distributed(self, module: nn.Module) -> nn.Module:
         if not self.dist.enabled:
@@ -354,27 +395,13 @@ class Trainer:
             raise ValueError(f'split must be "test" or "val" (got {split!r})')
         if split == "val" and self.data.val is None:
             raise LSMError(f"[data] {self.recipe.data.name}: no validation split (set val_per_class)")
-        was_training = self.module.training
-        self.module.eval()
         test = self.data.test if split == "test" else self.data.val
         num_classes = self.data.num_classes
-        correct = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
-        total = torch.zeros(num_classes, dtype=torch.int64, device=self.device)
-        confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=self.device) if num_classes <= MAX_CONFUSION_CLASSES and split == "test" else None
         shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
-        for start in range(0, shard.numel(), batch_size):
-            idx = shard[start : start + batch_size]
-            raw = test.fetch(idx, self.device)
-            x = normalise(raw, self.mean, self.std).contiguous(memory_format=self.memory_format)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-                logits = self.module(x)
-            pred = self.loss.eval_logits(logits.float()).argmax(dim=1)
-            labels = test.labels[idx].to(self.device)
-            correct += torch.bincount(labels[pred == labels], minlength=num_classes)
-            total += torch.bincount(labels, minlength=num_classes)
-            if confusion is not None:
-                confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
-        self.module.train(was_training)
+        correct, total, confusion = score_split(
+            self.module, test, self.loss, num_classes, self.mean, self.std, self.device, shard, batch_size=batch_size,
+            memory_format=self.memory_format, autocast_dtype=self.autocast_dtype,
+            confusion=num_classes <= MAX_CONFUSION_CLASSES and split == "test")
         if confusion is not None:
             self.confusion = self._all_reduce(confusion).view(num_classes, num_classes).cpu()
         self._all_reduce(correct)
@@ -427,7 +454,8 @@ class Trainer:
                 raise ResumeError(problem)
         # An older checkpoint's recipe lacks the keys added since: they take their defaults.
         old_recipe = migrate(state["recipe"], self.registry, where=str(folder))
-        changes = recipe_diff(old_recipe, self.recipe.to_dict(), ignore={"run.epochs"})
+        # Loggers say where the run is watched: adding or removing one on resume is fine.
+        changes = recipe_diff(without_loggers(old_recipe), without_loggers(self.recipe.to_dict()), ignore={"run.epochs"})
         if changes:
             raise ResumeError(f"{self.run_dir}: cannot resume, the recipe differs in " + ", ".join(changes))
         if state.get("world_size", 1) != self.dist.world_size:
@@ -468,6 +496,16 @@ class Trainer:
             where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
             raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {bad}; training stopped{where}")
 
+    def _running(self, stats: StepStats, lr: float, t0: float) -> dict[str, Optional[float]]:
+        loss_sum, mixed, fg_sum = torch.stack([stats.loss_sum.float(), stats.mixed.float(), stats.fg_weight_sum.float()]).tolist()
+        return {
+            "loss": loss_sum / stats.steps,
+            "lr": lr,
+            "images_per_s": stats.images / max(time.perf_counter() - t0, 1e-9),
+            "mixed_fraction": mixed / stats.steps,
+            "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
+        }
+
     def fit(self, reporter: Optional["Reporter"] = None) -> dict[str, Any]:
         """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens."""
         reporter = reporter or Reporter()
@@ -477,6 +515,7 @@ class Trainer:
         if start_epoch >= run.epochs and start_step == 0:
             raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
         previous_handlers = self._install_signal_handlers()
+        completed = False
         try:
             reporter.start(self)
             try:
@@ -502,8 +541,7 @@ class Trainer:
                             at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
                             if at_log:
                                 self._check_finite(epoch, stats)
-                                reporter.advance(stats.steps, float(stats.loss_sum) / stats.steps, lr,
-                                                 stats.images / max(time.perf_counter() - t0, 1e-9))
+                                reporter.advance(stats.steps, self._running(stats, lr, t0))
                             if stats.steps < steps and self._should_stop(at_log):
                                 self._check_finite(epoch, stats)
                                 path = self.save_checkpoint(epoch, stats.steps, stats)
@@ -541,8 +579,9 @@ class Trainer:
                         self.save_checkpoint(epoch + 1)
                         if self._stop_signal is not None and epoch + 1 < run.epochs:
                             raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
+                    completed = True
             finally:
-                reporter.stop()
+                reporter.stop(completed)
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)

@@ -11,6 +11,8 @@ combine with any other.
 from __future__ import annotations
 
 import abc
+import importlib.util
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Optional
 
 import attrs
@@ -39,6 +41,8 @@ __all__ = [
     "LTData",
     "Split",
     "TensorSplit",
+    "Logger",
+    "RunInfo",
 ]
 
 KINDS: tuple[str, ...] = (
@@ -50,6 +54,7 @@ KINDS: tuple[str, ...] = (
     "loss",
     "model",
     "dataset",
+    "logger",
 )
 
 
@@ -487,3 +492,82 @@ class DatasetFactory(Component):
     @abc.abstractmethod
     def build(self) -> LTData:
         ...
+
+
+# ----------------------------------------------------------------------------- loggers
+
+
+@attrs.frozen
+class RunInfo:
+    """What a logger learns once, when a run starts (or resumes).
+
+    ``hparams`` is the resolved recipe flattened to ``"table.key": value`` (tuples and
+    None as they are: a tracker that takes only scalars converts them itself).
+    ``run_dir`` is the run folder, None when the run writes nothing (tests, benchmarks);
+    a logger keeps its own files under ``run_dir / "loggers" / name`` so that a resume
+    finds them again (e.g. the tracker's run id). ``recipe_toml`` is the resolved
+    recipe as the run folder's recipe.toml holds it.
+    """
+
+    run_name: str
+    run_dir: Optional[Path]
+    hparams: dict[str, Any]
+    recipe_toml: str
+    class_names: tuple[str, ...]
+    class_counts: tuple[int, ...]
+    epochs: int
+    steps_per_epoch: int
+    resumed: bool = False
+
+
+class Logger(Component):
+    """Sends a run to an experiment tracker (TensorBoard, MLflow, W&B, a plugin's own).
+
+    Contract: the engine's reporter calls, on rank 0 only and in this order,
+    ``start`` once, then ``log_scalars`` every log interval, ``log_evaluation``
+    after every evaluation, ``log_record`` after every epoch (``step`` is the global step, steps of earlier epochs
+    included, so curves from a resumed run continue), ``log_image`` for each picture
+    the run folder gets, ``finish`` with the summary when the run completes, and
+    ``close`` always (also after a failure or a stop). Scalar keys are
+    ``"group/name"``: ``train/loss``, ``train/lr``, ``train/images_per_s``,
+    ``train/mixed_fraction``, ``train/fg_label_weight``, ``test/top1``, ``test/many``,
+    ``test/medium``, ``test/few``, ``test/rare3`` and ``val/...`` when the run has a
+    validation split. ``per_class`` maps class names to test accuracy (None: no
+    test image of that class).
+
+    A logger may raise anything: the reporter reports it in one line, stops calling
+    that logger and the run goes on; checkpoints never depend on a logger. Set
+    ``requires`` to the modules the logger imports (e.g. ``("mlflow",)``) and
+    ``install_hint`` to the command that installs them: a run that asks for a logger
+    whose modules are missing fails before training, with that hint.
+    """
+
+    kind = "logger"
+    requires: ClassVar[tuple[str, ...]] = ()
+    install_hint: ClassVar[str] = ""
+
+    @classmethod
+    def missing_modules(cls) -> list[str]:
+        return [m for m in cls.requires if importlib.util.find_spec(m) is None]
+
+    @abc.abstractmethod
+    def start(self, run: RunInfo) -> None:
+        ...
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        """Per-step training scalars, every log interval."""
+
+    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
+        """One evaluation's accuracies (fractions in 0..1), after ``epoch`` (1-based) epochs."""
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """An epoch's whole record, as metrics.jsonl gets it (per_class as a list; ``top1`` only after an evaluation)."""
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """A PNG the run folder just got (per_class.png, confusion.png, mixed_samples.png)."""
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """The run completed; ``summary`` is what summary.json holds."""
+
+    def close(self) -> None:
+        """Release the tracker (flush files, end its run); called after ``finish`` or a failure."""

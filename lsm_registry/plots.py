@@ -8,8 +8,9 @@ functions raise ``PlotUnavailable`` and the run folder simply has no pictures.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -32,6 +33,28 @@ def _pyplot():
     except ImportError:
         raise PlotUnavailable("pictures need matplotlib: pip install 'lsm-registry[plot]'") from None
     return plt
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, for modules that draw figures of their own.
+
+    The one place that imports the optional extra, so every caller fails with the same
+    one-line hint (``PlotUnavailable``) when it is missing.
+    """
+    return _pyplot()
+
+
+def png_bytes(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
+    """What ``plot(*args, path=FILE, **kwargs)`` would write to FILE, as PNG bytes.
+
+    A page that embeds its pictures (``lsm report``) needs them in memory, and must not
+    write into the run folders it reads; the ``plot_*`` functions are reused as they are.
+    """
+    plt = _pyplot()
+    buf = io.BytesIO()
+    with plt.rc_context({"savefig.format": "png"}):  # a file-like object has no suffix to tell the format
+        plot(*args, path=buf, **kwargs)
+    return buf.getvalue()
 
 
 def _group_guides(ax) -> None:

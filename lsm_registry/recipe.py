@@ -48,6 +48,8 @@ class RunParams:
     eval_every: int = param(10, help="evaluate every N epochs (and always after the last)", validator=at_least(1))
     channels_last: bool = param(False, help="use the channels_last memory format (faster convolutions on CPU and GPU)")
     amp: Literal["none", "bf16", "fp16"] = param("none", help="mixed precision (fp16 uses a grad scaler; CUDA only)")
+    loggers: tuple[str, ...] = param((), help='trackers that also get the run, e.g. ["tensorboard", "mlflow"]; '
+                                     "parameters in [loggers.NAME] (the run folder is always written)")
 
     def __attrs_post_init__(self):
         dev = self.device
@@ -71,7 +73,9 @@ class OptimParams:
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams}
 #: The top-level key (before the first table) that holds the recipe format.
 FORMAT_KEY = "format"
-ALL_TABLES = ("run", "data", "model", "optim", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss")
+ALL_TABLES = ("run", "data", "model", "optim", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers")
+#: The table of the loggers' parameters, one sub-table per logger: [loggers.mlflow].
+LOGGERS_TABLE = "loggers"
 
 
 @attrs.frozen
@@ -99,15 +103,18 @@ class Recipe:
     patch: Optional[ComponentSpec] = None
     mixer: Optional[ComponentSpec] = None
     label_fuser: Optional[ComponentSpec] = None
+    loggers: tuple[ComponentSpec, ...] = ()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of the resolved recipe (every key, defaults included)."""
         out: dict[str, dict[str, Any]] = {}
         for table in ALL_TABLES:
             value = getattr(self, table)
-            if value is None:
+            if value is None or value == ():
                 continue
-            if isinstance(value, ComponentSpec):
+            if table == LOGGERS_TABLE:
+                out[table] = {spec.name: _params_dict(spec.params) for spec in value}
+            elif isinstance(value, ComponentSpec):
                 out[table] = {"name": value.name, **_params_dict(value.params)}
             else:
                 out[table] = _params_dict(value)
@@ -120,6 +127,18 @@ class Recipe:
 
 def _params_dict(params: Any) -> dict[str, Any]:
     return attrs.asdict(params, recurse=False)
+
+
+def without_loggers(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe dict less its loggers, which say where a run is watched, not what it computes.
+
+    Resume and run comparisons use it, so adding or removing a tracker never makes a
+    run "another setting".
+    """
+    out = {table: dict(keys) for table, keys in recipe.items() if table != LOGGERS_TABLE}
+    if isinstance(out.get("run"), dict):
+        out["run"].pop("loggers", None)
+    return out
 
 
 # ------------------------------------------------------------------------------ TOML out
@@ -153,10 +172,15 @@ def dumps_toml(tables: dict[str, dict[str, Any]], format: Optional[int] = None) 
     """
     lines: list[str] = [f"format = {int(format)}", ""] if format is not None else []
     for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        for key, value in keys.items():
-            lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
+        if keys and all(isinstance(v, dict) for v in keys.values()):  # [loggers.NAME] sub-tables
+            sections = [(f"{table}.{name}", body) for name, body in keys.items()]
+        else:
+            sections = [(table, keys)]
+        for header, body in sections:
+            lines.append(f"[{header}]")
+            for key, value in body.items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -202,7 +226,13 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[
         except RecipeError as exc:
             errors.extend(exc.lines)
             continue
-        section = raw.setdefault(table, {})
+        if table == LOGGERS_TABLE and "." in key:  # --set loggers.mlflow.tracking_uri=...
+            sub, key = key.split(".", 1)
+            parent = raw.setdefault(table, {})
+            section = parent.setdefault(sub, {}) if isinstance(parent, dict) else None
+            table = f"{table}.{sub}"
+        else:
+            section = raw.setdefault(table, {})
         if not isinstance(section, dict):
             errors.append(f"--set {text}: [{table}] is not a table")
             continue
@@ -265,9 +295,38 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
 
     _fill_mixing_defaults(registry, specs, where, errors)
     _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
+    loggers = _loggers(registry, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
     if errors:
         raise RecipeError(errors)
-    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], **specs)
+    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], loggers=loggers, **specs)
+
+
+def _loggers(registry: Registry, run: Optional[RunParams], body: Any, where: str, errors: list[str]) -> tuple[ComponentSpec, ...]:
+    """[run].loggers names the trackers; [loggers.NAME] holds a tracker's parameters."""
+    if body is not None and not isinstance(body, dict):
+        return ()  # reported with the other tables
+    body = body or {}
+    names = run.loggers if run is not None else ()
+    for name, params in body.items():
+        if not isinstance(params, dict):
+            errors.append(f"{where} [{LOGGERS_TABLE}].{name}: expected a table [{LOGGERS_TABLE}.{name}] of that logger's parameters (got {params!r})")
+        elif name not in names:
+            errors.append(f"{where} [{LOGGERS_TABLE}.{name}]: logger {name!r} is not in [run].loggers ({list(names)}), "
+                          "so this table is never used; add it there or remove the table")
+    specs = []
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            errors.append(f"{where} [run].loggers: {name!r} is listed {names.count(name)} times")
+        try:
+            registry.entry("logger", name)
+        except RegistryError as exc:
+            errors.append(f"{where} [run].loggers: {exc}")
+            continue
+        params = body.get(name, {})
+        spec = _component(registry, "logger", name, params if isinstance(params, dict) else {}, where, f"{LOGGERS_TABLE}.{name}", errors)
+        if spec is not None:
+            specs.append(spec)
+    return tuple(specs)
 
 
 def migrate(old: dict[str, Any], registry: Optional[Registry] = None, where: str = "recipe") -> dict[str, dict[str, Any]]:

@@ -8,9 +8,6 @@ half-written file behind.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,11 +17,9 @@ from rich.table import Table
 
 from .engine import Reporter, Trainer
 from .errors import LSMError
-from .files import atomic_write
-from .formats import SUMMARY_FORMAT
-from .metrics import group_of
 from .pictures import MIXED_SAMPLES, draw_mixed_samples
 from .plots import PlotUnavailable, plot_confusion, plot_per_class
+from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, per_class_csv, run_info
 
 
 def fmt_pct(value: Optional[float]) -> str:
@@ -49,13 +44,7 @@ def result_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
-def per_class_csv(summary: dict[str, Any]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["class", "name", "train_count", "group", "accuracy"])
-    for c, (name, count, acc) in enumerate(zip(summary["class_names"], summary["class_counts"], summary["per_class"])):
-        writer.writerow([c, name, count, group_of(count), "" if acc is None else f"{acc:.6f}"])
-    return buf.getvalue()
+__all__ = ["RunReporter", "check_writable", "fresh_run_dir", "per_class_csv", "result_table"]
 
 
 def fresh_run_dir(base: Path, name: str) -> Path:
@@ -79,7 +68,12 @@ def check_writable(folder: Path) -> None:
 
 
 class RunReporter(Reporter):
-    """Progress bars on stderr, the result table on stdout, files in the run folder (rank 0 only)."""
+    """Progress bars on stderr, the result table on stdout; on rank 0 the run folder and the recipe's loggers.
+
+    Everything the run writes goes through a :class:`~lsm_registry.tracking.LoggerHub`:
+    the run folder's writer first (its errors stop the run), then each tracker of
+    ``[run].loggers`` (its errors are reported and it is dropped).
+    """
 
     def __init__(self, console: Optional[Console] = None, show_progress: bool = True):
         self.console = console or Console()
@@ -92,6 +86,9 @@ class RunReporter(Reporter):
         self._wall_before = 0.0
         self.epochs_task = None
         self.steps_task = None
+        self.hub = LoggerHub([], self.note)
+        self.epoch = 0
+        self.steps = 0
 
     def _make_progress(self, enabled: bool) -> Progress:
         return Progress(
@@ -115,34 +112,52 @@ class RunReporter(Reporter):
         # log() prints one plain line per epoch on rank 0 instead, even with --no-progress.
         self.plain_epochs = trainer.dist.is_main and not self.err.is_terminal
         self._wall_before = float(trainer.history[-1]["wall_s"]) if trainer.history else 0.0
-        if self.run_dir is not None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.run_dir / "recipe.toml", self.trainer.recipe.to_toml())
-            # On resume the checkpoint's history is the truth: lines written after it are dropped.
-            done = [r for r in self.trainer.history if "top1" in r] if self.resumed else []
-            atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in done))
+        if trainer.dist.is_main:
+            self.hub = self._make_hub(trainer)
+            steps = trainer.sampler.steps_per_epoch(trainer.recipe.optim.batch_size)
+            self.hub.call("start", run_info(trainer.recipe, self.run_dir, trainer.data.class_names, trainer.class_counts,
+                                            steps, self.resumed))
         self.progress.start()
         epochs = self.trainer.recipe.run.epochs
         self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=len(self.trainer.history), info="")
 
-    def stop(self) -> None:
+    def _make_hub(self, trainer: Trainer) -> LoggerHub:
+        trackers = build_loggers(trainer.recipe, trainer.registry, trainer.context)
+        if self.run_dir is None:
+            return LoggerHub(trackers, self.note)
+        done = [r for r in trainer.history if "top1" in r] if self.resumed else []
+        folder = RunFolderLogger(self.run_dir, done)
+        return LoggerHub([folder, *trackers], self.note, required=(folder,))
+
+    def stop(self, completed: bool = False) -> None:
         self.progress.stop()
+        if not completed:
+            self.hub.close()  # stopped or failed: finish() will not come
 
     def note(self, text: str) -> None:
         if self.trainer is None or self.trainer.dist.is_main:
             self.err.print(f"warning: {text}", highlight=False, soft_wrap=True)
 
+    def global_step(self, step: int) -> int:
+        return self.epoch * self.steps + step
+
     def start_epoch(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps = epoch, steps
         if self.steps_task is not None:
             self.progress.remove_task(self.steps_task)
         self.steps_task = self.progress.add_task(f"epoch {epoch + 1}", total=steps, info="")
 
-    def advance(self, step: int, loss: float, lr: float, images_per_s: float) -> None:
-        self.progress.update(self.steps_task, completed=step, info=f"loss {loss:.4f}  lr {lr:.4g}  {images_per_s:.0f} img/s")
+    def advance(self, step: int, scalars: dict[str, Optional[float]]) -> None:
+        self.progress.update(self.steps_task, completed=step,
+                             info=f"loss {scalars['loss']:.4f}  lr {scalars['lr']:.4g}  {scalars['images_per_s']:.0f} img/s")
+        self.hub.call("log_scalars", self.global_step(step), {f"train/{k}": v for k, v in scalars.items() if v is not None})
 
     def evaluated(self, record: dict[str, Any]) -> None:
         if not self.trainer.dist.is_main:
             return
+        names = self.trainer.data.class_names
+        self.hub.call("log_evaluation", self.global_step(self.steps), record["epoch"], evaluation_metrics(record),
+                      dict(zip(names, record["per_class"])))
         self.progress.console.print(
             f"epoch {record['epoch']}: top-1 {fmt_pct(record['top1'])}  Many {fmt_pct(record['many'])}  "
             f"Medium {fmt_pct(record['medium'])}  Few {fmt_pct(record['few'])}  loss {record['train_loss']:.4f}"
@@ -164,9 +179,7 @@ class RunReporter(Reporter):
         if self.plain_epochs:
             self.err.print(self.epoch_line(record), highlight=False, soft_wrap=True)
         self._wall_before = float(record["wall_s"])
-        if self.run_dir is not None and "top1" in record:  # one line per evaluation
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+        self.hub.call("log_record", record)
 
     def write_pictures(self, summary: dict[str, Any]) -> None:
         """per_class.png, confusion.png and, for mixing recipes, mixed_samples.png."""
@@ -187,10 +200,16 @@ class RunReporter(Reporter):
                 self.console.print(f"note: {MIXED_SAMPLES} not drawn ({type(exc).__name__}: {exc})", highlight=False)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        if self.run_dir is not None:
-            atomic_write(self.run_dir / "summary.json", json.dumps({"format": SUMMARY_FORMAT, **summary}, indent=2) + "\n")
-            atomic_write(self.run_dir / "per_class.csv", per_class_csv(summary))
-            self.write_pictures(summary)
+        try:
+            self.hub.call("finish", summary)  # the run folder's summary.json first
+            if self.run_dir is not None:
+                self.write_pictures(summary)
+                step = self.global_step(self.steps)
+                for picture in ("per_class.png", "confusion.png", MIXED_SAMPLES):
+                    if (self.run_dir / picture).is_file():
+                        self.hub.call("log_image", Path(picture).stem, self.run_dir / picture, step)
+        finally:
+            self.hub.close()
         if not self.trainer.dist.is_main:
             return
         title = f"{summary['run_name']}: last epoch, test set"

@@ -25,7 +25,7 @@ from rich.table import Table
 from .errors import LSMError
 from .formats import RECIPE_FORMAT, SUMMARY_FORMAT, format_problem
 from .plugins import default_registry
-from .recipe import ALL_TABLES, dumps_toml, migrate
+from .recipe import ALL_TABLES, dumps_toml, migrate, without_loggers
 
 #: Recipe keys that do not change what a run measures, ignored when grouping.
 REPEAT_KEYS = (("run", "seed"), ("run", "name"))
@@ -150,9 +150,9 @@ def load_runs(paths: list[Path]) -> list[RunRecord]:
 
 
 def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
-    """{"table.key": value} of a resolved recipe, the repeat keys left out."""
+    """{"table.key": value} of a resolved recipe, the repeat keys and the loggers left out."""
     flat = {}
-    for table, keys in recipe.items():
+    for table, keys in without_loggers(recipe).items():
         if not isinstance(keys, dict):
             continue
         for key, value in keys.items():

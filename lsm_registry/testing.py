@@ -31,20 +31,23 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import tempfile
 import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, Optional
 
 import attrs
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from .components.models import CifarResNet
 from .components.fusers import AreaFuser
 from .components.patches import PixelUnshuffle
 from .components.saliency import RandomSaliency
-from .interfaces import KINDS, Context, Loss, Mixer, MixResult, Sampler
+from .interfaces import KINDS, Context, Loss, Mixer, MixResult, RunInfo, Sampler
 from .mixing import MixingStep
 from .params import ParamError
 from .plugins import build_registry
@@ -557,6 +560,32 @@ def _check_dataset(c: _Checker, cls: type, params: Any) -> None:
     cls(params, Context(class_counts=(), image_size=(0, 0, 0)))
 
 
+def _check_logger(c: _Checker, cls: type, params: Any) -> None:
+    """Drives the logger through one short run in a temporary run folder (when its packages are here)."""
+    c.check(isinstance(cls.requires, tuple), "requires must be a tuple of module names")
+    if cls.missing_modules():
+        return  # cannot be driven on this machine; a run asking for it fails with install_hint
+    logger = cls(params, tiny_context())
+    names = tuple(f"class {i}" for i in range(len(CLASS_COUNTS)))
+    # In a temporary current folder too: a tracker's default store may be relative (MLflow's mlflow.db).
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        run_dir = Path(tmp) / "run"
+        run_dir.mkdir()
+        picture = run_dir / "per_class.png"
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(picture)
+        logger.start(RunInfo(run_name="conformance", run_dir=run_dir, hparams={"run.seed": 0, "optim.milestones": (1, 2)},
+                             recipe_toml="[run]\nseed = 0\n", class_names=names, class_counts=CLASS_COUNTS,
+                             epochs=1, steps_per_epoch=2, resumed=False))
+        try:
+            logger.log_scalars(1, {"train/loss": 1.0, "train/lr": 0.1})
+            logger.log_evaluation(2, 1, {"test/top1": 0.5}, {n: (0.5 if i else None) for i, n in enumerate(names)})
+            logger.log_record({"epoch": 1, "top1": 0.5, "per_class": [None, 0.5, 0.5, 0.5]})
+            logger.log_image("per_class", picture, 2)
+            logger.finish({"top1": 0.5, "epochs": 1})
+        finally:
+            logger.close()
+
+
 _KIND_CHECKS: dict[str, Callable[[_Checker, type, Any], None]] = {
     "saliency": _check_saliency,
     "mixer": _check_mixer,
@@ -566,6 +595,7 @@ _KIND_CHECKS: dict[str, Callable[[_Checker, type, Any], None]] = {
     "patch": _check_patch,
     "model": _check_model,
     "dataset": _check_dataset,
+    "logger": _check_logger,
 }
 assert set(_KIND_CHECKS) == set(KINDS)
 

@@ -11,7 +11,7 @@ from lsm_registry.plugins import default_registry
 
 from conftest import table_rows
 
-COMMANDS = ("compare", "list-components", "preview", "resume", "run", "show", "sweep")
+COMMANDS = ("compare", "evaluate", "export", "list-components", "preview", "report", "resume", "run", "show", "sweep")
 
 
 def help_commands(output: str) -> list[str]:

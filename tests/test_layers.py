@@ -13,7 +13,7 @@ LAYERS = [
     {"registry", "components", "data", "plugins", "recipe"},
     {"mixing"},
     {"metrics", "checkpoint", "engine"},
-    {"pictures", "plots", "reporting", "runs", "testing"},
+    {"pictures", "plots", "report", "tracking", "reporting", "runs", "testing", "evaluation", "export"},
     {"cli", "__main__"},
 ]
 

@@ -39,7 +39,7 @@ def _param_text(params_cls: type) -> str:
 
 
 @click.command("list-components")
-@click.option("--kind", type=click.Choice(["sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "model", "dataset"]),
+@click.option("--kind", type=click.Choice(list(KINDS)),
               default=None, help="Only this kind.")
 @click.argument("pattern", required=False)
 def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:

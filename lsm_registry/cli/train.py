@@ -14,6 +14,7 @@ from .. import runs
 from ..errors import LSMError, RecipeError
 from ..recipe import load_recipe
 from ..reporting import RunReporter, check_writable, fresh_run_dir
+from ..tracking import check_loggers
 from .common import registry_with_warnings, set_option, user_errors
 
 
@@ -73,6 +74,7 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_pr
         run_dir = fresh_run_dir(Path("runs"), parsed.run.name)
     if resume and not run_dir.is_dir():
         raise LSMError(f"{run_dir}: no such run folder to resume")
+    check_loggers(parsed, registry)  # a missing tracker package: the hint before data and model are built
     trainer = Trainer(parsed, registry, run_dir=None, keep=keep, resume=resume)
     if trainer.dist.is_main:
         check_writable(run_dir)
@@ -91,8 +93,10 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_pr
 def resume_cmd(run_dir: Path, overrides: tuple[str, ...], keep: int, no_progress: bool) -> None:
     """Continue the run in RUN_DIR from its newest checkpoint, with its own recipe.toml.
 
-    Only run.epochs may change (e.g. --set run.epochs=300); any other difference from
-    the checkpointed recipe is refused with the list of changed keys.
+    Only run.epochs and the loggers may change (e.g. --set run.epochs=300, or
+    --set 'run.loggers=["tensorboard"]' to watch the rest of the run in TensorBoard);
+    any other difference from the checkpointed recipe is refused with the list of
+    changed keys.
     """
 
     if not (run_dir / "recipe.toml").is_file():

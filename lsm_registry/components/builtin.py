@@ -16,6 +16,7 @@ MODULES = (
     "losses",
     "models",
     "datasets",
+    "loggers",
 )
 
 

@@ -1,0 +1,379 @@
+"""Scoring a finished run's model again, on its own data or on other data (``lsm evaluate``).
+
+A run scores its model on the test split as it trains; later questions (the validation
+split, another seed of a synthetic set, the same data moved to another folder, a
+different test set with the same classes) need the trained weights scored again without
+training. The model is rebuilt from the run's own ``recipe.toml`` and a checkpoint, and
+scored by the engine's own loop (:func:`lsm_registry.engine.score_split`), so the
+numbers are those the run itself would print.
+
+Only ``[data]`` and ``run.device`` may change: a different model or loss would not match
+the weights. Two things stay those of the training set, even when the scored data
+changes, because they belong to the model, not to the data: the Many / Medium / Few
+groups (defined by the training class counts) and the input normalisation (the mean and
+std the model saw in training).
+
+An evaluation is written to its own folder (``RUN_DIR/evaluations/<split,overrides>/`` by
+default) with the atomic writer; the run's own files are only read.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import attrs
+import torch
+from rich.table import Table
+from torch import Tensor, nn
+
+from .checkpoint import CHECKPOINT_DIR, UnsafeCheckpointError, list_checkpoints, load_weights_only
+from .data.augment import stats_tensor
+from .engine import build_data, resolve_device, score_split
+from .errors import LSMError, RecipeError
+from .files import atomic_write
+from .formats import CHECKPOINT_FORMAT, SUMMARY_FORMAT, format_problem
+from .interfaces import Context, LTData, Loss
+from .metrics import summarise_counts
+from .recipe import Recipe, parse_override, read_toml, validate
+from .registry import Registry
+from .reporting import fmt_pct, per_class_csv
+
+#: Folder of a run that holds its evaluations, one sub-folder each.
+EVALUATIONS_DIR = "evaluations"
+#: ``summary.json["kind"]`` of an evaluation: tells it apart from a run's summary.
+EVALUATION_KIND = "evaluation"
+SPLITS = ("test", "val")
+#: The keys ``--set`` may change when scoring trained weights: the data, and where to compute.
+ALLOWED_DEVICE_KEY = "run.device"
+
+
+@attrs.frozen
+class TrainingFacts:
+    """What the model took from its training set: class counts (the groups), names, normalisation, input size."""
+
+    class_counts: tuple[int, ...]
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, data: LTData) -> "TrainingFacts":
+        return cls(data.class_counts(), tuple(data.class_names), tuple(data.mean), tuple(data.std), tuple(data.image_size))
+
+
+@attrs.frozen(eq=False)
+class TrainedModel:
+    """A run's model with its checkpoint's weights, in eval mode on ``device``."""
+
+    run_dir: Path
+    recipe: Recipe
+    checkpoint: Path
+    epoch: Optional[int]  # completed epochs of the checkpoint (None for a bare state_dict)
+    step: int
+    module: nn.Module
+    loss: Loss
+    facts: TrainingFacts
+    device: torch.device
+
+
+@attrs.frozen(eq=False)
+class Evaluation:
+    """The summary that summary.json gets, each image's prediction and, when asked, the logits."""
+
+    summary: dict[str, Any]
+    labels: Tensor
+    predictions: Tensor
+    logits: Optional[Tensor]
+    notes: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------ the run and its checkpoint
+
+
+def run_recipe_path(run_dir: Path) -> Path:
+    if not run_dir.exists():
+        raise LSMError(f"{run_dir}: no such run folder")
+    path = run_dir / "recipe.toml"
+    if not path.is_file():
+        raise LSMError(f"{run_dir}: not a run folder (no recipe.toml)")
+    return path
+
+
+def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
+    """``checkpoint`` when given, else the run's newest one: a damaged newest file is an error, never
+    silently replaced by an older one, since the scores would then describe other weights."""
+    if checkpoint is not None:
+        if not checkpoint.is_file():
+            raise LSMError(f"{checkpoint}: no such checkpoint file")
+        return checkpoint
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise LSMError(f"{run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR}; name one with --checkpoint FILE")
+    return found[-1]
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[int], int]:
+    """(model state_dict, completed epochs, step) of an engine checkpoint or a bare state_dict, weights only."""
+    try:
+        state = load_weights_only(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise LSMError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {first})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        problem = format_problem(state.get("format"), CHECKPOINT_FORMAT, str(path))
+        if problem is not None:
+            raise LSMError(problem)
+        return state["model"], state.get("epoch"), int(state.get("step") or 0)
+    if not isinstance(state, dict):
+        raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
+    return state, None, 0
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def check_overrides(overrides: Sequence[str]) -> list[tuple[str, str, Any]]:
+    """Parsed ``--set`` overrides; any outside [data] and run.device is refused, naming the key."""
+    parsed, errors = [], []
+    for text in overrides:
+        try:
+            table, key, value = parse_override(text)
+        except RecipeError as exc:
+            errors.extend(exc.lines)
+            continue
+        dotted = f"{table}.{key}"
+        if table != "data" and dotted != ALLOWED_DEVICE_KEY:
+            errors.append(f"--set {text}: {dotted} cannot change when scoring trained weights; only data.* and "
+                          f"{ALLOWED_DEVICE_KEY} may (the model and loss must stay those the weights were trained with)")
+            continue
+        parsed.append((table, key, value))
+    if errors:
+        raise RecipeError(errors)
+    return parsed
+
+
+def evaluation_recipes(run_dir: Path, overrides: Sequence[str], registry: Registry) -> tuple[Recipe, Recipe]:
+    """(the run's recipe, the recipe to evaluate with), both with ``run.device`` as overridden.
+
+    Setting ``data.name`` to another data set starts its [data] table afresh: the run's
+    other [data] keys are parameters of the old data set and would not apply.
+    """
+    path = run_recipe_path(run_dir)
+    parsed = check_overrides(overrides)
+    trained_raw, evaluated_raw = read_toml(path), read_toml(path)
+    old_name = (trained_raw.get("data") or {}).get("name")
+    new_name = next((v for t, k, v in parsed if t == "data" and k == "name"), old_name)
+    if new_name != old_name and isinstance(evaluated_raw.get("data"), dict):
+        evaluated_raw["data"] = {}
+    for table, key, value in parsed:
+        targets = (trained_raw, evaluated_raw) if table == "run" else (evaluated_raw,)
+        for raw in targets:
+            section = raw.setdefault(table, {})
+            if isinstance(section, dict):
+                section[key] = value
+    where = str(path)
+    return validate(trained_raw, where, registry), validate(evaluated_raw, where, registry)
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated: Recipe,
+                   evaluated_data: LTData, notes: list[str]) -> TrainingFacts:
+    """The training set's facts: from the evaluated data when it is the training data, else rebuilt.
+
+    When the run's own data set cannot be built any more (its files moved: the usual
+    reason to override data.root), the class counts and names come from the run's
+    summary.json and the normalisation from the evaluated data, with a note.
+    """
+    if trained.data == evaluated.data:
+        return TrainingFacts.of(evaluated_data)
+    try:
+        return TrainingFacts.of(build_data(trained, registry))
+    except LSMError as exc:
+        summary = _read_summary(run_dir)
+        counts, names = summary.get("class_counts"), summary.get("class_names")
+        if not counts:
+            raise LSMError(f"{run_dir}: cannot rebuild the training data for its class counts ({exc}), and there is "
+                           "no summary.json that lists them") from None
+        notes.append(f"the run's training data could not be built ({exc}); Many/Medium/Few use the class counts of "
+                     f"{run_dir / 'summary.json'} and images are normalised with the evaluated data's mean and std")
+        return TrainingFacts(tuple(int(n) for n in counts), tuple(names or evaluated_data.class_names),
+                             tuple(evaluated_data.mean), tuple(evaluated_data.std), tuple(evaluated_data.image_size))
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: TrainingFacts, checkpoint: Path,
+                device: torch.device) -> TrainedModel:
+    """The run's model (and loss, for its test-time logits) with the checkpoint's weights."""
+    state, epoch, step = read_checkpoint(checkpoint)
+    context = Context(class_counts=facts.class_counts, image_size=facts.image_size, device=device,
+                      generator=torch.Generator().manual_seed(recipe.run.seed), epochs=recipe.run.epochs, seed=recipe.run.seed)
+    loss = recipe.loss.build(registry, context)
+    factory = recipe.model.build(registry, context)
+    try:
+        factory.check_input(facts.image_size)
+        module = factory.build(len(facts.class_counts), facts.image_size[0], loss.needs_normed_head)
+    except ValueError as exc:
+        raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = " ".join(str(exc).splitlines()[:2])
+        raise LSMError(f"{checkpoint}: does not fit the model of {run_dir / 'recipe.toml'} ({first})") from None
+    module = module.to(device).eval()
+    return TrainedModel(run_dir, recipe, checkpoint, epoch, step, module, loss, facts, device)
+
+
+def load_trained(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None,
+                 device: Optional[torch.device] = None) -> tuple[TrainedModel, LTData]:
+    """The run's model on its own data (``lsm export``): on ``device``, or the recipe's."""
+    recipe, _ = evaluation_recipes(run_dir, (), registry)
+    path = find_checkpoint(run_dir, checkpoint)
+    data = build_data(recipe, registry)
+    model = build_model(run_dir, recipe, registry, TrainingFacts.of(data), path, device or resolve_device(recipe.run.device))
+    return model, data
+
+
+# ------------------------------------------------------------------------------ evaluating
+
+
+def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, overrides: Sequence[str] = (),
+                 split: str = "test", batch_size: int = 512, keep_logits: bool = False) -> Evaluation:
+    """Score the run's model on ``split`` of its data (with ``overrides`` applied), as its training did."""
+    if split not in SPLITS:
+        raise LSMError(f"--split {split}: choose test or val")
+    overrides = list(overrides)
+    trained, evaluated = evaluation_recipes(run_dir, overrides, registry)
+    path = find_checkpoint(run_dir, checkpoint)
+    device = resolve_device(evaluated.run.device)
+    data = build_data(evaluated, registry)
+    scored = data.test if split == "test" else data.val
+    if scored is None:
+        raise LSMError(f"[data] {evaluated.data.name}: no validation split; add --set data.val_per_class=N")
+    notes: list[str] = []
+    facts = training_facts(run_dir, trained, registry, evaluated, data, notes)
+    if data.num_classes != len(facts.class_counts):
+        raise LSMError(f"[data] {evaluated.data.name}: {data.num_classes} classes, but the model of {run_dir} was "
+                       f"trained on {len(facts.class_counts)}; it can only score data with the same classes")
+    if data.image_size[0] != facts.image_size[0]:
+        raise LSMError(f"[data] {evaluated.data.name}: images with {data.image_size[0]} channel(s), but the model of "
+                       f"{run_dir} takes {facts.image_size[0]}")
+    if tuple(data.class_names) != facts.class_names:
+        notes.append(f"[data] {evaluated.data.name}: its class names differ from the training set's; class c is "
+                     "scored as the model's class c")
+    model = build_model(run_dir, trained, registry, facts, path, device)
+    # Mixed precision only where the run could use it (CUDA); elsewhere float32.
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.run.amp) if device.type == "cuda" else None
+    memory_format = torch.channels_last if trained.run.channels_last else torch.contiguous_format
+    n = len(scored)
+    predictions = torch.zeros(n, dtype=torch.int64)
+    logits_all = torch.zeros(n, data.num_classes) if keep_logits else None
+
+    def keep(idx: Tensor, logits: Tensor) -> None:
+        predictions[idx] = logits.argmax(dim=1).cpu()
+        if logits_all is not None:
+            logits_all[idx] = logits.cpu()
+
+    correct, total, _ = score_split(model.module.to(memory_format=memory_format), scored, model.loss, data.num_classes,
+                                    stats_tensor(facts.mean, device), stats_tensor(facts.std, device), device,
+                                    torch.arange(n), batch_size=batch_size, memory_format=memory_format,
+                                    autocast_dtype=autocast, on_logits=keep)
+    result = summarise_counts(correct, total, facts.class_counts)
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "kind": EVALUATION_KIND,
+        **result,
+        "epochs": model.epoch,
+        "split": split,
+        "images": n,
+        "checkpoint": str(path),
+        "checkpoint_epoch": model.epoch,
+        "checkpoint_step": model.step,
+        "overrides": overrides,
+        "data": evaluated.to_dict()["data"],
+        "class_counts": list(facts.class_counts),
+        "class_names": list(data.class_names),
+        "recipe": str(run_dir / "recipe.toml"),
+        "run_name": trained.run.name,
+        "seed": trained.run.seed,
+    }
+    return Evaluation(summary, scored.labels.clone(), predictions, logits_all, tuple(notes))
+
+
+# ------------------------------------------------------------------------------ writing and showing
+
+
+def _safe(raw: str) -> str:
+    """A value as a folder-name fragment: quotes dropped, anything unusual becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._+\-\[\]=]", "_", raw.strip().strip("\"'")) or "_"
+
+
+def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[Path] = None) -> str:
+    """``test``, ``val``, ``test,data.seed=1``, ...; ``,checkpoint=<stem>`` for a named checkpoint."""
+    parts = [split] + [_safe(text.replace(" ", "")) for text in overrides]
+    if checkpoint is not None:
+        parts.append(f"checkpoint={_safe(checkpoint.stem)}")
+    return ",".join(parts)
+
+
+def check_out(folder: Path) -> None:
+    """An evaluation may replace an earlier evaluation, never anything else (a run folder least of all)."""
+    if folder.exists() and not folder.is_dir():
+        raise LSMError(f"{folder}: is a file, not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if (folder / "recipe.toml").exists() or (folder / CHECKPOINT_DIR).exists():
+        raise LSMError(f"{folder}: is a run folder; an evaluation goes into a folder of its own")
+    if _read_summary(folder).get("kind") != EVALUATION_KIND:
+        raise LSMError(f"{folder}: holds other files; choose an empty folder or one with an earlier evaluation")
+
+
+def predictions_csv(evaluation: Evaluation) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["index", "label", "prediction"])
+    for i, (label, pred) in enumerate(zip(evaluation.labels.tolist(), evaluation.predictions.tolist())):
+        writer.writerow([i, label, pred])
+    return buf.getvalue()
+
+
+def write_evaluation(evaluation: Evaluation, folder: Path) -> list[Path]:
+    """summary.json, per_class.csv and predictions.csv, each written atomically."""
+    check_out(folder)
+    files = {
+        "summary.json": json.dumps(evaluation.summary, indent=2) + "\n",
+        "per_class.csv": per_class_csv(evaluation.summary),
+        "predictions.csv": predictions_csv(evaluation),
+    }
+    written = []
+    for name, text in files.items():
+        atomic_write(folder / name, text)
+        written.append(folder / name)
+    return written
+
+
+def evaluation_table(summary: dict[str, Any], title: str) -> Table:
+    """The columns of the run's result table that an evaluation has (no best epoch, no training time)."""
+    table = Table(title=title)
+    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", "epochs", "images"):
+        table.add_column(column, justify="right")
+    table.add_row(fmt_pct(summary["top1"]), fmt_pct(summary["many"]), fmt_pct(summary["medium"]),
+                  fmt_pct(summary["few"]), fmt_pct(summary["rare3"]),
+                  "—" if summary["epochs"] is None else str(summary["epochs"]), str(summary["images"]))
+    return table
