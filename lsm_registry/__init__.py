@@ -19,6 +19,7 @@ from .interfaces import (
     MixerParams,
     MixResult,
     ModelFactory,
+    Optimizer,
     PatchOperator,
     RunInfo,
     SaliencyProvider,
@@ -38,7 +39,7 @@ from .version import __version__
 __all__ = [
     "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
     "MixerParams", "mix_prob", "mix_start", "mix_end",
-    "MixResult", "ModelFactory", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
+    "MixResult", "ModelFactory", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
     "TensorSplit", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
     "RegistryError", "DataError", "__version__",
 ]

@@ -195,8 +195,12 @@ def recipe_diff(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], 
     return changes
 
 
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a state_dict, or the model of an engine checkpoint, into ``model`` (``lsm preview --checkpoint``)."""
+def read_model_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state_dict, the rest of the engine checkpoint or {} for a bare state_dict), weights only.
+
+    One reader for every place that takes weights from a file a user names (``lsm preview
+    --checkpoint``, a stage-2 recipe's ``init_from``), so none of them unpickles objects.
+    """
     try:
         # Weights only, always: a file holding pickled code or objects is refused, never run.
         state = load_weights_only(path, map_location="cpu")
@@ -205,9 +209,15 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
         raise LSMError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+        return state["model"], state
     if not isinstance(state, dict):
         raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
+    return state, {}
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a state_dict, or the model of an engine checkpoint, into ``model`` (``lsm preview --checkpoint``)."""
+    state, _ = read_model_state(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -1,7 +1,7 @@
 """The one training engine: every recipe, baseline and ablation runs through ``Trainer``.
 
 Step: data -> sampler -> (saliency -> patch -> mixer -> label fuser, when a mixer is
-configured) -> model -> loss -> SGD. Tensors stay on the device from the fetch to the
+configured) -> optimizer step (model -> loss -> backward, once or more) -> SGD update. Tensors stay on the device from the fetch to the
 loss; the only host synchronisations are the progress-bar updates every
 ``LOG_EVERY`` steps and the per-batch mixing coin, which is drawn on the CPU
 generator (no device sync).
@@ -9,6 +9,7 @@ generator (no device sync).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -25,14 +26,16 @@ from torch import Tensor, nn
 
 from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
                          rng_state, save_atomic, set_rng_state)
-from .data.augment import augment, stats_tensor, normalise
+from .data.augment import augment_with_crops, stats_tensor, normalise
+from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import DataError, LSMError
-from .interfaces import Context, Loss, LTData, Split
+from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure
 from .metrics import summarise_counts
 from .mixing import MixedBatch, MixingStep, permuted_foreground
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
 from .recipe import Recipe, migrate, without_loggers
 from .registry import Registry
+from .stages import load_parent, set_train_mode, trainable_parameters
 
 LOG_EVERY = 10
 PICTURE_ROWS = 8  # rows of the last mixed batch kept for mixed_samples.png
@@ -108,6 +111,23 @@ def score_split(module: nn.Module, split: Split, loss: Loss, num_classes: int, m
 
 
 # ------------------------------------------------------------------------------ trainer
+
+
+class _Closure(StepClosure):
+    """One step's batch for the optimizer: zero the gradients, forward, loss, backward."""
+
+    def __init__(self, trainer: "Trainer", x: Tensor, target: Tensor, mixed: Optional[MixedBatch]):
+        self.trainer, self.x, self.target, self.mixed = trainer, x, target, mixed
+        self.calls = 0
+
+    def __call__(self, head: Optional[Head] = None) -> Tensor:
+        t = self.trainer
+        t.optimizer.base.zero_grad(set_to_none=True)
+        with t.held_batch_norm() if self.calls else contextlib.nullcontext():
+            loss = t.forward_loss(self.x, self.target, self.mixed, head)
+            t.scaler.scale(loss).backward()
+        self.calls += 1
+        return loss.detach()
 
 
 class TrainingError(LSMError):
@@ -255,6 +275,12 @@ class Trainer:
         self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
         self.module = self.module.to(self.device).to(memory_format=self.memory_format)
+        # A stage's parent weights are loaded only on a fresh start; a resume loads the
+        # run's own checkpoint, which already holds them (the parent may be gone by then).
+        self.parent: Optional[dict[str, Any]] = None
+        if recipe.stage.init_from is not None and not resume:
+            self.parent = load_parent(recipe, self.module, self.data.num_classes)
+        trainable_parameters(self.module, recipe)
         self.sampler = recipe.sampler.build(registry, self.context, self.data.train.labels, self.dist.rank, self.dist.world_size)
         self.mixer = recipe.mixer.build(registry, self.context) if recipe.mixer else None
         self.patch = recipe.patch.build(registry, self.context) if recipe.patch else None
@@ -275,9 +301,20 @@ class Trainer:
                 raise LSMError(f"{recipe.path} [saliency]: {exc}") from None
         self.model: nn.Module = self._wrap_distributed(self.module)
         opt = recipe.optim
-        self.optimizer = torch.optim.SGD(
-            self.module.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
+        base = torch.optim.SGD(
+            [p for p in self.module.parameters() if p.requires_grad], lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
         )
+        # The optimizer component owns the step's passes; its update is always the SGD above.
+        spec = recipe.optimizer
+        self.optimizer: Optimizer = registry.get("optimizer", spec.name)(spec.params, self.context, base)
+        self.needs_features = self.loss.needs_features or self.optimizer.needs_features
+        if self.needs_features:
+            self._check_feature_api()
+        try:
+            self.optimizer.attach(self.module)
+        except ValueError as exc:
+            raise LSMError(f"{recipe.path} [optim] {spec.name}: {exc}") from None
+        self._batch_norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.labels_on_device = self.data.train.labels.to(self.device)
@@ -288,6 +325,21 @@ class Trainer:
         self.best_top1, self.best_epoch = -1.0, -1
         self._stop_signal: Optional[int] = None
         self.confusion: Optional[Tensor] = None
+        # Per image, the crop and flip of this step's background and foreground batches (the
+        # foreground's is None when it is the background permuted or there is none).
+        self.crops: tuple[Optional[Crops], Optional[Crops]] = (None, None)
+        self._loader: Optional[PlannedLoader] = None
+
+    def _check_feature_api(self) -> None:
+        """A loss or optimizer that reads the features needs the model's documented feature API."""
+        who = " and ".join(w for w, needs in ((f"loss {self.recipe.loss.name!r}", self.loss.needs_features),
+                                               (f"optimizer {self.recipe.optimizer.name!r}", self.optimizer.needs_features)) if needs)
+        if not (callable(getattr(self.module, "forward_features", None)) and isinstance(getattr(self.module, "classifier", None), nn.Module)):
+            raise LSMError(f"{self.recipe.path} [model] {self.recipe.model.name}: {who} reads the features the classifier "
+                           "sees, and this model has no forward_features(x) and classifier (docs/plugins.md, the model contract)")
+        if self.dist.enabled:
+            raise LSMError(f"{self.recipe.path}: {who} reads the model's features, which bypasses DistributedDataParallel's "
+                           "gradient synchronisation; run it in one process")
 
     def _check_batch_size(self) -> None:
         """A batch larger than the training shard would train on a short batch every step, silently."""
@@ -346,22 +398,51 @@ class Trainer:
 
     # -------------------------------------------------------------- step
 
-    def prepare(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        raw = self.data.train.fetch(idx, self.device)
-        x = normalise(augment(raw, self.data.augment, self.generator), self.mean, self.std)
-        return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)]
+    def prepare(self, idx: Tensor, fetched: Optional[tuple[Tensor, Crops]] = None) -> tuple[Tensor, Tensor]:
+        x, y, _ = self.prepare_with_crops(idx, fetched)
+        return x, y
 
-    def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor]) -> Optional[MixedBatch]:
-        """The mixed batch when this epoch's window and this batch's coin say so, else None."""
+    def prepare_with_crops(self, idx: Tensor, fetched: Optional[tuple[Tensor, Crops]] = None) -> tuple[Tensor, Tensor, Crops]:
+        """Augmented, normalised images, labels and per-image crops of the training indices ``idx``.
+
+        ``fetched``: uint8 crops the split already cut while decoding (the planned loader's);
+        without them a split that crops while decoding (``augment = "decoded"``) is asked
+        for its crops with a seed drawn from the engine generator, and any other is
+        fetched and augmented on the device.
+        """
+        if fetched is None and self.data.augment == "decoded":
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+            fetched = self.data.train.fetch_train(idx, seed)  # type: ignore[attr-defined]
+        if fetched is not None:
+            raw, crops = fetched
+            x = normalise(raw.to(self.device, non_blocking=True), self.mean, self.std)
+        else:
+            augmented, crops = augment_with_crops(self.data.train.fetch(idx, self.device), self.data.augment, self.generator)
+            x = normalise(augmented, self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)], crops
+
+    def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor],
+                    loaded: Optional[LoadedStep] = None) -> Optional[MixedBatch]:
+        """The mixed batch when this epoch's window and this batch's coin say so, else None.
+
+        ``loaded``: the planned step, whose coin was drawn with the plan and whose
+        foreground (when it mixes) is already decoded.
+        """
         mixer = self.mixer
-        if mixer is None or not mixer.active(epoch) or not mixer.coin():
+        if mixer is None or not (loaded.plan.mix if loaded is not None else mixer.active(epoch) and mixer.coin()):
             return None
-        xf, yf = permuted_foreground(xb, yb, self.generator) if fg is None else self.prepare(fg)
+        if fg is None:
+            xf, yf = permuted_foreground(xb, yb, self.generator)
+        else:
+            xf, yf, crops_f = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
+            self.crops = (self.crops[0], crops_f)
         return self.mixing(self.module, xb, yb, xf, yf)
 
-    def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats) -> None:
-        xb, yb = self.prepare(bg)
-        mixed = self.mixed_batch(epoch, xb, yb, fg)
+    def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats,
+                   loaded: Optional[LoadedStep] = None) -> None:
+        xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
+        self.crops = (crops_b, None)
+        mixed = self.mixed_batch(epoch, xb, yb, fg, loaded)
         if mixed is None:
             x, target = xb, yb
         else:
@@ -369,21 +450,85 @@ class Trainer:
             stats.mixed += 1
             stats.fg_weight_sum += mixed.lam.detach().mean()
             self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
-        self.model.train()
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            logits = self.model(x)
-        loss = self.loss(logits.float(), target, mixed)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        loss = loss.detach()
+        set_train_mode(self.model, self.recipe)
+        loss = self.optimizer.step(_Closure(self, x, target, mixed), self.scaler).detach()
         stats.steps += 1
         stats.images += x.shape[0]
         # Remember the first non-finite step without a host sync.
         bad = ~torch.isfinite(loss) & (stats.bad_step < 0)
         stats.bad_step = torch.where(bad, torch.full_like(stats.bad_step, stats.steps), stats.bad_step)
         stats.loss_sum += loss
+
+    def forward_loss(self, x: Tensor, target: Tensor, mixed: Optional[MixedBatch], head: Optional[Head] = None) -> Tensor:
+        """The step's loss at the current weights (what the optimizer's closure backpropagates).
+
+        Through the feature API (``classifier(mean of forward_features(x))``) when the loss
+        or the optimizer reads the features, else through the (possibly DDP-wrapped) model.
+        """
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            if self.needs_features or head is not None:
+                h = self.module.forward_features(x).mean(dim=(2, 3))
+                logits = self.module.classifier(h)
+            else:
+                h, logits = None, self.model(x)
+        logits = logits.float()
+        features = h.float() if h is not None else None
+        extra = {"features": features} if self.loss.needs_features else {}
+
+        def loss_of(z: Tensor) -> Tensor:
+            return self.loss(z, target, mixed, **extra)
+
+        return head(features, logits, target, loss_of) if head is not None else loss_of(logits)
+
+    @contextlib.contextmanager
+    def held_batch_norm(self):
+        """Batch-norm running statistics put back after a pass, so a step's repeated passes count its batch once."""
+        kept = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                for m in self._batch_norms if m.training and m.track_running_stats and m.running_mean is not None]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, mean, var, tracked in kept:
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(tracked)
+
+    # -------------------------------------------------------------- planned loading
+
+    def plan(self, epoch: int, batch_size: int) -> Optional[list[PlannedStep]]:
+        """The epoch's steps, drawn up front, for a training split that crops while decoding; else None.
+
+        Call right after the epoch's re-seed: the mixing coins and crop seeds come from
+        the engine generator, so the plan (and a mid-epoch resume, which replans and then
+        restores the generator) repeats exactly, and only the steps that mix fetch a
+        foreground.
+        """
+        if self.data.augment != "decoded":
+            return None
+        batches = list(self.sampler.batches(epoch, batch_size))
+        mixer = self.mixer
+        coins = [mixer is not None and mixer.active(epoch) and mixer.coin() for _ in batches]
+        seeds = torch.randint(0, 2**62, (len(batches), 2), generator=self.generator)
+        return plan_epoch(batches, coins, seeds)
+
+    def _steps(self, epoch: int, batch_size: int, plan: Optional[list[PlannedStep]], skip: int):
+        """(bg, fg, loaded step or None) from step ``skip`` on: planned steps come decoded ahead by the loader."""
+        if plan is None:
+            for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
+                if i >= skip:
+                    yield bg, fg, None
+            return
+        if self._loader is None:
+            split = self.data.train
+            self._loader = PlannedLoader(split, split.workers, split.prefetch, pin_memory=self.device.type == "cuda")  # type: ignore[attr-defined]
+        for loaded in self._loader.run(plan[skip:]):
+            yield loaded.plan.bg, loaded.plan.fg, loaded
+
+    def close_loader(self) -> None:
+        if self._loader is not None:
+            self._loader.close()
+            self._loader = None
 
     # -------------------------------------------------------------- evaluation
 
@@ -426,6 +571,7 @@ class Trainer:
             "best": (self.best_top1, self.best_epoch),
             "recipe": self.recipe.to_dict(),
             "world_size": self.dist.world_size,
+            "parent": self.parent,
         }
 
     def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:
@@ -466,6 +612,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = state["best"]
+        self.parent = state.get("parent")
         return state["epoch"], state["step"], state
 
     # -------------------------------------------------------------- loop
@@ -521,11 +668,12 @@ class Trainer:
             try:
                     for epoch in range(start_epoch, run.epochs):
                         skip = start_step if epoch == start_epoch else 0
+                        self.generator.manual_seed(epoch_seed(run.seed, epoch))
+                        plan = self.plan(epoch, batch_size)
                         if skip:
                             self.generator.set_state(state["generator"])
                             stats = StepStats.from_state(state["stats"], self.device)
                         else:
-                            self.generator.manual_seed(epoch_seed(run.seed, epoch))
                             stats = StepStats.zeros(self.device)
                         lr = self.lr_at(epoch)
                         for group in self.optimizer.param_groups:
@@ -534,10 +682,8 @@ class Trainer:
                         steps = self.sampler.steps_per_epoch(batch_size)
                         reporter.start_epoch(epoch, steps)
                         t0 = time.perf_counter()
-                        for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
-                            if i < skip:
-                                continue
-                            self.train_step(epoch, bg, fg, stats)
+                        for bg, fg, loaded in self._steps(epoch, batch_size, plan, skip):
+                            self.train_step(epoch, bg, fg, stats, loaded)
                             at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
                             if at_log:
                                 self._check_finite(epoch, stats)
@@ -581,6 +727,7 @@ class Trainer:
                             raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
                     completed = True
             finally:
+                self.close_loader()
                 reporter.stop(completed)
         finally:
             for sig, handler in previous_handlers.items():
@@ -602,6 +749,7 @@ class Trainer:
             "run_name": run.name,
             "seed": run.seed,
             "world_size": self.dist.world_size,
+            **({"parent": self.parent} if self.parent is not None else {}),
         }
         reporter.finish(summary)
         return summary

@@ -42,6 +42,7 @@ from .metrics import summarise_counts
 from .recipe import Recipe, parse_override, read_toml, validate
 from .registry import Registry
 from .reporting import fmt_pct, per_class_csv
+from .stages import tau_normalised
 
 #: Folder of a run that holds its evaluations, one sub-folder each.
 EVALUATIONS_DIR = "evaluations"
@@ -253,9 +254,41 @@ def load_trained(run_dir: Path, registry: Registry, checkpoint: Optional[Path] =
 # ------------------------------------------------------------------------------ evaluating
 
 
+@attrs.frozen(eq=False)
+class PreparedEvaluation:
+    """A run's model and the data to score it on, built once for several scorings (``lsm tau-norm``)."""
+
+    run_dir: Path
+    trained: Recipe
+    evaluated: Recipe
+    checkpoint: Path
+    split: str
+    overrides: tuple[str, ...]
+    data: LTData
+    scored: Any  # the Split scored
+    facts: TrainingFacts
+    model: TrainedModel
+    notes: tuple[str, ...]
+
+
 def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, overrides: Sequence[str] = (),
-                 split: str = "test", batch_size: int = 512, keep_logits: bool = False) -> Evaluation:
-    """Score the run's model on ``split`` of its data (with ``overrides`` applied), as its training did."""
+                 split: str = "test", batch_size: int = 512, keep_logits: bool = False,
+                 tau: Optional[float] = None) -> Evaluation:
+    """Score the run's model on ``split`` of its data (with ``overrides`` applied), as its training did;
+    ``tau``: with its classifier tau-normalised first (:func:`lsm_registry.stages.tau_normalised`)."""
+    return score_prepared(prepare_evaluation(run_dir, registry, checkpoint, overrides, split), batch_size, keep_logits, tau)
+
+
+def tau_norm_run(run_dir: Path, registry: Registry, taus: Sequence[float], checkpoint: Optional[Path] = None,
+                 overrides: Sequence[str] = (), split: str = "test", batch_size: int = 512) -> list[Evaluation]:
+    """One evaluation per tau of the run's tau-normalised model; the data and weights are loaded once."""
+    prepared = prepare_evaluation(run_dir, registry, checkpoint, overrides, split)
+    return [score_prepared(prepared, batch_size, tau=tau) for tau in taus]
+
+
+def prepare_evaluation(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, overrides: Sequence[str] = (),
+                       split: str = "test") -> PreparedEvaluation:
+    """The run's model with its weights and the data it is to be scored on, every check made."""
     if split not in SPLITS:
         raise LSMError(f"--split {split}: choose test or val")
     overrides = list(overrides)
@@ -278,6 +311,16 @@ def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] =
         notes.append(f"[data] {evaluated.data.name}: its class names differ from the training set's; class c is "
                      "scored as the model's class c")
     model = build_model(run_dir, trained, registry, facts, path, device)
+    return PreparedEvaluation(run_dir, trained, evaluated, path, split, tuple(overrides), data, scored, facts, model, tuple(notes))
+
+
+def score_prepared(prepared: PreparedEvaluation, batch_size: int = 512, keep_logits: bool = False,
+                   tau: Optional[float] = None) -> Evaluation:
+    """Score a prepared run's model (tau-normalised first when ``tau`` is given) as its training did."""
+    run_dir, trained, evaluated, path, split = prepared.run_dir, prepared.trained, prepared.evaluated, prepared.checkpoint, prepared.split
+    data, scored, facts, model, device = prepared.data, prepared.scored, prepared.facts, prepared.model, prepared.model.device
+    overrides = list(prepared.overrides)
+    module = model.module if tau is None else tau_normalised(model.module, tau)
     # Mixed precision only where the run could use it (CUDA); elsewhere float32.
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained.run.amp) if device.type == "cuda" else None
     memory_format = torch.channels_last if trained.run.channels_last else torch.contiguous_format
@@ -290,7 +333,7 @@ def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] =
         if logits_all is not None:
             logits_all[idx] = logits.cpu()
 
-    correct, total, _ = score_split(model.module.to(memory_format=memory_format), scored, model.loss, data.num_classes,
+    correct, total, _ = score_split(module.to(memory_format=memory_format), scored, model.loss, data.num_classes,
                                     stats_tensor(facts.mean, device), stats_tensor(facts.std, device), device,
                                     torch.arange(n), batch_size=batch_size, memory_format=memory_format,
                                     autocast_dtype=autocast, on_logits=keep)
@@ -306,6 +349,7 @@ def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] =
         "checkpoint_epoch": model.epoch,
         "checkpoint_step": model.step,
         "overrides": overrides,
+        **({"tau_norm": tau} if tau is not None else {}),
         "data": evaluated.to_dict()["data"],
         "class_counts": list(facts.class_counts),
         "class_names": list(data.class_names),
@@ -313,7 +357,7 @@ def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] =
         "run_name": trained.run.name,
         "seed": trained.run.seed,
     }
-    return Evaluation(summary, scored.labels.clone(), predictions, logits_all, tuple(notes))
+    return Evaluation(summary, scored.labels.clone(), predictions, logits_all, prepared.notes)
 
 
 # ------------------------------------------------------------------------------ writing and showing
@@ -324,11 +368,15 @@ def _safe(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+\-\[\]=]", "_", raw.strip().strip("\"'")) or "_"
 
 
-def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[Path] = None) -> str:
-    """``test``, ``val``, ``test,data.seed=1``, ...; ``,checkpoint=<stem>`` for a named checkpoint."""
+def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[Path] = None,
+                    tau: Optional[float] = None) -> str:
+    """``test``, ``val``, ``test,data.seed=1``, ...; ``,checkpoint=<stem>`` for a named checkpoint,
+    ``,tau=0.7`` for a tau-normalised classifier."""
     parts = [split] + [_safe(text.replace(" ", "")) for text in overrides]
     if checkpoint is not None:
         parts.append(f"checkpoint={_safe(checkpoint.stem)}")
+    if tau is not None:
+        parts.append(f"tau={tau:g}")
     return ",".join(parts)
 
 
@@ -377,3 +425,26 @@ def evaluation_table(summary: dict[str, Any], title: str) -> Table:
                   fmt_pct(summary["few"]), fmt_pct(summary["rare3"]),
                   "—" if summary["epochs"] is None else str(summary["epochs"]), str(summary["images"]))
     return table
+
+
+def tau_norm_table(evaluations: Sequence[Evaluation], title: str) -> Table:
+    """One row per tau: what ``lsm tau-norm`` prints."""
+    table = Table(title=title)
+    for column in ("tau", "top-1", "Many", "Medium", "Few", "rarest 3"):
+        table.add_column(column, justify="right")
+    for evaluation in evaluations:
+        s = evaluation.summary
+        table.add_row(f"{s['tau_norm']:g}", fmt_pct(s["top1"]), fmt_pct(s["many"]), fmt_pct(s["medium"]),
+                      fmt_pct(s["few"]), fmt_pct(s["rare3"]))
+    return table
+
+
+def tau_norm_csv(evaluations: Sequence[Evaluation]) -> str:
+    """The tau-norm table as CSV, accuracies as fractions (empty where a group has no class)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["tau", "top1", "many", "medium", "few", "rare3"])
+    for evaluation in evaluations:
+        s = evaluation.summary
+        writer.writerow([f"{s['tau_norm']:g}"] + ["" if s[k] is None else f"{s[k]:.6f}" for k in ("top1", "many", "medium", "few", "rare3")])
+    return buf.getvalue()

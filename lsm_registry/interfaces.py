@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional
 
 import attrs
 import torch
@@ -41,8 +41,11 @@ __all__ = [
     "LTData",
     "Split",
     "TensorSplit",
+    "Crops",
     "Logger",
     "RunInfo",
+    "Optimizer",
+    "StepClosure",
 ]
 
 KINDS: tuple[str, ...] = (
@@ -55,6 +58,7 @@ KINDS: tuple[str, ...] = (
     "model",
     "dataset",
     "logger",
+    "optimizer",
 )
 
 
@@ -117,16 +121,23 @@ class Component(abc.ABC):
 class Sampler(Component):
     """Yields the index batches of one epoch.
 
-    Contract: ``batches(epoch, batch_size)`` yields ``(background, foreground)``
-    where ``background`` is a LongTensor (B,) of training-set indices from the
-    instance branch (it defines the epoch: every index once per epoch, the last
-    partial batch dropped only if ``drop_last``), and ``foreground`` is a LongTensor
-    (B,) drawn by a rebalanced rule, or ``None`` for a single-branch sampler. Draws
-    come from ``context.generator`` re-seeded per epoch, so a run is reproducible.
-    ``rank`` / ``world_size`` shard both streams without overlap.
+    Contract: ``batches(epoch, batch_size)`` yields exactly ``steps_per_epoch(batch_size)``
+    pairs ``(background, foreground)``. ``background`` is a LongTensor (B,) of
+    training-set indices; it is what an unmixed step trains on. By default it is an
+    instance branch: each index at most once per epoch, shards of different ``rank``
+    disjoint, together covering the set up to a dropped last batch. A sampler that
+    sets ``draws_with_replacement = True`` instead draws its background with
+    replacement by its own rule (cRT's class-balanced sampling), so an index may
+    repeat within an epoch and on several ranks; its ranks still draw different
+    streams. ``foreground`` is a LongTensor (B,) drawn by a rebalanced rule, or
+    ``None`` for a single-branch sampler (mixers then use a permutation of the batch).
+    Draws come from generators re-seeded per (run seed, epoch, rank), so a run and a
+    resumed epoch repeat exactly.
     """
 
     kind = "sampler"
+    #: True: the background stream is drawn with replacement (not one pass over the set).
+    draws_with_replacement: ClassVar[bool] = False
 
     def __init__(self, params: Any, context: Context, labels: Tensor, rank: int = 0, world_size: int = 1):
         super().__init__(params, context)
@@ -370,10 +381,17 @@ class Loss(Component):
     schedules such as DRW. ``eval_logits`` maps model logits to the ones used for
     prediction at test time (identity unless the loss says otherwise).
     ``needs_normed_head``: the model must end in a normalised (cosine) linear layer.
+    ``needs_features``: the loss also reads the features the classifier sees (IB's
+    feature norm). The engine then computes the logits as ``classifier(h)`` with
+    ``h = forward_features(x).mean(dim=(2, 3))`` (the model's documented feature API;
+    a model without it is refused before training) and calls
+    ``loss(logits, target, mixed, features=h)``, ``h`` float32 (B, K). Losses that do
+    not declare it are called without the keyword, so they need not accept it.
     """
 
     kind = "loss"
     needs_normed_head: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -397,7 +415,10 @@ class ModelFactory(Component):
     ``saliency_layers() -> dict[str, nn.Module]`` (named layers Grad-CAM may hook,
     the default first) and, when its head is global-average-pooling followed by a
     linear layer, ``forward_features(x) -> (B, K, h, w)`` and ``classifier`` (the
-    linear layer), which allows the one-forward Grad-CAM fast path.
+    linear layer), which allows the one-forward Grad-CAM fast path. A second stage
+    (``[stage]``) tells the head from the backbone by ``classifier`` alone, and LWS
+    (``train = "scales"``) trains an ``nn.Parameter`` ``logit_scale`` (C,) that the
+    module multiplies its logits by, so a plugin model takes part by exposing them.
     ``check_input(image_size)`` raises ValueError when the model cannot take it.
     The context given to a model factory has the class counts of the training split.
     """
@@ -412,11 +433,34 @@ class ModelFactory(Component):
         return None
 
 
+@attrs.frozen(eq=False)
+class Crops:
+    """Where each training image of a batch came from: the crop and flip its augmentation applied.
+
+    Kept so that per-image results computed on the source image (a cached saliency
+    map, say) can be cut to what the model saw. ``boxes`` (B, 4) float32 is
+    ``(left, top, width, height)`` in pixels of the source: the stored image for
+    in-memory sets (``crop32`` boxes may reach into the zero padding, so they can start
+    at -4), the original file for file-backed ones. ``flips`` (B,) bool: the crop was
+    mirrored left-right after cropping. ``sizes`` (B, 2) int64: the source's
+    ``(height, width)``. All on the CPU.
+    """
+
+    boxes: Tensor
+    flips: Tensor
+    sizes: Tensor
+
+    def __len__(self) -> int:
+        return int(self.flips.numel())
+
+
 class Split(abc.ABC):
     """One split of a data set: labels in memory, images fetched by index batch.
 
     ``fetch(idx)`` returns uint8 images (B, ch, H, W) for a LongTensor of indices, on
-    ``device``. In-memory sets index a tensor; file-backed sets decode with workers.
+    ``device``. In-memory sets index a tensor; file-backed sets decode with workers,
+    and their ``fetch`` is the test-time view (resize + center crop): their training
+    view is cut while decoding (``augment = "decoded"``, :class:`LTData`).
     """
 
     labels: Tensor
@@ -456,7 +500,9 @@ class LTData:
     ``train`` / ``test`` splits, ``class_names`` (C,), ``mean`` / ``std`` per channel
     for normalisation, ``image_size`` (ch, H, W) of what ``fetch`` returns and
     ``augment`` = "crop32" (pad-4 random crop + flip) | "rrc" (random resized crop +
-    flip) | "none". ``val`` is an optional balanced validation split (``val_per_class``
+    flip) | "none", applied by the engine on the device, or "decoded": the training
+    split crops and flips while it decodes (a ``FileSplit``: ``fetch_train(idx, seed)``
+    returns the uint8 crops and their :class:`Crops`), so the engine only normalises. ``val`` is an optional balanced validation split (``val_per_class``
     of the sets that support it; docs/data.md); the engine then picks ``best_*`` on it.
     """
 
@@ -571,3 +617,78 @@ class Logger(Component):
 
     def close(self) -> None:
         """Release the tracker (flush files, end its run); called after ``finish`` or a failure."""
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+#: ``head(features, logits, target, loss_of) -> loss``: what an optimizer with
+#: ``needs_features`` may put between the classifier and the loss (see :class:`Optimizer`).
+Head = Callable[[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]], Tensor]
+
+
+class StepClosure(abc.ABC):
+    """One training step's batch, as a callable the optimizer may run more than once.
+
+    ``closure(head=None)`` zeroes the gradients, runs the model on the step's (already
+    mixed) batch, the loss and its backward pass, and returns the loss, detached. Its
+    images and targets are fixed for the step, so a second call recomputes the loss of
+    the same batch at the current weights (SAM's second pass). From the second call of
+    a step on, batch-norm running statistics are held, so a step counts its batch
+    once. ``head`` (optimizers with ``needs_features`` only) receives the pooled
+    features ``h`` (B, K) float32, the logits ``classifier(h)`` (B, C), the target and
+    ``loss_of(logits)``, the recipe's loss bound to this batch, and returns the scalar
+    to backpropagate.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, head: Optional[Head] = None) -> Tensor:
+        ...
+
+
+class Optimizer(Component):
+    """Turns a step's loss into one parameter update; it owns the forward/backward passes.
+
+    Built as ``cls(params, context, base)``. ``base`` is the ``torch.optim.SGD`` over
+    the trainable parameters, set up from [optim] (``lr``, ``momentum``,
+    ``weight_decay``, ``nesterov``); the engine writes the scheduled learning rate
+    into ``base.param_groups`` every epoch. Contract: ``step(closure, scaler)`` is
+    called once per training step with a :class:`StepClosure`; it calls the closure
+    at least once and ends the step with exactly one update of ``base`` (through
+    ``scaler.step(base); scaler.update()`` when it declares
+    ``supports_grad_scaler``), leaving the parameters where that update puts them.
+    It returns the loss of its first closure call (the loss at the step's starting
+    weights). ``state_dict()`` / ``load_state_dict()`` are what the run's checkpoints
+    keep (default: the base optimizer's state, so a resume is exact).
+    ``supports_grad_scaler``: False makes a recipe with ``[run].amp = "fp16"`` fail
+    validation (the scaler's loss scale cannot be undone between two passes).
+    ``needs_features``: the optimizer passes a ``head`` to the closure; the engine then
+    refuses a model without ``forward_features`` and ``classifier``. ``attach(model)`` is
+    called once with the (unwrapped) model before the first step; raise ValueError when
+    the optimizer cannot train it (the run stops with ``[optim] NAME: MESSAGE``).
+    """
+
+    kind = "optimizer"
+    supports_grad_scaler: ClassVar[bool] = False
+    needs_features: ClassVar[bool] = False
+
+    def __init__(self, params: Any, context: Context, base: torch.optim.Optimizer):
+        super().__init__(params, context)
+        self.base = base
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.base.param_groups
+
+    def attach(self, model: nn.Module) -> None:
+        return None
+
+    @abc.abstractmethod
+    def step(self, closure: StepClosure, scaler: "torch.amp.GradScaler") -> Tensor:
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base.load_state_dict(state)

@@ -59,6 +59,15 @@ class RunParams:
 
 @attrs.frozen
 class OptimParams:
+    """The engine's half of [optim]: batch, schedule and the base SGD every optimizer updates with.
+
+    ``name`` picks the optimizer component (kind ``optimizer``); the table's other keys
+    are that component's parameters, so [optim] stays one table while every key is
+    still validated by whoever reads it.
+    """
+
+    name: str = param("sgd", help='optimizer component: "sgd", "sam", "cc-sam" or a plugin\'s; the other keys of '
+                      "[optim] that are not listed here are its parameters")
     batch_size: int = param(128, help="images per step (per process)", validator=at_least(1))
     lr: float = param(0.1, help="initial learning rate after warm-up", validator=positive)
     momentum: float = param(0.9, help="SGD momentum", validator=non_negative)
@@ -70,10 +79,42 @@ class OptimParams:
     gamma: float = param(0.01, help="step schedule: factor per milestone", validator=positive)
 
 
-FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams}
+TRAIN_PARTS = ("all", "classifier", "classifier+bn", "scales")
+
+
+@attrs.frozen
+class StageParams:
+    """Where a run's weights start and which of them train: what makes a second stage (cRT, LWS).
+
+    Run-level settings rather than [model] parameters, so that every key of a component
+    table stays a parameter of its component. The parent run is looked for when the run
+    starts, not here: a stage-2 recipe validates before its stage 1 has trained.
+    """
+
+    init_from: Optional[str] = param(None, help="run folder (its newest checkpoint) or checkpoint file whose model weights "
+                                     "this run starts from; none: a fresh initialisation")
+    train: Literal["all", "classifier", "classifier+bn", "scales"] = param(
+        "all", help='what trains: "all"; "classifier" (backbone frozen, batch norm in eval mode); "classifier+bn" '
+        '(also batch-norm affine parameters and statistics); "scales" (only the per-class logit scales of a model '
+        "with lws = true: LWS)")
+    reset_classifier: bool = param(False, help="start the classifier from a fresh initialisation instead of the parent's (cRT)")
+
+    def __attrs_post_init__(self):
+        if self.init_from is not None and not self.init_from.strip():
+            raise ParamError("init_from", "must name a run folder or a checkpoint file (got an empty string); "
+                             "unset it for a fresh initialisation")
+        if self.init_from is None and self.reset_classifier:
+            raise ParamError("reset_classifier", "true without init_from does nothing: a fresh model's classifier is "
+                             "already freshly initialised; set stage.init_from or remove it")
+        if self.init_from is None and self.train != "all":
+            raise ParamError("train", f'"{self.train}" without init_from would train part of a randomly initialised '
+                             'model; set stage.init_from to the stage-1 run or use train = "all"')
+
+
+FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams, "stage": StageParams}
 #: The top-level key (before the first table) that holds the recipe format.
 FORMAT_KEY = "format"
-ALL_TABLES = ("run", "data", "model", "optim", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers")
+ALL_TABLES = ("run", "data", "model", "optim", "stage", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers")
 #: The table of the loggers' parameters, one sub-table per logger: [loggers.mlflow].
 LOGGERS_TABLE = "loggers"
 
@@ -104,6 +145,9 @@ class Recipe:
     mixer: Optional[ComponentSpec] = None
     label_fuser: Optional[ComponentSpec] = None
     loggers: tuple[ComponentSpec, ...] = ()
+    stage: StageParams = StageParams()
+    #: The optimizer named by [optim].name, its parameters taken from the same table.
+    optimizer: Optional[ComponentSpec] = None
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict of the resolved recipe (every key, defaults included)."""
@@ -118,6 +162,8 @@ class Recipe:
                 out[table] = {"name": value.name, **_params_dict(value.params)}
             else:
                 out[table] = _params_dict(value)
+                if table == "optim" and self.optimizer is not None:
+                    out[table].update(_params_dict(self.optimizer.params))
         return out
 
     def to_toml(self) -> str:
@@ -135,7 +181,7 @@ def without_loggers(recipe: dict[str, Any]) -> dict[str, Any]:
     Resume and run comparisons use it, so adding or removing a tracker never makes a
     run "another setting".
     """
-    out = {table: dict(keys) for table, keys in recipe.items() if table != LOGGERS_TABLE}
+    out = {table: dict(keys) if isinstance(keys, dict) else keys for table, keys in recipe.items() if table != LOGGERS_TABLE}
     if isinstance(out.get("run"), dict):
         out["run"].pop("loggers", None)
     return out
@@ -266,8 +312,14 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
         return value if isinstance(value, dict) else None
 
     fixed: dict[str, Any] = {}
+    optimizer_keys: dict[str, Any] = {}
     for table, cls in FIXED_TABLES.items():
-        fixed[table] = build_params(cls, section(table) or {}, where, table, errors, owner=f"table [{table}]")
+        body = section(table) or {}
+        if table == "optim":
+            own = {f.name for f in attrs.fields(cls)}
+            optimizer_keys = {k: v for k, v in body.items() if k not in own}
+            body = {k: v for k, v in body.items() if k in own}
+        fixed[table] = build_params(cls, body, where, table, errors, owner=f"table [{table}]")
 
     if fixed["run"] is not None and not fixed["run"].name:
         fixed["run"] = attrs.evolve(fixed["run"], name=Path(where).stem)
@@ -295,10 +347,58 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
 
     _fill_mixing_defaults(registry, specs, where, errors)
     _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
+    _check_stage(fixed["stage"], specs.get("model"), where, errors)
+    optimizer = _optimizer(registry, fixed["optim"], fixed["run"], optimizer_keys, where, errors)
     loggers = _loggers(registry, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
     if errors:
         raise RecipeError(errors)
-    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], loggers=loggers, **specs)
+    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], stage=fixed["stage"], loggers=loggers,
+                  optimizer=optimizer, **specs)
+
+
+def _optimizer(registry: Registry, optim: Optional[OptimParams], run: Optional[RunParams], keys: dict[str, Any],
+               where: str, errors: list[str]) -> Optional[ComponentSpec]:
+    """[optim].name's component, built from the keys of [optim] that are not the engine's own."""
+    if optim is None:
+        return None
+    name = optim.name
+    try:
+        entry = registry.entry("optimizer", name)
+    except RegistryError as exc:
+        errors.append(f"{where} [optim].name: {exc}")
+        return None
+    own = [f.name for f in attrs.fields(OptimParams)]
+    attrs.resolve_types(entry.cls.Params)
+    theirs = [f.name for f in attrs.fields(entry.cls.Params)]
+    clash = sorted(set(own) & set(theirs))
+    if clash:
+        errors.append(f"{where} [optim]: optimizer {name!r} has parameter(s) {', '.join(clash)} of the same name as "
+                      "[optim]'s own keys, so a recipe could not set them; the optimizer must rename them")
+        return None
+    unknown = [k for k in keys if k not in theirs]
+    for key in unknown:
+        hint = suggest(key, own + theirs)
+        errors.append(f"{where} [optim].{key}: neither a key of [optim] nor a parameter of optimizer {name!r}."
+                      + (f" Did you mean {hint!r}?" if hint else "")
+                      + f" [optim] keys: {', '.join(own)}; {name!r} parameters: {', '.join(theirs) or '(none)'}")
+    if unknown:
+        return None
+    built = build_params(entry.cls.Params, keys, where, "optim", errors, owner=f"optimizer {name!r}")
+    if built is None:
+        return None
+    if run is not None and run.amp == "fp16" and not entry.cls.supports_grad_scaler:
+        errors.append(f'{where} [optim].name: optimizer {name!r} does not work with fp16\'s gradient scaler '
+                      '([run].amp = "fp16"); use amp = "bf16" or "none", or name = "sgd"')
+    return ComponentSpec("optimizer", name, built)
+
+
+def _check_stage(stage: Optional[StageParams], model: Optional[ComponentSpec], where: str, errors: list[str]) -> None:
+    """``train = "scales"`` needs scales to train; without them the run would change nothing."""
+    if stage is None or model is None or stage.train != "scales":
+        return
+    if not getattr(model.params, "lws", False):
+        errors.append(f'{where} [stage].train: "scales" trains only the per-class logit scales, and model '
+                      f"{model.name!r} has none; set model.lws = true (LWS)")
 
 
 def _loggers(registry: Registry, run: Optional[RunParams], body: Any, where: str, errors: list[str]) -> tuple[ComponentSpec, ...]:

@@ -66,6 +66,25 @@ class RunGroup:
     def stat(self, key: str) -> tuple[Optional[float], Optional[float]]:
         return mean_std([r.summary.get(key) for r in self.runs])
 
+    @property
+    def parents(self) -> str:
+        """The runs the group's stage-2 runs started from (``[stage].init_from``), by run name; "—" for none."""
+        names = [parent_name(r) for r in self.runs]
+        return " / ".join(dict.fromkeys(n for n in names if n)) or "—"
+
+
+def parent_name(record: RunRecord) -> Optional[str]:
+    """The parent run's name (or its checkpoint) that a stage-2 run recorded in summary.json, else None."""
+    parent = record.summary.get("parent")
+    if not isinstance(parent, dict):
+        return None
+    return str(parent.get("run_name") or parent.get("checkpoint") or parent.get("init_from") or "?")
+
+
+def has_parents(groups: list[RunGroup]) -> bool:
+    """Whether a comparison gets a "parent" column: only when some run is a stage 2."""
+    return any(parent_name(r) is not None for g in groups for r in g.runs)
+
 
 def mean_std(values: list[Any]) -> tuple[Optional[float], Optional[float]]:
     """Mean and sample standard deviation (n - 1) of the values that are not None.
@@ -288,7 +307,8 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
 
 
 def columns_of(groups: list[RunGroup]) -> tuple[str, ...]:
-    return ("run", "setting", "runs") + tuple(title for _, title in metrics_of(groups)) + ("epochs", "wall time")
+    parent = ("parent",) if has_parents(groups) else ()
+    return ("run", "setting", "runs") + tuple(title for _, title in metrics_of(groups)) + ("epochs", "wall time") + parent
 
 
 def _pct(mean: Optional[float], std: Optional[float], plus_minus: str = " ± ") -> str:
@@ -319,6 +339,8 @@ def text_rows(groups: list[RunGroup], plus_minus: str = " ± ") -> list[list[str
         row = [g.name, g.label or "—", str(len(g.runs))]
         row += [_pct(*g.stat(key), plus_minus=plus_minus) for key, _ in metrics_of(groups)]
         row += [_epochs(g), _wall(g.stat("wall_time_s")[0])]
+        if has_parents(groups):
+            row.append(g.parents)
         rows.append(row)
     return rows
 
@@ -327,8 +349,8 @@ def rich_table(groups: list[RunGroup], title: str = "comparison: last epoch (mea
 
     table = Table(title=title)
     for column in columns_of(groups):
-        if column in ("run", "setting"):
-            table.add_column(column, overflow="fold", min_width=8 if column == "run" else 12)
+        if column in ("run", "setting", "parent"):
+            table.add_column(column, overflow="fold", min_width=8 if column != "setting" else 12)
         else:  # a narrow terminal puts the std under the mean
             table.add_column(column, justify="right")
     for row in text_rows(groups, plus_minus=" ±"):
@@ -353,7 +375,7 @@ def csv_text(groups: list[RunGroup]) -> str:
     header = ["run", "setting", "runs", "seeds", "folders"]
     for key, _ in metrics_of(groups):
         header += [f"{key}_mean", f"{key}_std"]
-    header += ["epochs", "wall_time_s_mean"]
+    header += ["epochs", "wall_time_s_mean"] + (["parent"] if has_parents(groups) else [])
     writer.writerow(header)
     for g in groups:
         row: list[Any] = [g.name, g.label, len(g.runs), " ".join(str(s) for s in g.seeds), " ".join(str(r.path) for r in g.runs)]
@@ -361,5 +383,7 @@ def csv_text(groups: list[RunGroup]) -> str:
             mean, std = g.stat(key)
             row += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]
         row += [_epochs(g), "" if g.stat("wall_time_s")[0] is None else f"{g.stat('wall_time_s')[0]:.1f}"]
+        if has_parents(groups):
+            row.append("" if g.parents == "—" else g.parents)
         writer.writerow(row)
     return buf.getvalue()

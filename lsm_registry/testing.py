@@ -14,7 +14,9 @@ promise. What it checks:
   ``>= 0`` (B, H/p, W/p); mixer weights in [0, 1] and images equal to
   ``w * x_f + (1 - w) * x_b``; fuser rows are distributions; a finite scalar loss on
   hard and soft targets, with one-hot soft targets equal to hard ones; sampler
-  indices in range, no repeat within an epoch and no overlap between ranks; patch
+  indices in range, as many batches as ``steps_per_epoch`` says, no repeat within an
+  epoch and no overlap between ranks (a sampler with ``draws_with_replacement``:
+  different streams on different ranks instead); patch
   ``merge(split(x)) == x`` bit for bit; model logits (B, C)), no NaN, inputs and
   model left unchanged;
 - determinism: built twice with contexts whose generators are seeded equally (and
@@ -47,7 +49,7 @@ from .components.models import CifarResNet
 from .components.fusers import AreaFuser
 from .components.patches import PixelUnshuffle
 from .components.saliency import RandomSaliency
-from .interfaces import KINDS, Context, Loss, Mixer, MixResult, RunInfo, Sampler
+from .interfaces import KINDS, Context, Loss, Mixer, MixResult, RunInfo, Sampler, StepClosure
 from .mixing import MixingStep
 from .params import ParamError
 from .plugins import build_registry
@@ -385,6 +387,8 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
     if cls.needs_normed_head:
         logits = torch.tanh(logits)  # cosine logits lie in [-1, 1]
     loss = cls(params, tiny_context())
+    # A loss that reads the classifier's input gets it as the engine passes it: features=h.
+    feats = {"features": torch.rand((BATCH, 8), generator=torch.Generator().manual_seed(9)) + 0.1} if cls.needs_features else {}
     for epoch in (0, EPOCHS - 1):
         loss.set_epoch(epoch)
         for label, z, target in (
@@ -394,13 +398,13 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
             ("constant logits, soft targets", torch.zeros_like(logits), data["soft"]),
         ):
             z = z.clone().requires_grad_(True)
-            value = loss(z, target)
+            value = loss(z, target, **feats)
             what = f"loss on {label} (epoch {epoch})"
             c.tensor(what, value, (), "float")
             value.backward()
             c.tensor(f"gradient of the {what}", z.grad, (BATCH, num_classes), "float")
-        hard = loss(logits, data["y"])
-        one_hot = loss(logits, F.one_hot(data["y"], num_classes).float())
+        hard = loss(logits, data["y"], **feats)
+        one_hot = loss(logits, F.one_hot(data["y"], num_classes).float(), **feats)
         c.check(
             torch.allclose(hard, one_hot, rtol=1e-4, atol=1e-5),
             f"one-hot soft targets must give the hard-target loss (epoch {epoch}: {float(one_hot):.6g} != {float(hard):.6g})",
@@ -410,13 +414,14 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
     # The engine's call on a mixed batch: loss(logits, target, mixed), mixed with y_f, y_b,
     # lam (a MixedBatch).
     try:
-        inspect.signature(loss).bind(None, None, None)
+        inspect.signature(loss).bind(None, None, None, **({"features": None} if cls.needs_features else {}))
         takes_mixed = True
     except TypeError:
         takes_mixed = False
     except ValueError:  # no signature to read
         takes_mixed = True
-    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None): the engine passes the mixed batch's labels")
+    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None" + (", *, features=None" if cls.needs_features else "")
+            + "): the engine passes the mixed batch's labels" + (" and, as needs_features says, the features" if cls.needs_features else ""))
     if takes_mixed:
         y_f, y_b = data["y"], data["y2"]
         lam = torch.linspace(0.1, 0.9, BATCH)
@@ -426,13 +431,13 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
         for epoch in (0, EPOCHS - 1):
             loss.set_epoch(epoch)
             z = logits.detach().clone().requires_grad_(True)
-            value = loss(z, target, mixed)
+            value = loss(z, target, mixed, **feats)
             what = f"loss on a mixed batch (epoch {epoch})"
             c.tensor(what, value, (), "float")
             value.backward()
             c.tensor(f"gradient of the {what}", z.grad, (BATCH, num_classes), "float")
-            hard = loss(logits, y_f)
-            one = loss(logits, F.one_hot(y_f, num_classes).float(), whole)
+            hard = loss(logits, y_f, **feats)
+            one = loss(logits, F.one_hot(y_f, num_classes).float(), whole, **feats)
             c.check(
                 torch.allclose(hard, one, rtol=1e-4, atol=1e-5),
                 f"a mixed batch with lam = 1 must give the hard-target loss of y_f (epoch {epoch}: {float(one):.6g} != {float(hard):.6g})",
@@ -440,7 +445,7 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
 
     def run(l: Loss) -> list[Tensor]:
         l.set_epoch(EPOCHS - 1)
-        return [l(logits, data["y"]).detach(), l(logits, data["soft"]).detach()]
+        return [l(logits, data["y"], **feats).detach(), l(logits, data["soft"], **feats).detach()]
 
     a, b = _twice(lambda ctx: cls(params, ctx), run)
     c.same("loss", a, b)
@@ -476,12 +481,16 @@ def _check_sampler(c: _Checker, cls: type, params: Any) -> None:
                 c.check(len(items) == steps, f"yielded {len(items)} batches in epoch {epoch}, steps_per_epoch said {steps}")
                 stream(s, epoch)
             bg = torch.cat([b for b, _ in s.batches(0, batch)])
-            c.check(bg.unique().numel() == bg.numel(), f"the background stream repeats an index within an epoch (rank {rank} of {world})")
-            c.check(bg.numel() >= n // world - batch, f"the background stream covers {bg.numel()} of {n // world} indices (rank {rank} of {world})")
+            if not cls.draws_with_replacement:  # an instance branch: one pass over the shard
+                c.check(bg.unique().numel() == bg.numel(), f"the background stream repeats an index within an epoch (rank {rank} of {world}); "
+                        "a sampler that draws with replacement sets draws_with_replacement = True")
+                c.check(bg.numel() >= n // world - batch, f"the background stream covers {bg.numel()} of {n // world} indices (rank {rank} of {world})")
             seen.append(bg)
-        if world == 2:
+        if world == 2 and not cls.draws_with_replacement:
             overlap = set(seen[0].tolist()) & set(seen[1].tolist())
             c.check(not overlap, f"ranks 0 and 1 of 2 draw the same background indices {sorted(overlap)[:5]}")
+        elif world == 2:  # with replacement indices may recur on both ranks, but the streams must differ
+            c.check(not torch.equal(seen[0], seen[1]), "ranks 0 and 1 of 2 draw the same background stream; seed the draws by rank")
     a, b = _twice(lambda ctx: cls(params, ctx, labels.clone()), lambda s: stream(s, 1))
     c.same("index stream", a, b)
 
@@ -551,9 +560,85 @@ def _check_model(c: _Checker, cls: type, params: Any) -> None:
         c.tensor("forward_features(x)", feats, None, "float")
         c.check(feats.dim() == 4, f"forward_features(x) must be (B, K, h, w) (got {tuple(feats.shape)})")
         c.check(hasattr(net, "classifier"), "a model with forward_features must expose its linear head as classifier")
+        with torch.no_grad():
+            pooled = net.classifier(feats.mean(dim=(2, 3)))
+        c.check(torch.allclose(pooled, logits, rtol=1e-4, atol=1e-5),
+                "classifier(forward_features(x).mean(dim=(2, 3))) differs from model(x); losses and optimizers that read "
+                "the features compute the logits that way")
     normed = build(1, True)
     with torch.no_grad():
         c.tensor("logits of the 1-channel normed-head model", normed(x[:, :1]), (2, num_classes), "float")
+
+
+class _TinyClosure(StepClosure):
+    """The engine's closure on the kit's ResNet-8: zero grads, forward, soft CE, backward; counts its calls."""
+
+    def __init__(self, model: nn.Module, x: Tensor, target: Tensor):
+        self.model, self.x, self.target = model, x, target
+        self.losses: list[Tensor] = []
+        self.heads = 0
+
+    def __call__(self, head: Any = None) -> Tensor:
+        self.model.zero_grad(set_to_none=True)
+
+        def loss_of(z: Tensor) -> Tensor:
+            return -(self.target * F.log_softmax(z, dim=1)).sum(dim=1).mean()
+
+        if head is not None:
+            self.heads += 1
+            h = self.model.forward_features(self.x).mean(dim=(2, 3))
+            loss = head(h, self.model.classifier(h), self.target, loss_of)
+        else:
+            loss = loss_of(self.model(self.x))
+        loss.backward()
+        self.losses.append(loss.detach())
+        return loss.detach()
+
+
+def _check_optimizer(c: _Checker, cls: type, params: Any) -> None:
+    """Two steps on the kit's ResNet-8: the closure runs, the base updates once per step, nothing goes NaN."""
+    data = _inputs()
+    x = torch.randn((BATCH, 3, 32, 32), generator=torch.Generator().manual_seed(11))
+    targets = {"hard targets": F.one_hot(data["y"], len(CLASS_COUNTS)).float(), "soft targets": data["soft"]}
+
+    def run(ctx: Context, target: Tensor) -> list[Tensor]:
+        model = tiny_model()
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        opt = cls(params, ctx, base)
+        c.check(opt.base is base, "must keep the base optimizer it is built with as self.base")
+        try:
+            opt.attach(model)
+        except ValueError as exc:
+            c.fail(f"attach() refuses the kit's ResNet-8 (forward_features + nn.Linear classifier): {exc}")
+        updates = []
+        step = base.step
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            updates.append(1)
+            return step(*args, **kwargs)
+
+        base.step = counted  # type: ignore[method-assign]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for i in range(2):
+            before = len(updates)
+            closure = _TinyClosure(model, x, target)
+            loss = opt.step(closure, scaler)
+            c.check(closure.losses, f"step {i}: never called the closure")
+            c.check(len(updates) - before == 1, f"step {i}: updated the base optimizer {len(updates) - before} times, expected once")
+            c.check(cls.needs_features or closure.heads == 0, "passed a head to the closure without declaring needs_features = True")
+            c.tensor(f"loss returned by step {i} ({label})", loss, (), "float")
+            c.check(torch.equal(loss.detach(), closure.losses[0]), f"step {i} must return the loss of its first closure call")
+        flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        c.tensor(f"parameters after two steps ({label})", flat, None, "float")
+        state = opt.state_dict()
+        opt.load_state_dict(state)
+        return [flat]
+
+    for label, target in targets.items():
+        with _seeded(0):
+            run(tiny_context(), target)
+        a, b = _twice(lambda ctx: ctx, lambda ctx: run(ctx, target))
+        c.same(f"parameters after two steps ({label})", a, b)
 
 
 def _check_dataset(c: _Checker, cls: type, params: Any) -> None:
@@ -596,6 +681,7 @@ _KIND_CHECKS: dict[str, Callable[[_Checker, type, Any], None]] = {
     "model": _check_model,
     "dataset": _check_dataset,
     "logger": _check_logger,
+    "optimizer": _check_optimizer,
 }
 assert set(_KIND_CHECKS) == set(KINDS)
 

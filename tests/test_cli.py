@@ -11,7 +11,8 @@ from lsm_registry.plugins import default_registry
 
 from conftest import table_rows
 
-COMMANDS = ("compare", "evaluate", "export", "list-components", "preview", "report", "resume", "run", "show", "sweep")
+COMMANDS = ("compare", "evaluate", "export", "list-components", "preview", "report", "resume", "run", "show", "sweep",
+            "tau-norm")
 
 
 def help_commands(output: str) -> list[str]:

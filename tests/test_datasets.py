@@ -274,7 +274,7 @@ def split_tree(root: Path, n: int = 20, classes: int = 4) -> list[int]:
 def test_split_files_fetch_in_process_and_with_workers(tmp_path):
     labels = split_tree(tmp_path)
     serial = build(ImageNetLT, root=str(tmp_path), image_size=16, workers=0)
-    assert serial.num_classes == 4 and serial.image_size == (3, 16, 16) and serial.augment == "rrc"
+    assert serial.num_classes == 4 and serial.image_size == (3, 16, 16) and serial.augment == "decoded"
     assert serial.train.labels.tolist() == labels and len(serial.test) == 4
     assert serial.mean == (0.485, 0.456, 0.406)
     idx = torch.arange(20).flip(0)

@@ -12,7 +12,7 @@ LAYERS = [
     {"version", "errors", "params", "interfaces", "hookspecs", "ops", "formats", "files"},
     {"registry", "components", "data", "plugins", "recipe"},
     {"mixing"},
-    {"metrics", "checkpoint", "engine"},
+    {"metrics", "checkpoint", "stages", "engine"},
     {"pictures", "plots", "report", "tracking", "reporting", "runs", "testing", "evaluation", "export"},
     {"cli", "__main__"},
 ]

@@ -341,3 +341,11 @@ def test_the_plugin_logger_of_docs_tracking_md_runs_and_conforms(write_recipe, t
     assert rows[0].split(",")[:2] == ["step", "epoch"] and len(rows) == 3
     header, last = rows[0].split(","), rows[-1].split(",")
     assert float(last[header.index("test/top1")]) == pytest.approx(summary["top1"])
+
+
+def test_without_loggers_keeps_the_top_level_format_key(registry, write_recipe):
+    import tomllib
+
+    text = load_recipe(write_recipe(TINY_RECIPE), ['run.loggers=["tensorboard"]'], registry).to_toml()
+    stripped = without_loggers(tomllib.loads(text))
+    assert "format" in stripped and "loggers" not in stripped["run"]

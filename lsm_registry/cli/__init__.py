@@ -25,7 +25,8 @@ def cli() -> None:
     `lsm preview`, run a grid with `lsm sweep`, tabulate runs with
     `lsm compare` and put runs on one self-contained HTML page with
     `lsm report RUN_DIR...`. Score a run's model again with `lsm evaluate RUN_DIR`
-    (other data with --set data.KEY=VALUE) and hand it to other programs with
+    (other data with --set data.KEY=VALUE), with its classifier tau-normalised with
+    `lsm tau-norm RUN_DIR --tau 0.5,1.0`, and hand it to other programs with
     `lsm export RUN_DIR --out DIR`. `lsm list-components` lists the registered samplers, saliency
     providers, patch operators, mixers, label fusers, losses, models, data sets and
     loggers. A recipe's `[run] loggers = ["tensorboard", "mlflow", "wandb"]` also sends
@@ -35,7 +36,8 @@ def cli() -> None:
 
 
 for _command in (train.run_cmd, train.resume_cmd, listing.show_cmd, listing.list_components_cmd, preview.command,
-                 sweep.command, compare.command, report.command, evaluate.evaluate_cmd, evaluate.export_cmd):
+                 sweep.command, compare.command, report.command, evaluate.evaluate_cmd, evaluate.tau_norm_cmd,
+                 evaluate.export_cmd):
     cli.add_command(_command)
 
 

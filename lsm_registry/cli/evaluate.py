@@ -1,4 +1,4 @@
-"""``lsm evaluate`` and ``lsm export``: a finished run's model, scored again or handed to another program."""
+"""``lsm evaluate``, ``lsm tau-norm`` and ``lsm export``: a finished run's model, scored again or handed to another program."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from typing import Optional
 import click
 from rich.console import Console
 
-from ..evaluation import EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, write_evaluation
+from ..errors import LSMError
+from ..evaluation import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
+                          tau_norm_table, write_evaluation)
 from ..export import FORMATS, export_run
+from ..files import atomic_write
 from .common import registry_with_warnings, set_option, user_errors
 
 CHECKPOINT_HELP = "Checkpoint to use: an engine checkpoint or a state_dict (default: the run's newest)."
@@ -23,8 +26,11 @@ CHECKPOINT_HELP = "Checkpoint to use: an engine checkpoint or a state_dict (defa
               help="Split to score; val needs a validation split ([data] val_per_class).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Folder for summary.json, per_class.csv, predictions.csv (default: RUN_DIR/{EVALUATIONS_DIR}/<split,overrides>).")
+@click.option("--tau-norm", "tau", type=click.FloatRange(min=0), default=None,
+              help="Score with the classifier tau-normalised: rows w_c / ||w_c||^TAU, bias dropped (Kang et al.).")
 @user_errors
-def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str, out: Optional[Path]) -> None:
+def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str, out: Optional[Path],
+                 tau: Optional[float]) -> None:
     """Score the model of RUN_DIR again and print its Many/Medium/Few table.
 
     Uses the run's recipe.toml and its newest checkpoint (or --checkpoint). --set may
@@ -35,15 +41,68 @@ def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str
     goes to its own folder (an earlier evaluation of the same name is replaced).
     """
     registry = registry_with_warnings()
-    evaluation = evaluate_run(run_dir, registry, checkpoint, overrides, split)
+    evaluation = evaluate_run(run_dir, registry, checkpoint, overrides, split, tau=tau)
     for note in evaluation.notes:
         click.echo(f"warning: {note}", err=True)
-    folder = out if out is not None else run_dir / EVALUATIONS_DIR / evaluation_name(split, overrides, checkpoint)
+    folder = out if out is not None else run_dir / EVALUATIONS_DIR / evaluation_name(split, overrides, checkpoint, tau)
     write_evaluation(evaluation, folder)
     summary = evaluation.summary
     changed = f", {' '.join(overrides)}" if overrides else ""
+    changed += f", tau-norm {tau:g}" if tau is not None else ""
     Console().print(evaluation_table(summary, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}"))
     click.echo(f"evaluation folder: {folder}")
+
+
+def parse_taus(text: str) -> list[float]:
+    """``0.5,0.7,1.0`` -> [0.5, 0.7, 1.0]; a bad or negative entry is one error line."""
+    taus = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise LSMError(f"--tau {text}: {part.strip()!r} is not a number (give e.g. --tau 0.5,0.7,1.0)") from None
+        if not value >= 0:
+            raise LSMError(f"--tau {text}: tau must be >= 0 (got {part.strip()})")
+        taus.append(value)
+    return taus
+
+
+@click.command("tau-norm")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--tau", "taus", required=True, metavar="T1,T2,...", help="Comma-separated powers, e.g. 0,0.5,0.7,1.0 (0: the trained weights, bias dropped).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP)
+@set_option
+@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
+              help="Split to score; choose tau on val (needs [data] val_per_class), report test.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Folder for one evaluation folder per tau and tau-norm.csv (default: RUN_DIR/{EVALUATIONS_DIR}).")
+@user_errors
+def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str,
+                 out: Optional[Path]) -> None:
+    """Re-score the model of RUN_DIR with its classifier tau-normalised, without training.
+
+    Kang et al.'s tau-normalisation divides each class's weight row by its norm to the
+    power tau (the bias is dropped, as in their code): the head classes' larger norms
+    stop crowding out the tail. Prints the Many/Medium/Few table per tau and writes
+    each tau's evaluation (as `lsm evaluate --tau-norm TAU` would) plus tau-norm.csv.
+    --set and --checkpoint as for `lsm evaluate`. Needs a plain linear classifier.
+    """
+    values = parse_taus(taus)
+    registry = registry_with_warnings()
+    evaluations = tau_norm_run(run_dir, registry, values, checkpoint, overrides, split)
+    for note in evaluations[0].notes:
+        click.echo(f"warning: {note}", err=True)
+    base = out if out is not None else run_dir / EVALUATIONS_DIR
+    if out is not None and ((out / "recipe.toml").exists() or (out / "checkpoints").exists()):
+        raise LSMError(f"{out}: is a run folder; the tau-norm evaluations go into a folder of their own")
+    for tau, evaluation in zip(values, evaluations):
+        write_evaluation(evaluation, base / evaluation_name(split, overrides, checkpoint, tau))
+    table_name = ",".join(["tau-norm", *evaluation_name(split, overrides, checkpoint).split(",")]) + ".csv"
+    atomic_write(base / table_name, tau_norm_csv(evaluations))
+    summary = evaluations[0].summary
+    changed = f", {' '.join(overrides)}" if overrides else ""
+    Console().print(tau_norm_table(evaluations, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}, tau-norm"))
+    click.echo(f"evaluations: {base} (table: {base / table_name})")
 
 
 @click.command("export")

@@ -17,6 +17,7 @@ MODULES = (
     "models",
     "datasets",
     "loggers",
+    "optimizers",
 )
 
 

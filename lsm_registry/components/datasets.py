@@ -6,8 +6,10 @@ split with the reference code's per-class seeded shuffle
 (:func:`lsm_registry.data.profiles.lt_subset`); test splits stay balanced. The sets
 without their own validation files (CIFAR, Fashion-MNIST, class folders) add
 ``val_per_class`` (:class:`HoldOutParams`): a balanced validation split held out of
-the full training split before the cut (:func:`lsm_registry.data.profiles.hold_out`). Layouts,
-paths and preprocessing: docs/data.md.
+the full training split before the cut (:func:`lsm_registry.data.profiles.hold_out`).
+File-backed splits (``imagenet-lt``, ``inat2018``, ``imagefolder-lt`` with
+``storage = "files"``) crop while decoding (``augment = "decoded"``). Layouts, paths and
+preprocessing: docs/data.md.
 """
 
 from __future__ import annotations
@@ -181,14 +183,17 @@ class FashionMnistLT(DatasetFactory):
 
 
 class ImageFolderLT(DatasetFactory):
-    """Any class-folder tree (root/train/<class>/*, root/test or val/<class>/*), decoded once into memory."""
+    """Any class-folder tree (root/train/<class>/*, root/test or val/<class>/*), in memory or decoded per batch."""
 
     name = "imagefolder-lt"
 
     @attrs.frozen
     class Params(HoldOutParams):
-        image_size: int = param(32, help="images are resized to image_size x image_size when decoded", validator=at_least(8))
-        workers: int = param(4, help="decoding threads", validator=non_negative)
+        image_size: int = param(32, help="memory: images are resized to image_size x image_size when decoded; files: the crop side", validator=at_least(8))
+        workers: int = param(4, help="decoding threads (memory) or worker processes (files; 0: in the training process)", validator=non_negative)
+        storage: Literal["memory", "files"] = param("memory", help="memory: decode the tree once, squashed to image_size, augment on the device; files: decode per batch with the standard ImageNet views (docs/data.md), for trees that do not fit in memory")
+        test_resize: Optional[int] = param(None, help="files: the test view's shorter side before the center crop (default: image_size * 256 / 224)", validator=positive)
+        prefetch: int = param(2, help="files: training steps decoded ahead per worker", validator=positive)
 
     def build(self) -> LTData:
 
@@ -197,6 +202,8 @@ class ImageFolderLT(DatasetFactory):
             raise ValueError("root is not set; expected root/train/<class>/* and root/test/<class>/* (or val/)")
         names, train_files, train_y, test_files, test_y = scan_tree(Path(p.root))
         val_idx, keep = _hold_out_and_cut(p, train_y, names, str(Path(p.root) / "train"))
+        if p.storage == "files":
+            return self._file_backed(names, train_files, train_y, test_files, test_y, val_idx, keep)
         train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
         test_x = decode_images(test_files, p.image_size, p.workers)
         val: Optional[Split] = None
@@ -211,6 +218,26 @@ class ImageFolderLT(DatasetFactory):
             std=std,
             image_size=(3, p.image_size, p.image_size),
             augment="crop32" if p.image_size == 32 else "rrc",
+            val=val,
+        )
+
+    def _file_backed(self, names, train_files, train_y, test_files, test_y, val_idx, keep) -> LTData:
+        """The tree as split files would give it: nothing decoded now, ImageNet statistics
+        (computing the tree's own would mean decoding it all)."""
+        p = self.params
+
+        def split(files, labels) -> FileSplit:
+            return FileSplit(Path("."), [str(f) for f in files], labels, p.image_size, p.workers, p.test_resize, p.prefetch)
+
+        val = split([train_files[i] for i in val_idx.tolist()], train_y[val_idx]) if val_idx is not None else None
+        return LTData(
+            train=split([train_files[i] for i in keep.tolist()], train_y[keep]),
+            test=split(test_files, test_y),
+            class_names=names,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            image_size=(3, p.image_size, p.image_size),
+            augment="decoded",
             val=val,
         )
 
@@ -236,8 +263,9 @@ class _SplitFiles(DatasetFactory):
         if not first.is_file():
             raise FileNotFoundError(f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})")
         keep = _cut(p, train_y, num_classes)
-        train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers)
-        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers)
+        train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers,
+                                 p.test_resize, p.prefetch)
+        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch)
         return LTData(
             train=train,
             test=test,
@@ -245,7 +273,7 @@ class _SplitFiles(DatasetFactory):
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
             image_size=(3, p.image_size, p.image_size),
-            augment="rrc",
+            augment="decoded",
         )
 
 
@@ -255,8 +283,10 @@ class SplitFileParams(LTParams):
     imbalance_factor: float = param(1.0, help="n_max / n_min of the extra cut (with profile exp or step)", validator=at_least(1))
     image_root: Optional[str] = param(None, help="folder the listed paths are relative to (default: root)")
     num_classes: Optional[int] = param(None, help="number of classes (default: largest train label + 1)", validator=positive)
-    image_size: int = param(224, help="images are resized to image_size x image_size when fetched", validator=at_least(8))
+    image_size: int = param(224, help="crop side: RandomResizedCrop(image_size) for training, center crop for test", validator=at_least(8))
+    test_resize: Optional[int] = param(None, help="the test view's shorter side before the center crop (default: image_size * 256 / 224, i.e. 256)", validator=positive)
     workers: int = param(4, help="decoding worker processes (0: decode in the training process)", validator=non_negative)
+    prefetch: int = param(2, help="training steps decoded ahead per worker", validator=positive)
 
 
 class ImageNetLT(_SplitFiles):

@@ -5,7 +5,10 @@ the loss image ``b`` would get with hard label ``c``. Hard targets gather from i
 and soft targets ``q`` take ``sum_c q_c l_c(z)`` (docs/method.md §8), so every
 loss handles mixed labels the same way. Built-ins: ``ce``, ``focal``, ``ldam`` (asks
 for a cosine head), ``balanced-softmax`` and ``logit-adjust`` (training-time prior
-shifts; prediction uses the plain logits). Formulas and defaults: docs/losses.md.
+shifts; prediction uses the plain logits), ``label-aware-smoothing`` (MiSLAS's stage-2
+loss), and two that are not a class matrix: ``lade`` (PC-softmax + LADER, a batch term)
+and ``ib`` (per-image influence weights; it reads the features, ``needs_features``).
+Formulas and defaults: docs/losses.md.
 
 Reweighting (``reweight``): ``none``; ``drw``, uniform weights until
 ``reweight_epoch`` and then the class-balanced weights of Cui et al.
@@ -30,7 +33,8 @@ Without weights, or with uniform ones, both forms are the plain mean
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Literal, Optional
 
 import attrs
 import torch
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..interfaces import Loss
-from ..params import ParamError, non_negative, param, positive
+from ..params import ParamError, non_negative, param, positive, probability
 
 
 @attrs.frozen
@@ -206,4 +210,123 @@ class LogitAdjust(ClassMatrixLoss):
         return -F.log_softmax(logits + self.shift, dim=1)
 
 
-COMPONENTS = [CrossEntropy, Focal, LDAM, BalancedSoftmax, LogitAdjust]
+@attrs.frozen
+class LabelAwareSmoothingParams(ReweightParams):
+    smooth_head: float = param(0.4, help="eps_1: label smoothing of the most frequent class", validator=probability)
+    smooth_tail: float = param(0.1, help="eps_K: label smoothing of the rarest class", validator=probability)
+    shape: Literal["concave", "linear", "convex"] = param(
+        "concave", help="how eps goes from eps_K to eps_1 with the class count (MiSLAS's forms)")
+
+
+def label_aware_smoothing(counts: Tensor, head: float, tail: float, shape: str) -> Tensor:
+    """Per-class ``eps_c = eps_K + (eps_1 - eps_K) f(t_c)``, ``t_c = (n_c - n_K) / (n_1 - n_K)``, as in MiSLAS's code.
+
+    ``f`` is ``sin(pi t / 2)`` (concave), ``t`` (linear) or ``1 - cos(pi t / 2)``
+    (convex). With all counts equal there is no head or tail and every class gets
+    ``eps_1``.
+    """
+    counts = counts.to(torch.float64)
+    span = counts.max() - counts.min()
+    if span == 0:
+        return torch.full(counts.shape, head, dtype=torch.float32)
+    t = (counts - counts.min()) / span
+    f = {"concave": torch.sin(0.5 * math.pi * t), "linear": t, "convex": 1.0 - torch.cos(0.5 * math.pi * t)}[shape]
+    return (tail + (head - tail) * f).to(torch.float32)
+
+
+class LabelAwareSmoothing(ClassMatrixLoss):
+    """MiSLAS label-aware smoothing: CE with more smoothing for frequent classes (eps_1 head .. eps_K tail)."""
+
+    name = "label-aware-smoothing"
+    Params = LabelAwareSmoothingParams
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.smoothing = label_aware_smoothing(context.counts_tensor(), params.smooth_head, params.smooth_tail,
+                                               params.shape).to(context.device)
+
+    def class_losses(self, logits: Tensor) -> Tensor:
+        # l_c = (1 - eps_c) (-log p_c) + eps_c mean_j (-log p_j): CE against the target
+        # (1 - eps_c) e_c + eps_c / C, the smoothing picked by the label's class.
+        log_p = F.log_softmax(logits, dim=1)
+        eps = self.smoothing
+        return -(1.0 - eps) * log_p - eps * log_p.mean(dim=1, keepdim=True)
+
+
+@attrs.frozen
+class LADEParams:
+    alpha: float = param(0.1, help="weight of the LADER regulariser: L = PC-softmax CE + alpha * LADER", validator=non_negative)
+    remine_lambda: float = param(0.1, help="lambda of the ReMINE lower bound (the squared log-partition penalty)",
+                                 validator=non_negative)
+
+
+class LADE(Loss):
+    """LADE: PC-softmax CE (logits + log prior) plus alpha times the LADER regulariser; plain logits at test time."""
+
+    name = "lade"
+    Params = LADEParams
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.epoch = 0
+        counts = context.counts_tensor()
+        self.prior = counts / counts.sum()
+        self.log_prior = self.prior.log()
+
+    def __call__(self, logits: Tensor, target: Tensor, mixed=None) -> Tensor:
+        z = logits.float()
+        batch, num_classes = z.shape
+        q = F.one_hot(target, num_classes).to(z.dtype) if target.dim() == 1 else target.to(z.dtype)
+        pc_softmax = -(q * F.log_softmax(z + self.log_prior, dim=1)).sum(dim=1).mean()
+        # LADER (Hong et al., eq. 12, as the reference code computes it): per class c, the
+        # ReMINE bound of the target-balanced log-likelihood ratio,
+        #   mean_{b in c} z_bc - LSE_b(z_bc - log pi_c + log(1 / C)) + log B - lambda * (.)^2,
+        # weighted by the prior and negated. A class absent from the batch contributes its
+        # second term only. Soft targets count image b as q_bc of class c.
+        first = (q * z).sum(dim=0) / (q.sum(dim=0) + 1e-8)
+        second = torch.logsumexp(z - self.log_prior - math.log(num_classes), dim=0) - math.log(batch)
+        bound = first - second - self.params.remine_lambda * second.square()
+        lader = -(self.prior * bound).sum()
+        return pc_softmax + self.params.alpha * lader
+
+
+@attrs.frozen
+class IBParams:
+    alpha: float = param(1000.0, help="numerator of the influence weight alpha / (||p - q||_1 ||h||_1 + epsilon)",
+                         validator=positive)
+    start_epoch: int = param(100, help="first epoch (0-based) with the influence-balanced loss; plain CE before",
+                             validator=non_negative)
+    epsilon: float = param(1e-3, help="added to the influence in the weight's denominator", validator=positive)
+
+
+class InfluenceBalanced(Loss):
+    """IB loss: from start_epoch, class-weighted CE divided by each image's influence ||p - y||_1 ||h||_1."""
+
+    name = "ib"
+    Params = IBParams
+    needs_features = True
+
+    def __init__(self, params, context):
+        super().__init__(params, context)
+        self.epoch = 0
+        inverse = 1.0 / context.counts_tensor()
+        # The reference code's class-balancing factor: w_c proportional to 1 / n_c, summing to C.
+        self.class_weights = inverse / inverse.sum() * inverse.numel()
+
+    def __call__(self, logits: Tensor, target: Tensor, mixed=None, *, features: Optional[Tensor] = None) -> Tensor:
+        z = logits.float()
+        num_classes = z.shape[1]
+        q = F.one_hot(target, num_classes).to(z.dtype) if target.dim() == 1 else target.to(z.dtype)
+        log_p = F.log_softmax(z, dim=1)
+        if self.epoch < self.params.start_epoch:
+            return -(q * log_p).sum(dim=1).mean()
+        if features is None:
+            raise ValueError("the IB loss needs features=h (B, K), the classifier's input (needs_features = True)")
+        # As in the reference code the weight is not detached: its gradient is part of the loss.
+        influence = (log_p.exp() - q).abs().sum(dim=1) * features.float().abs().sum(dim=1)
+        weight = self.params.alpha / (influence + self.params.epsilon)
+        weighted_ce = -(q * self.class_weights * log_p).sum(dim=1)
+        return (weight * weighted_ce).mean()
+
+
+COMPONENTS = [CrossEntropy, Focal, LDAM, BalancedSoftmax, LogitAdjust, LabelAwareSmoothing, LADE, InfluenceBalanced]

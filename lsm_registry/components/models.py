@@ -2,7 +2,10 @@
 
 Both expose ``forward_features`` + ``classifier`` (global average pooling then a
 linear or normalised-linear layer) so Grad-CAM can take its one-forward fast path,
-and ``saliency_layers()`` for the general path.
+and ``saliency_layers()`` for the general path. With ``lws = true`` the model also
+has ``logit_scale``, one learnable factor per class on the classifier's logits
+(Kang et al.'s learnable weight scaling); a stage-2 recipe with ``train = "scales"``
+trains only those.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ class NormedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+
+
+def logit_scale(num_classes: int) -> nn.Parameter:
+    """LWS's per-class scales, ones at the start: a stage 2 begins from the parent's exact logits."""
+    return nn.Parameter(torch.ones(num_classes))
+
+
+def scaled(logits: Tensor, scale: Optional[Tensor]) -> Tensor:
+    return logits if scale is None else logits * scale
+
+
+_LWS_HELP = "LWS: a learnable per-class scale on the logits (state key logit_scale), for a stage-2 recipe with stage.train = \"scales\""
 
 
 class _ShortcutA(nn.Module):
@@ -64,7 +79,8 @@ class _BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-6n+2 for 32x32 inputs (He et al. 2016, section 4.2)."""
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, normed_head: bool = False, width: int = 16):
+    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, normed_head: bool = False, width: int = 16,
+                 lws: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (got {depth})")
@@ -84,13 +100,14 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
+        self.logit_scale = logit_scale(num_classes) if lws else None
 
     def forward_features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(out)))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.forward_features(x).mean(dim=(2, 3)))
+        return scaled(self.classifier(self.forward_features(x).mean(dim=(2, 3))), self.logit_scale)
 
     def saliency_layers(self) -> dict[str, nn.Module]:
         return {"layer3": self.layer3, "layer2": self.layer2, "layer1": self.layer1}
@@ -104,9 +121,10 @@ class ResNet32(ModelFactory):
     @attrs.frozen
     class Params:
         width: int = param(16, help="channels of the first stage (doubled per stage)", validator=positive)
+        lws: bool = param(False, help=_LWS_HELP)
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
-        return CifarResNet(32, num_classes, in_channels, normed_head, self.params.width)
+        return CifarResNet(32, num_classes, in_channels, normed_head, self.params.width, self.params.lws)
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
         _, h, w = image_size
@@ -117,17 +135,18 @@ class ResNet32(ModelFactory):
 class TorchvisionClassifier(nn.Module):
     """A torchvision classifier split into features and a GAP + linear head."""
 
-    def __init__(self, body: nn.Module, classifier: nn.Module, stages: dict[str, nn.Module]):
+    def __init__(self, body: nn.Module, classifier: nn.Module, stages: dict[str, nn.Module], lws_classes: int = 0):
         super().__init__()
         self.body = body
         self.classifier = classifier
         self._stage_names = list(stages)
+        self.logit_scale = logit_scale(lws_classes) if lws_classes else None
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.body(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.forward_features(x).mean(dim=(2, 3)))
+        return scaled(self.classifier(self.forward_features(x).mean(dim=(2, 3))), self.logit_scale)
 
     def saliency_layers(self) -> dict[str, nn.Module]:
         named = dict(self.body.named_children())
@@ -143,6 +162,7 @@ class Torchvision(ModelFactory):
     class Params:
         arch: str = param("resnet50", help="torchvision.models name, e.g. resnet18, resnet50")
         weights: Optional[str] = param(None, help="torchvision weights name; None trains from scratch")
+        lws: bool = param(False, help=_LWS_HELP)
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
         names = torchvision.models.list_models(module=torchvision.models)
@@ -184,7 +204,7 @@ class Torchvision(ModelFactory):
         body_children = [(n, m) for n, m in children.items() if n not in ("avgpool", head_name)]
         body = nn.Sequential(OrderedDict(body_children))
         stages = {n: m for n, m in reversed(body_children) if any(isinstance(x, nn.Conv2d) for x in m.modules())}
-        return TorchvisionClassifier(body, classifier, stages)
+        return TorchvisionClassifier(body, classifier, stages, num_classes if self.params.lws else 0)
 
 
 COMPONENTS = [ResNet32, Torchvision]

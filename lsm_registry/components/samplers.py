@@ -77,4 +77,26 @@ class DualBranchSampler(_ShuffledInstances):
             yield idx, fg
 
 
-COMPONENTS = [InstanceSampler, DualBranchSampler]
+class ClassBalancedSampler(_ShuffledInstances):
+    """Class-balanced sampling: one branch drawn with weight n_y ** -1, each class equally likely (cRT)."""
+
+    name = "class-balanced"
+    draws_with_replacement = True
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+        # As many images per epoch as an instance-balanced epoch, so epochs, schedules and
+        # eval_every mean what they mean for the stage-1 recipe.
+        steps = self.steps_per_epoch(batch_size)
+        counts = torch.bincount(self.labels, minlength=self.context.num_classes).to(torch.float64)
+        weights = counts[self.labels].reciprocal()
+        gen = epoch_generator(self.context.seed, epoch, self.rank, 2)
+        drawn = torch.multinomial(weights, steps * batch_size, replacement=True, generator=gen)
+        for s in range(steps):
+            yield drawn[s * batch_size : (s + 1) * batch_size], None
+
+
+COMPONENTS = [InstanceSampler, DualBranchSampler, ClassBalancedSampler]

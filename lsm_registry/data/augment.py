@@ -4,6 +4,8 @@
 (the CIFAR recipe of the reference code). ``rrc``: a random resized crop (scale
 0.08-1, ratio 3/4-4/3) per image through ``torchvision.ops.roi_align``, then a flip.
 Random draws come from a CPU generator so runs repeat on any device.
+:func:`augment_with_crops` also says, per image, which box was cut and whether it was
+flipped (:class:`lsm_registry.interfaces.Crops`), from the same draws as :func:`augment`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
+
+from ..interfaces import Crops
 
 
 def stats_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
@@ -27,25 +31,38 @@ def normalise(x: Tensor, mean: tuple[float, ...] | Tensor, std: tuple[float, ...
     return (x.float() / 255.0 - m) / s
 
 
+def _flip(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x), flip
+
+
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
-    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device).view(-1, 1, 1, 1)
-    return torch.where(flip, x.flip(3), x)
+    return _flip(x, generator)[0]
 
 
 def pad_crop(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
+    return _pad_crop(x, generator, padding)[0]
+
+
+def _pad_crop(x: Tensor, generator: torch.Generator, padding: int = 4) -> tuple[Tensor, Tensor]:
     b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    oy_cpu = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    ox_cpu = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    oy, ox = oy_cpu.to(x.device), ox_cpu.to(x.device)  # the CPU copies give the boxes without a device sync
     rows = (oy.view(-1, 1) + torch.arange(h, device=x.device)).view(b, 1, h, 1)
     cols = (ox.view(-1, 1) + torch.arange(w, device=x.device)).view(b, 1, 1, w)
     bidx = torch.arange(b, device=x.device).view(b, 1, 1, 1)
     cidx = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[bidx, cidx, rows, cols]
+    boxes = torch.stack([ox_cpu - padding, oy_cpu - padding, torch.full((b,), w), torch.full((b,), h)], dim=1)
+    return padded[bidx, cidx, rows, cols], boxes.to(torch.float32)
 
 
 def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Tensor:
+    return _random_resized_crop(x, generator, scale, ratio)[0]
 
+
+def _random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[Tensor, Tensor]:
     b, _, h, w = x.shape
     area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator) * h * w
     log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
@@ -55,15 +72,27 @@ def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0)
     x0 = torch.rand(b, generator=generator) * (w - cw)
     y0 = torch.rand(b, generator=generator) * (h - ch)
     boxes = torch.stack([torch.arange(b, dtype=torch.float32), x0, y0, x0 + cw, y0 + ch], dim=1).to(x.device)
-    return roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    out = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return out, torch.stack([x0, y0, cw, ch], dim=1).to(torch.float32)
 
 
 def augment(x: Tensor, kind: str, generator: torch.Generator) -> Tensor:
     """uint8 or float (B, ch, H, W) -> augmented float in the 0..255 range."""
+    return augment_with_crops(x, kind, generator)[0]
+
+
+def augment_with_crops(x: Tensor, kind: str, generator: torch.Generator) -> tuple[Tensor, Crops]:
+    """:func:`augment` and, per image, the box it cut (stored-image pixels) and whether it flipped."""
+    b, _, h, w = x.shape
+    sizes = torch.tensor([[h, w]], dtype=torch.int64).expand(b, 2)
     if kind == "none":
-        return x.float()
+        whole = torch.tensor([[0.0, 0.0, float(w), float(h)]]).expand(b, 4)
+        return x.float(), Crops(whole, torch.zeros(b, dtype=torch.bool), sizes)
     if kind == "crop32":
-        return random_flip(pad_crop(x, generator).float(), generator)
-    if kind == "rrc":
-        return random_flip(random_resized_crop(x, generator), generator)
-    raise ValueError(f"unknown augmentation {kind!r} (choices: crop32, rrc, none)")
+        cut, boxes = _pad_crop(x, generator)
+    elif kind == "rrc":
+        cut, boxes = _random_resized_crop(x, generator)
+    else:
+        raise ValueError(f"unknown augmentation {kind!r} (choices: crop32, rrc, none)")
+    out, flips = _flip(cut.float(), generator)
+    return out, Crops(boxes, flips, sizes)

@@ -1,12 +1,22 @@
 """Split-file data sets (ImageNet-LT, iNaturalist 2018): lines ``relative/path label``.
 
 These sets do not fit in memory, so :class:`FileSplit` keeps only the paths and
-labels and decodes each batch when the engine asks for it: a ``torch.utils.data``
-DataLoader whose worker processes stay alive between batches (a mutable batch
-sampler hands them the current batch, in chunks, one per worker) decodes and resizes
-every image to ``size x size`` uint8; the engine then applies its batched
-random-resized-crop on the device. Batches smaller than ``MIN_PARALLEL`` are decoded
-in the calling process, where starting the workers would cost more than it saves.
+labels and decodes images when they are needed, with the standard views of
+:mod:`lsm_registry.data.transforms`:
+
+- training batches (``fetch_train``, and the engine's prefetching
+  :class:`lsm_registry.data.prefetch.PlannedLoader`) are random-resized-cropped and
+  flipped from the original file while decoding, and say per image which box and flip
+  they got (:class:`lsm_registry.interfaces.Crops`);
+- ``fetch`` (evaluation, ``lsm evaluate``) is the test view: shorter side resized,
+  center crop. A ``torch.utils.data`` DataLoader whose worker processes stay alive
+  between batches (a mutable batch sampler hands them the current batch, in chunks,
+  one per worker) decodes it; batches smaller than ``MIN_PARALLEL`` are decoded in the
+  calling process, where waking the workers would cost more than it saves.
+
+A file that cannot be read comes back as an error string rather than an exception
+from the worker, so the training process can raise it as one line naming the file
+(a DataLoader re-raises worker exceptions wrapped in a multi-line traceback).
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torchvision.transforms import v2
 
 from ..errors import DataError
-from ..interfaces import Split
-from .folders import load_image
+from ..interfaces import Crops, Split
+from .transforms import RATIO, SCALE, default_resize, eval_view, train_view
 
 MIN_PARALLEL = 16
 
@@ -53,11 +64,25 @@ def read_split_file(path: Path, num_classes: Optional[int] = None) -> tuple[list
     return paths, torch.tensor(labels, dtype=torch.int64)
 
 
-def _decode(path: str, size: int) -> tuple[Tensor, Optional[str]]:
+def _decode(path: str, size: int, resize: int) -> tuple[Tensor, Optional[str]]:
     try:
-        return load_image(path, size), None
+        return eval_view(path, size, resize)[0], None
     except ValueError as exc:
         return torch.zeros(3, size, size, dtype=torch.uint8), str(exc)
+
+
+def batch_tensor(n: int, size: int) -> Tensor:
+    """uint8 (n, 3, size, size) to fill; in a worker process, in shared memory from the start,
+    so that handing it to the training process copies nothing (what default_collate does)."""
+    if get_worker_info() is None:
+        return torch.empty(n, 3, size, size, dtype=torch.uint8)
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n * 3 * size * size)
+    return torch.empty(0, dtype=torch.uint8).new(storage).resize_(n, 3, size, size)
+
+
+#: What ``FileSplit.decode_train`` returns: images, boxes, flips, sizes (plain tensors, so a
+#: DataLoader can pin them) and the first decoding error, if any.
+Decoded = tuple[Tensor, Tensor, Tensor, Tensor, Optional[str]]
 
 
 def _keep(batch: Any) -> Any:
@@ -67,18 +92,19 @@ def _keep(batch: Any) -> Any:
 class _Files(Dataset):
     """Decodes a chunk of positions into one uint8 tensor and the first error, if any."""
 
-    def __init__(self, paths: list[str], size: int):
+    def __init__(self, paths: list[str], size: int, resize: int):
         self.paths = paths
         self.size = size
+        self.resize = resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Optional[str]]:
-        return _decode(self.paths[i], self.size)
+        return _decode(self.paths[i], self.size, self.resize)
 
     def __getitems__(self, positions: list[int]) -> tuple[Tensor, Optional[str]]:
-        decoded = [_decode(self.paths[i], self.size) for i in positions]
+        decoded = [_decode(self.paths[i], self.size, self.resize) for i in positions]
         error = next((e for _, e in decoded if e is not None), None)
         return torch.stack([img for img, _ in decoded]), error
 
@@ -97,15 +123,24 @@ class _Requests:
 
 
 class FileSplit(Split):
-    """Images listed by path, decoded per batch by worker processes."""
+    """Images listed by path, decoded per batch by worker processes.
 
-    def __init__(self, image_root: Path, paths: list[str], labels: Tensor, size: int, workers: int = 4):
+    ``size``: the crop side (training and test); ``resize``: the test view's shorter side
+    (default 256 for 224); ``workers`` decoding processes; ``prefetch`` batches decoded
+    ahead per worker by the planned loader.
+    """
+
+    def __init__(self, image_root: Path, paths: list[str], labels: Tensor, size: int, workers: int = 4,
+                 resize: Optional[int] = None, prefetch: int = 2):
         self.image_root = Path(image_root)
         self.paths = [str(self.image_root / p) for p in paths]
         self.labels = labels.to(torch.int64)
         self.size = size
+        self.resize = resize or default_resize(size)
         self.workers = workers
-        self._files = _Files(self.paths, size)
+        self.prefetch = prefetch
+        self._crop = v2.RandomResizedCrop(size, scale=SCALE, ratio=RATIO, antialias=True)
+        self._files = _Files(self.paths, size, self.resize)
         self._requests = _Requests()
         self._loader: Optional[DataLoader] = None
 
@@ -128,7 +163,35 @@ class FileSplit(Split):
         self._requests.chunks = [positions[i : i + per] for i in range(0, len(positions), per)]
         return list(self._loader)
 
+    def decode_train(self, positions: list[int], seed: int) -> Decoded:
+        """The training view of ``positions``, in this process; the crops are drawn from ``seed`` alone."""
+        n, size = len(positions), self.size
+        images = batch_tensor(n, size)
+        boxes = torch.empty(n, 4, dtype=torch.float32)
+        flips = torch.empty(n, dtype=torch.bool)
+        sizes = torch.empty(n, 2, dtype=torch.int64)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for k, i in enumerate(positions):
+                try:
+                    image, box, flip, hw = train_view(self.paths[i], size, self._crop)
+                except ValueError as exc:
+                    return images, boxes, flips, sizes, str(exc)
+                images[k].copy_(image)
+                boxes[k] = torch.tensor(box)
+                flips[k] = flip
+                sizes[k] = torch.tensor(hw)
+        return images, boxes, flips, sizes, None
+
+    def fetch_train(self, idx: Tensor, seed: int) -> tuple[Tensor, Crops]:
+        """uint8 training crops (B, 3, size, size) on the CPU and their :class:`Crops`; an unreadable file raises DataError."""
+        images, boxes, flips, sizes, error = self.decode_train([int(i) for i in idx.cpu().tolist()], seed)
+        if error is not None:
+            raise DataError(error)
+        return images, Crops(boxes, flips, sizes)
+
     def fetch(self, idx: Tensor, device: torch.device) -> Tensor:
+        """The test view (resize the shorter side, center crop) of ``idx``, uint8 on ``device``."""
         positions = [int(i) for i in idx.cpu().tolist()]
         if self.workers > 0 and len(positions) >= MIN_PARALLEL:
             parts = self._parallel(positions)

@@ -1,0 +1,307 @@
+"""File-backed sets: the standard views, the planned prefetching loader and resume through it.
+
+Everything runs on tiny JPEG trees and split files generated here.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from lsm_registry.components.datasets import ImageFolderLT, ImageNetLT
+from lsm_registry.data import transforms
+from lsm_registry.data.augment import augment, augment_with_crops
+from lsm_registry.data.prefetch import PlannedLoader, plan_epoch
+from lsm_registry.data.split_files import FileSplit
+from lsm_registry.engine import Trainer
+from lsm_registry.errors import DataError
+from lsm_registry.interfaces import Context
+from lsm_registry.plugins import build_registry
+from lsm_registry.recipe import load_recipe
+
+from test_resume import ENV, TRIPWIRE_LSM
+
+CPU = torch.device("cpu")
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """Red encodes x, green encodes y: a crop's colours say where it came from."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 90)], axis=2).round().astype(np.uint8))
+
+
+def jpeg_tree(root: Path, n: int = 48, classes: int = 4, bad: int | None = None) -> Path:
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(n):
+        y = i % classes if i >= classes * 6 else i // 6  # every class has at least 6 images
+        w, h = int(rng.integers(40, 96)), int(rng.integers(40, 96))
+        path = root / "imgs" / f"c{y}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        noise = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(np.clip(np.asarray(gradient(w, h)) // 2 + noise + 40 * y, 0, 255).astype(np.uint8)).save(path, quality=90)
+        if i == bad:
+            path.write_bytes(b"\xff\xd8 not really a jpeg")
+        lines.append(f"imgs/c{y}/{i}.jpg {y}")
+    (root / "ImageNet_LT_train.txt").write_text("\n".join(lines) + "\n")
+    (root / "ImageNet_LT_test.txt").write_text("\n".join(lines[::6]) + "\n")
+    return root
+
+
+def split_of(root: Path, size: int = 32, workers: int = 0) -> FileSplit:
+    data = ImageNetLT(ImageNetLT.Params(root=str(root), image_size=size, workers=workers), Context((), (0, 0, 0))).build()
+    assert data.augment == "decoded"
+    return data.train
+
+
+# ------------------------------------------------------------------ the views
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_train_view_crops_the_original_keeping_its_aspect_ratio(tmp_path, seed):
+    path = tmp_path / "g.png"  # lossless, so the colours are exact
+    width, height, size = 150, 90, 32
+    gradient(width, height).save(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out, (left, top, w, h), flip, hw = transforms.train_view(path, size)
+    assert out.shape == (3, size, size) and out.dtype == torch.uint8 and hw == (height, width)
+    assert 0 <= left and left + w <= width and 0 <= top and top + h <= height
+    ratio, area = w / h, w * h / (width * height)
+    fallback = (w, h) == (int(round(height * 4 / 3)), height)  # the center crop RandomResizedCrop falls back to
+    assert fallback or (0.75 - 0.02 <= ratio <= 4 / 3 + 0.02 and 0.08 - 0.01 <= area <= 1.0)
+    # every output pixel shows the source pixel its box maps it to: a scale per axis, nothing squashed
+    cols = left + (torch.arange(size) + 0.5) * w / size
+    rows = top + (torch.arange(size) + 0.5) * h / size
+    if flip:
+        cols = cols.flip(0)
+    want_r = (cols / (width - 1) * 255).view(1, -1).expand(size, size)
+    want_g = (rows / (height - 1) * 255).view(-1, 1).expand(size, size)
+    assert (out[0].float() - want_r).abs().mean() < 4 and (out[1].float() - want_g).abs().mean() < 4
+
+
+def test_train_view_drafts_only_as_far_as_the_crop_keeps_size_pixels(tmp_path, monkeypatch):
+    path = tmp_path / "big.jpg"
+    gradient(1600, 1200).save(path, quality=92)
+    seen = []
+    draft = transforms._draft_to_keep
+
+    def spy(img, need_w, need_h):
+        scale = draft(img, need_w, need_h)
+        seen.append(scale)
+        return scale
+
+    monkeypatch.setattr(transforms, "_draft_to_keep", spy)
+    shrunk = 0
+    for seed in range(20):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out, (_, _, w, h), _, _ = transforms.train_view(path, 224)
+        sx, sy = seen[-1]
+        assert out.shape == (3, 224, 224)
+        assert w * sx >= 224 and h * sy >= 224  # never fewer than 224 source pixels under the crop
+        shrunk += sx < 1
+    assert shrunk > 0  # large crops of a large file do decode at a reduced scale
+
+
+def test_eval_view_is_resize_256_then_center_crop_224(tmp_path):
+    path = tmp_path / "t.jpg"
+    gradient(400, 300).save(path, quality=95)
+    out, box, hw = transforms.eval_view(path, 224)
+    standard = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+    assert torch.equal(out, standard(Image.open(path).convert("RGB")))
+    on_pil = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.PILToTensor()])(Image.open(path).convert("RGB"))
+    assert (out.float() - on_pil.float()).abs().max() <= 2  # torchvision's uint8 kernel vs PIL's
+    assert hw == (300, 400) and box == pytest.approx([(400 - 224 * 300 / 256) / 2, (300 - 262.5) / 2, 262.5, 262.5])
+    big = tmp_path / "big.jpg"
+    gradient(1600, 1000).save(big, quality=95)
+    drafted, _, _ = transforms.eval_view(big, 224)  # decoded at 1/2 scale, still >= 256 on the short side
+    plain = standard(Image.open(big).convert("RGB"))
+    assert drafted.shape == (3, 224, 224) and (drafted.float() - plain.float()).abs().mean() < 2
+
+
+def test_split_fetch_is_the_test_view_and_fetch_train_repeats_per_seed(tmp_path):
+    train = split_of(jpeg_tree(tmp_path), size=32)
+    x = train.fetch(torch.tensor([3, 0]), CPU)
+    assert torch.equal(x[1], transforms.eval_view(train.paths[0], 32, 37)[0])
+    a, crops = train.fetch_train(torch.arange(6), seed=11)
+    b, again = train.fetch_train(torch.arange(6), seed=11)
+    c, _ = train.fetch_train(torch.arange(6), seed=12)
+    assert torch.equal(a, b) and torch.equal(crops.boxes, again.boxes) and not torch.equal(a, c)
+    assert crops.boxes.shape == (6, 4) and crops.flips.shape == (6,) and len(crops) == 6
+    assert crops.sizes[0].tolist() == list(Image.open(train.paths[0]).size[::-1])
+
+
+def test_in_memory_augmentation_reports_its_crops_from_the_same_draws():
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    for kind in ("crop32", "rrc", "none"):
+        out, crops = augment_with_crops(x, kind, torch.Generator().manual_seed(4))
+        assert torch.equal(out, augment(x, kind, torch.Generator().manual_seed(4)))
+        assert crops.boxes.shape == (5, 4) and crops.sizes[0].tolist() == [32, 32]
+    out, crops = augment_with_crops(x, "crop32", torch.Generator().manual_seed(4))
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for k in range(5):
+        left, top = (int(v) + 4 for v in crops.boxes[k, :2])
+        cut = padded[k, :, top : top + 32, left : left + 32].float()
+        assert torch.equal(out[k], cut.flip(2) if crops.flips[k] else cut)
+
+
+# ------------------------------------------------------------------ the planned loader
+
+
+RECIPE = """
+[run]
+name = "files"
+seed = 3
+epochs = 3
+eval_every = 1
+
+[data]
+name = "imagenet-lt"
+root = "{root}"
+image_size = 32
+workers = {workers}
+
+[model]
+name = "resnet32"
+width = 4
+
+[optim]
+batch_size = 8
+lr = 0.05
+warmup_epochs = 0
+
+[sampler]
+name = "dual-branch"
+
+[mixer]
+name = "cmo"
+prob = 0.5
+start_epoch = 0
+end_epoch = {{ none = true }}
+
+[label_fuser]
+name = "area"
+
+[loss]
+name = "ce"
+"""
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return jpeg_tree(tmp_path_factory.mktemp("tree"))
+
+
+def trainer_for(tree: Path, tmp_path: Path, workers: int) -> Trainer:
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE.format(root=tree.as_posix(), workers=workers))
+    registry = build_registry(entry_points=False)
+    return Trainer(load_recipe(path, registry=registry), registry)
+
+
+def test_prefetch_order_is_the_samplers_and_only_mixing_steps_fetch_a_foreground(tree, tmp_path):
+    trainer = trainer_for(tree, tmp_path, workers=2)
+    trainer.generator.manual_seed(99)
+    plan = trainer.plan(0, 8)
+    expected = list(trainer.sampler.batches(0, 8))
+    assert len(plan) == len(expected) == 6
+    loaded = list(trainer._steps(0, 8, plan, 0))
+    assert [s.plan.step for _, _, s in loaded] == list(range(6))
+    coins = [s.mix for s in plan]
+    assert 0 < sum(coins) < 6  # prob 0.5: some steps mix, some do not
+    for (bg, fg, step), (want_bg, want_fg), mix in zip(loaded, expected, coins):
+        assert torch.equal(bg, want_bg)
+        assert (step.fg is not None) == mix and (fg is None) == (not mix)
+        if mix:
+            assert torch.equal(fg, want_fg)
+            assert torch.equal(step.fg[0], trainer.data.train.fetch_train(want_fg, step.plan.fg_seed)[0])
+        assert torch.equal(step.bg[0], trainer.data.train.fetch_train(want_bg, step.plan.bg_seed)[0])
+    # starting the plan at step 4 (a mid-epoch resume) decodes the same steps 4 and 5
+    tail = list(trainer._steps(0, 8, plan, 4))
+    assert [s.plan.step for _, _, s in tail] == [4, 5]
+    assert torch.equal(tail[0][2].bg[0], loaded[4][2].bg[0])
+    trainer.close_loader()
+
+
+def test_the_same_plan_with_and_without_workers_trains_alike(tree, tmp_path):
+    results = [trainer_for(tree, tmp_path, workers).fit() for workers in (0, 2)]
+    assert results[0]["final_loss"] == results[1]["final_loss"]
+    assert results[0]["per_class"] == results[1]["per_class"]
+
+
+def test_an_unreadable_file_stops_training_naming_it(tmp_path):
+    root = jpeg_tree(tmp_path, bad=7)
+    train = split_of(root, workers=1)
+    loader = PlannedLoader(train, workers=1)
+    plan = plan_epoch([(torch.arange(8), None), (torch.arange(8, 16), None)], [False, False], torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(DataError) as info:
+        list(loader.run(plan))
+    loader.close()
+    message = str(info.value)
+    assert str(root / "imgs" / "c1" / "7.jpg") in message and "cannot read image" in message and "\n" not in message
+
+
+def test_imagefolder_files_storage_uses_the_file_backed_path(tmp_path):
+    for split, n in (("train", 5), ("test", 2)):
+        for c, name in enumerate(("ant", "bee")):
+            for i in range(n):
+                path = tmp_path / split / name / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                gradient(60 + 10 * i, 45 + 5 * c).save(path)
+    params = ImageFolderLT.Params(root=str(tmp_path), profile="none", storage="files", image_size=32, workers=0, val_per_class=1)
+    data = ImageFolderLT(params, Context((), (0, 0, 0))).build()
+    assert isinstance(data.train, FileSplit) and data.augment == "decoded" and data.image_size == (3, 32, 32)
+    assert data.class_counts() == (4, 4) and len(data.val) == 2 and len(data.test) == 4
+    assert data.test.fetch(torch.arange(4), CPU).shape == (4, 3, 32, 32)
+    assert data.train.fetch_train(torch.arange(3), 0)[0].shape == (3, 3, 32, 32)
+    memory = ImageFolderLT(attrs.evolve(params, storage="memory"), Context((), (0, 0, 0))).build()
+    assert memory.augment == "crop32" and memory.train.images.shape == (8, 3, 32, 32)
+
+
+# ------------------------------------------------------------------ resume through the loader
+
+
+def run_lsm(script: Path, *args: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in ENV.items() if k != "LSM_TRIPWIRE"}
+    if signal_at is not None:
+        env["LSM_TRIPWIRE"] = signal_at
+    return subprocess.run([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_stopped_mid_epoch_and_resumed_through_the_loader_is_bit_identical(tree, tmp_path, how):
+    script = tmp_path / "tripwire_lsm.py"
+    script.write_text(TRIPWIRE_LSM)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(root=tree.as_posix(), workers=2).replace('name = "ce"', 'name = "ce-tripwire"'))
+    ref = run_lsm(script, "run", str(recipe), "--out", str(tmp_path / "ref"), "--no-progress")
+    assert ref.returncode == 0, ref.stdout
+    expected = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    run_dir = tmp_path / "run"
+    stopped = run_lsm(script, "run", str(recipe), "--out", str(run_dir), "--no-progress", signal_at=f"{how}:2:3")
+    if how == "SIGTERM":
+        assert stopped.returncode == 130 and "in epoch 2 at step 3" in stopped.stdout, stopped.stdout
+    else:
+        assert stopped.returncode == -signal.SIGKILL, stopped.stdout
+    assert not (run_dir / "summary.json").exists()
+    resumed = run_lsm(script, "resume", str(run_dir), "--no-progress")
+    assert resumed.returncode == 0, resumed.stdout
+    got = json.loads((run_dir / "summary.json").read_text())
+    assert got["final_loss"] == expected["final_loss"] and got["per_class"] == expected["per_class"]
+    ref_lines = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in got_lines] == [r["train_loss"] for r in ref_lines]
+    assert [r["mixed_fraction"] for r in got_lines] == [r["mixed_fraction"] for r in ref_lines]
