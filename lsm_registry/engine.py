@@ -35,7 +35,7 @@ from .mixing import MixedBatch, MixingStep, permuted_foreground
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
 from .recipe import Recipe, migrate, without_loggers
 from .registry import Registry
-from .stages import load_parent, set_train_mode, trainable_parameters
+from .stages import batch_norms, load_parent, set_train_mode, trainable_parameters
 
 LOG_EVERY = 10
 PICTURE_ROWS = 8  # rows of the last mixed batch kept for mixed_samples.png
@@ -314,7 +314,7 @@ class Trainer:
             self.optimizer.attach(self.module)
         except ValueError as exc:
             raise LSMError(f"{recipe.path} [optim] {spec.name}: {exc}") from None
-        self._batch_norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._batch_norms = batch_norms(self.module)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
         self.labels_on_device = self.data.train.labels.to(self.device)
@@ -450,7 +450,7 @@ class Trainer:
             stats.mixed += 1
             stats.fg_weight_sum += mixed.lam.detach().mean()
             self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
-        set_train_mode(self.model, self.recipe)
+        set_train_mode(self.model, self.recipe, self._batch_norms)
         loss = self.optimizer.step(_Closure(self, x, target, mixed), self.scaler).detach()
         stats.steps += 1
         stats.images += x.shape[0]

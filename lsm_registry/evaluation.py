@@ -41,7 +41,8 @@ from .interfaces import Context, LTData, Loss
 from .metrics import summarise_counts
 from .recipe import Recipe, parse_override, read_toml, validate
 from .registry import Registry
-from .reporting import fmt_pct, per_class_csv
+from .reporting import fmt_pct
+from .tracking import per_class_csv
 from .stages import tau_normalised
 
 #: Folder of a run that holds its evaluations, one sub-folder each.

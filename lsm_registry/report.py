@@ -198,6 +198,26 @@ def _value(record: dict[str, Any], key: str) -> float:
     return 100 * float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _loss(record: dict[str, Any]) -> float:
+    value = record.get("train_loss")
+    return math.nan if value is None else float(value)
+
+
+def _style_curves(acc, loss, acc_label: str, acc_title: str, loss_label: str, loss_title: str) -> None:
+    """The axes of a (accuracy, train loss) pair of learning-curve panels, one look for every page."""
+    acc.set_xlabel("epoch")
+    acc.set_ylabel(acc_label)
+    acc.set_ylim(-3, 103)
+    acc.set_title(acc_title)
+    acc.legend(fontsize=8, loc="best")
+    loss.set_xlabel("epoch")
+    loss.set_ylabel(loss_label)
+    loss.set_title(loss_title)
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+
+
 def _figure_png(fig) -> bytes:
     plt = pyplot()
     buf = io.BytesIO()
@@ -222,20 +242,8 @@ def learning_curves_png(run: ReportRun) -> Optional[bytes]:
     if any(p.get("val_top1") is not None for p in points):
         acc.plot(epochs, [_value(p, "val_top1") for p in points], marker="s", markersize=3, linestyle="--",
                  color="#555555", label="val top-1")
-    acc.set_xlabel("epoch")
-    acc.set_ylabel("test accuracy (%)")
-    acc.set_ylim(-3, 103)
-    acc.set_title("accuracy by epoch")
-    acc.legend(fontsize=8, loc="best")
-    acc.grid(alpha=0.3)
-    losses = [p.get("train_loss") for p in points]
-    loss.plot(epochs, [math.nan if v is None else float(v) for v in losses], marker="o", markersize=3, color="#8c564b")
-    loss.set_xlabel("epoch")
-    loss.set_ylabel("train loss (mean over the epoch)")
-    loss.set_title("train loss by epoch")
-    loss.grid(alpha=0.3)
-    for ax in (acc, loss):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+    loss.plot(epochs, [_loss(p) for p in points], marker="o", markersize=3, color="#8c564b")
+    _style_curves(acc, loss, "test accuracy (%)", "accuracy by epoch", "train loss (mean over the epoch)", "train loss by epoch")
     return _figure_png(fig)
 
 
@@ -255,20 +263,8 @@ def overlaid_curves_png(reports: Sequence[ReportRun], labels: Sequence[str]) -> 
         acc.plot(epochs, [_value(p, "top1") for p in points], marker="o", markersize=3, color=colour, label=label)
         if any(p.get("val_top1") is not None for p in points):
             acc.plot(epochs, [_value(p, "val_top1") for p in points], linestyle="--", color=colour, label=f"{label} (val)")
-        loss.plot(epochs, [math.nan if p.get("train_loss") is None else float(p["train_loss"]) for p in points],
-                  marker="o", markersize=3, color=colour, label=label)
-    acc.set_xlabel("epoch")
-    acc.set_ylabel("test top-1 (%)")
-    acc.set_ylim(-3, 103)
-    acc.set_title("top-1 by epoch, per run")
-    acc.legend(fontsize=8, loc="best")
-    acc.grid(alpha=0.3)
-    loss.set_xlabel("epoch")
-    loss.set_ylabel("train loss")
-    loss.set_title("train loss by epoch, per run")
-    loss.grid(alpha=0.3)
-    for ax in (acc, loss):
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        loss.plot(epochs, [_loss(p) for p in points], marker="o", markersize=3, color=colour, label=label)
+    _style_curves(acc, loss, "test top-1 (%)", "top-1 by epoch, per run", "train loss", "train loss by epoch, per run")
     return _figure_png(fig)
 
 

@@ -19,7 +19,7 @@ from .engine import Reporter, Trainer
 from .errors import LSMError
 from .pictures import MIXED_SAMPLES, draw_mixed_samples
 from .plots import PlotUnavailable, plot_confusion, plot_per_class
-from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, per_class_csv, run_info
+from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, run_info
 
 
 def fmt_pct(value: Optional[float]) -> str:
@@ -44,7 +44,7 @@ def result_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
-__all__ = ["RunReporter", "check_writable", "fresh_run_dir", "per_class_csv", "result_table"]
+__all__ = ["RunReporter", "check_writable", "fresh_run_dir", "result_table"]
 
 
 def fresh_run_dir(base: Path, name: str) -> Path:

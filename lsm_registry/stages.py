@@ -52,7 +52,7 @@ def head_keys(module: nn.Module, recipe: Recipe) -> set[str]:
     return keys | {k for k in module.state_dict() if k in NEW_KEYS}
 
 
-def _batch_norms(module: nn.Module) -> list[nn.Module]:
+def batch_norms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
@@ -74,14 +74,14 @@ def trainable_parameters(module: nn.Module, recipe: Recipe) -> list[nn.Parameter
     else:
         chosen = list(classifier_of(module, recipe).parameters()) + ([scale] if isinstance(scale, nn.Parameter) else [])
         if train == "classifier+bn":
-            chosen += [p for bn in _batch_norms(module) for p in (bn.weight, bn.bias) if p is not None]
+            chosen += [p for bn in batch_norms(module) for p in (bn.weight, bn.bias) if p is not None]
     ids = {id(p) for p in chosen}
     for p in module.parameters():
         p.requires_grad_(id(p) in ids)
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def set_train_mode(module: nn.Module, recipe: Recipe) -> None:
+def set_train_mode(module: nn.Module, recipe: Recipe, norms: list[nn.Module]) -> None:
     """``module.train()``, with the batch norm of a frozen backbone back in eval mode.
 
     In train mode batch norm updates its running statistics on every forward, so a
@@ -89,7 +89,7 @@ def set_train_mode(module: nn.Module, recipe: Recipe) -> None:
     """
     module.train()
     if recipe.stage.train in FROZEN_BN:
-        for bn in _batch_norms(module):
+        for bn in norms:  # the module's batch_norms(), found once by the caller: this runs every step
             bn.eval()
 
 

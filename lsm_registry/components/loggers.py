@@ -59,7 +59,23 @@ def _scalar_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
 
 
-class TensorBoard(Logger):
+class ScalarTracker(Logger):
+    """A tracker that takes an evaluation as more scalars at the same step (all three built-ins).
+
+    Subclasses implement ``log_scalars`` and have a ``per_class`` parameter;
+    ``epoch_type`` is how the tracker stores the epoch number.
+    """
+
+    epoch_type: type = float
+
+    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
+        values: dict[str, Any] = {**metrics, "epoch": self.epoch_type(epoch)}
+        if self.params.per_class:
+            values.update({f"per_class/{name}": v for name, v in per_class.items() if v is not None})
+        self.log_scalars(step, values)
+
+
+class TensorBoard(ScalarTracker):
     """TensorBoard event files under the run folder (torch.utils.tensorboard): `tensorboard --logdir runs`."""
 
     name = "tensorboard"
@@ -83,13 +99,6 @@ class TensorBoard(Logger):
         for key, value in values.items():
             self.writer.add_scalar(key, value, step)
 
-    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
-        self.log_scalars(step, {**metrics, "epoch": float(epoch)})
-        if self.params.per_class:
-            for name, value in per_class.items():
-                if value is not None:
-                    self.writer.add_scalar(f"per_class/{name}", value, step)
-
     def log_image(self, name: str, path: Path, step: int) -> None:
         with Image.open(path) as picture:
             self.writer.add_image(f"pictures/{name}", pil_to_tensor(picture.convert("RGB")), step)
@@ -109,7 +118,7 @@ def _metric_key(key: str) -> str:
     return re.sub(r"[^\w\-. /:]", "_", key)
 
 
-class MLflow(Logger):
+class MLflow(ScalarTracker):
     """An MLflow run: parameters, metrics per step, pictures as artifacts (`mlflow ui`)."""
 
     name = "mlflow"
@@ -150,12 +159,6 @@ class MLflow(Logger):
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
-    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
-        values = {**metrics, "epoch": float(epoch)}
-        if self.params.per_class:
-            values.update({f"per_class/{name}": v for name, v in per_class.items() if v is not None})
-        self.log_scalars(step, values)
-
     def log_image(self, name: str, path: Path, step: int) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path="pictures")
 
@@ -169,12 +172,13 @@ class MLflow(Logger):
             self.client.set_terminated(self.run_id, "KILLED")  # stopped or failed: `lsm resume` continues it
 
 
-class WandB(Logger):
+class WandB(ScalarTracker):
     """A Weights & Biases run, offline by default: nothing leaves the machine unless mode = "online"."""
 
     name = "wandb"
     requires = ("wandb",)
     install_hint = "pip install 'lsm-registry[wandb]'"
+    epoch_type = int
 
     @attrs.frozen
     class Params:
@@ -199,12 +203,6 @@ class WandB(Logger):
         self.finished = False
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
-
-    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
-        values: dict[str, Any] = {**metrics, "epoch": epoch}
-        if self.params.per_class:
-            values.update({f"per_class/{name}": v for name, v in per_class.items() if v is not None})
         self.run.log(values, step=step)
 
     def log_image(self, name: str, path: Path, step: int) -> None:
