@@ -1,10 +1,13 @@
-"""What LSM adds to a training step: CE vs CE + LSM vs CE + CMO (a CutMix-style mix) vs CE + Remix.
+"""What LSM adds to a training step: CE vs CE + LSM (fresh and cached Grad-CAM) vs CE + CMO (a CutMix-style mix) vs CE + Remix.
 
 Every variant is a real ``Trainer`` built from a recipe (ResNet-32, 32x32 images,
 100 classes) and steps through ``Trainer.train_step``, the engine's own code path
 (fetch, augment, mix, forward, backward, SGD). Variants are timed interleaved, one
 step each per round, so that drift in the machine's load hits them alike; the
-figures are medians over rounds. The LSM step is also taken apart stage by stage.
+figures are medians over rounds. The LSM steps are also taken apart stage by stage.
+"CE + LSM (cached)" uses the ``cached-gradcam`` provider on a warm cache: one unmixed
+pass over the whole pool stores every image's map first (what the unmixed steps of a
+run do), then its mixed steps are timed like the others.
 
     python bench/step_cost.py --device cuda --repeats 30
     python bench/step_cost.py --device cpu --repeats 3 --warmup 1
@@ -35,9 +38,9 @@ def recipe_for(variant: str, device: str, batch_size: int, channels_last: bool, 
         "optim": {"batch_size": batch_size, "warmup_epochs": 0},
         "loss": {"name": "ce"},
     }
-    if variant == "CE + LSM":
+    if variant in ("CE + LSM", "CE + LSM (cached)"):
         raw["sampler"] = {"name": "dual-branch", "gamma": 1.0}
-        raw["saliency"] = {"name": "gradcam"}
+        raw["saliency"] = {"name": "gradcam" if variant == "CE + LSM" else "cached-gradcam"}
         raw["mixer"] = {"name": "lsm", "prob": 1.0, "start_epoch": 0, "end_epoch": 1_000_000}
         raw["label_fuser"] = {"name": "saliency"}
     elif variant == "CE + CMO":
@@ -77,11 +80,32 @@ def batch_stream(trainer: Any, batch_size: int):
         epoch += 1
 
 
+def warm_cache(trainer: Any, batch_size: int) -> None:
+    """Store every pool image's map, as the unmixed steps of a run would (train mode, batch norm untouched)."""
+    from lsm_registry.interfaces import Views
+
+    n = len(trainer.data.train)
+    with trainer.held_batch_norm(), torch.no_grad():
+        trainer.module.train()
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(start + batch_size, n))
+            x, y, crops = trainer.prepare_with_crops(idx)
+            feats = trainer.module.forward_features(x)
+            trainer.saliency.observe(trainer.module, feats, y, Views(idx.to(trainer.device), crops, 0))
+
+
 def lsm_breakdown(trainer: Any, bg: torch.Tensor, fg: torch.Tensor, clock: Clock) -> dict[str, float]:
     """The stages of Trainer.mixed_batch + train_step, each timed on its own."""
+    from lsm_registry.interfaces import Views
+
     times: dict[str, float] = {}
-    times["fetch + augment (2 batches)"], ((xb, yb), (xf, yf)) = clock.time(lambda: (trainer.prepare(bg), trainer.prepare(fg)))
-    times["saliency forward"], s_f = clock.time(lambda: trainer.saliency(trainer.module, xf, yf, trainer.patch))
+    times["fetch + augment (2 batches)"], ((xb, yb, _), (xf, yf, crops_f)) = clock.time(
+        lambda: (trainer.prepare_with_crops(bg), trainer.prepare_with_crops(fg)))
+    if trainer.observing:
+        views = Views(fg.to(trainer.device), crops_f, 0)
+        times["saliency (cached maps)"], s_f = clock.time(lambda: trainer.saliency.scores_of_views(trainer.module, xf, yf, trainer.patch, views))
+    else:
+        times["saliency forward"], s_f = clock.time(lambda: trainer.saliency(trainer.module, xf, yf, trainer.patch))
     mixer = trainer.mixer
     times["mask"], mask = clock.time(lambda: mixer.select(s_f))
     mixer.select = lambda scores: mask  # time the mix alone, with the mask just drawn
@@ -95,9 +119,9 @@ def lsm_breakdown(trainer: Any, bg: torch.Tensor, fg: torch.Tensor, clock: Clock
         x = mix.images.contiguous(memory_format=trainer.memory_format)
         trainer.module.train()
         loss = trainer.loss(trainer.module(x).float(), target)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optimizer.base.zero_grad(set_to_none=True)
         loss.backward()
-        trainer.optimizer.step()
+        trainer.optimizer.base.step()
 
     times["forward + backward + SGD"], _ = clock.time(learn)
     return times
@@ -121,7 +145,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     repeats = args.repeats if args.repeats is not None else (30 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
     registry = default_registry()
-    variants = ["CE", "CE + LSM", "CE + CMO", "CE + Remix"]
+    variants = ["CE", "CE + LSM", "CE + LSM (cached)", "CE + CMO", "CE + Remix"]
     notes = []
     for variant, key in (("CE + CMO", ("mixer", "cmo")), ("CE + Remix", ("label_fuser", "remix"))):
         if key not in registry:
@@ -132,9 +156,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     for v in variants:
         trainers[v] = Trainer(recipe_for(v, args.device, args.batch_size, not args.no_channels_last, args.n_max), registry)
         streams[v] = batch_stream(trainers[v], args.batch_size)
+    warm_cache(trainers["CE + LSM (cached)"], args.batch_size)
     step_times: dict[str, list[float]] = {v: [] for v in variants}
     peak: dict[str, int] = {v: 0 for v in variants}
-    breakdowns: list[dict[str, float]] = []
+    breakdowns: dict[str, list[dict[str, float]]] = {"CE + LSM": [], "CE + LSM (cached)": []}
     for r in range(warmup + repeats):
         for v in variants:
             tr = trainers[v]
@@ -147,8 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if r >= warmup:
                 step_times[v].append(dt)
         if r >= warmup:
-            bg, fg = next(streams["CE + LSM"])
-            breakdowns.append(lsm_breakdown(trainers["CE + LSM"], bg, fg, clock))
+            for v, kept in breakdowns.items():
+                bg, fg = next(streams[v])
+                kept.append(lsm_breakdown(trainers[v], bg, fg, clock))
 
     when = datetime.date.today().isoformat()
     print(f"# step cost, {when}: {platform.node() or 'host'}, device {device}"
@@ -162,27 +188,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Medians are the figures; minima are printed beside them because on a shared
     # machine the noise only ever adds time, so the minimum is the least disturbed round.
     ce_min = min(step_times["CE"])
-    print(f"{'variant':<14} {'median ms':>10} {'/ CE':>6} {'min ms':>10} {'/ CE':>6} {'peak memory':>14}")
+    print(f"{'variant':<18} {'median ms':>10} {'/ CE':>6} {'min ms':>10} {'/ CE':>6} {'peak memory':>14}")
     for v in variants:
         med, low = statistics.median(step_times[v]), min(step_times[v])
         mem = f"{peak[v] / 2**20:.0f} MiB" if on_cuda else "n/a"
-        print(f"{v:<14} {1000 * med:10.1f} {med / ce:6.2f} {1000 * low:10.1f} {low / ce_min:6.2f} {mem:>14}")
+        print(f"{v:<18} {1000 * med:10.1f} {med / ce:6.2f} {1000 * low:10.1f} {low / ce_min:6.2f} {mem:>14}")
     if not on_cuda:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"(CPU: per-variant peak memory n/a; process peak RSS {rss:.0f} MiB)")
-    stages = {k: statistics.median(b[k] for b in breakdowns) for k in breakdowns[0]}
-    total = sum(stages.values())
-    lsm_step = statistics.median(step_times["CE + LSM"])
-    print()
-    print(f"LSM step, stage by stage (medians, sum {1000 * total:.1f} ms; whole step {1000 * lsm_step:.1f} ms):")
-    for k, t in stages.items():
-        print(f"  {k:<28} {1000 * t:9.2f} ms  {100 * t / total:5.1f} %")
-    overhead = stages["mask"] + stages["mix"] + stages["fuse"]
-    print(f"  mask + mix + fuse (LSM's own work, no saliency forward): {1000 * overhead:.2f} ms = {100 * overhead / total:.2f} % of the step")
+    shares: dict[str, float] = {}
+    for v, kept in breakdowns.items():
+        stages = {k: statistics.median(b[k] for b in kept) for k in kept[0]}
+        total = sum(stages.values())
+        print()
+        print(f"{v} step, stage by stage (medians, sum {1000 * total:.1f} ms; whole step {1000 * statistics.median(step_times[v]):.1f} ms):")
+        for k, t in stages.items():
+            print(f"  {k:<28} {1000 * t:9.2f} ms  {100 * t / total:5.1f} %")
+        overhead = stages["mask"] + stages["mix"] + stages["fuse"]
+        print(f"  mask + mix + fuse (LSM's own work, no saliency): {1000 * overhead:.2f} ms = {100 * overhead / total:.2f} % of the step")
+        shares[v] = overhead / total
+        if v == "CE + LSM (cached)":
+            shares["cached saliency"] = stages["saliency (cached maps)"] / total
+    cached = trainers["CE + LSM (cached)"].saliency
+    per_image = cached.maps[0].numel() * cached.maps.element_size() + cached.boxes[0].numel() * 4 + cached.stamps.element_size()
+    print(f"  cache: {per_image} bytes per training image ({tuple(cached.maps.shape[1:])} float16 map, its box, its epoch)")
     ratio = statistics.median(step_times["CE + LSM"]) / ce
+    cached_ratio = statistics.median(step_times["CE + LSM (cached)"]) / ce
     print()
     print(f"targets: LSM/CE {ratio:.2f} (<= 1.35: {'met' if ratio <= 1.35 else 'NOT met'}); "
-          f"mask + mix + fuse {100 * overhead / total:.2f} % (< 5 %: {'met' if overhead / total < 0.05 else 'NOT met'})")
+          f"mask + mix + fuse {100 * shares['CE + LSM']:.2f} % (< 5 %: {'met' if shares['CE + LSM'] < 0.05 else 'NOT met'}); "
+          f"cached LSM/CE {cached_ratio:.2f} (<= 1.05: {'met' if cached_ratio <= 1.05 else 'NOT met'}); "
+          f"cached saliency {100 * shares['cached saliency']:.2f} % of the step (<= 5 %: {'met' if shares['cached saliency'] <= 0.05 else 'NOT met'})")
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -10,6 +10,7 @@ from .interfaces import (
     KINDS,
     Component,
     Context,
+    Crops,
     DatasetFactory,
     LabelFuser,
     Logger,
@@ -26,6 +27,7 @@ from .interfaces import (
     Sampler,
     Split,
     TensorSplit,
+    Views,
     mix_end,
     mix_prob,
     mix_start,
@@ -37,9 +39,9 @@ from .version import __version__
 
 
 __all__ = [
-    "KINDS", "Component", "Context", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
+    "KINDS", "Component", "Context", "Crops", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
     "MixerParams", "mix_prob", "mix_start", "mix_end",
     "MixResult", "ModelFactory", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
-    "TensorSplit", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
+    "TensorSplit", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
     "RegistryError", "DataError", "__version__",
 ]

@@ -29,9 +29,9 @@ from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_chec
 from .data.augment import augment_with_crops, stats_tensor, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import DataError, LSMError
-from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure
+from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure, Views
 from .metrics import summarise_counts
-from .mixing import MixedBatch, MixingStep, permuted_foreground
+from .mixing import MixedBatch, MixingStep, foreground_order
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
 from .recipe import Recipe, migrate, without_loggers
 from .registry import Registry
@@ -300,6 +300,12 @@ class Trainer:
             except ValueError as exc:
                 raise LSMError(f"{recipe.path} [saliency]: {exc}") from None
         self.model: nn.Module = self._wrap_distributed(self.module)
+        # A provider that observes training forwards gets the observed layer's output of the
+        # first forward of every unmixed step (_observe_output), armed by train_step only.
+        self.observing = self.saliency is not None and self.saliency.observes_training
+        self._armed: Optional[tuple[Tensor, Views]] = None
+        if self.observing:
+            self.saliency.observed_layer(self.module).register_forward_hook(self._observe_output)
         opt = recipe.optim
         base = torch.optim.SGD(
             [p for p in self.module.parameters() if p.requires_grad], lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
@@ -422,29 +428,49 @@ class Trainer:
         return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)], crops
 
     def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor],
-                    loaded: Optional[LoadedStep] = None) -> Optional[MixedBatch]:
+                    loaded: Optional[LoadedStep] = None, views_b: Optional[Views] = None) -> Optional[MixedBatch]:
         """The mixed batch when this epoch's window and this batch's coin say so, else None.
 
         ``loaded``: the planned step, whose coin was drawn with the plan and whose
-        foreground (when it mixes) is already decoded.
+        foreground (when it mixes) is already decoded. ``views_b``: the background's
+        views, for a saliency provider that observes training.
         """
         mixer = self.mixer
         if mixer is None or not (loaded.plan.mix if loaded is not None else mixer.active(epoch) and mixer.coin()):
             return None
+        views_f = None
         if fg is None:
-            xf, yf = permuted_foreground(xb, yb, self.generator)
+            order = foreground_order(xb.shape[0], self.generator)
+            perm = order.to(xb.device)
+            xf, yf = xb[perm], yb[perm]
+            crops_b = self.crops[0]
+            self.crops = (crops_b, crops_b.take(order) if crops_b is not None else None)
+            views_f = views_b.take(order) if views_b is not None else None
         else:
             xf, yf, crops_f = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
             self.crops = (self.crops[0], crops_f)
-        return self.mixing(self.module, xb, yb, xf, yf)
+            if self.observing:
+                views_f = Views(fg.to(self.device), crops_f, epoch)
+        return self.mixing(self.module, xb, yb, xf, yf, views_f=views_f, views_b=views_b)
+
+    def _observe_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        """Forward hook on the observed layer: hand one armed forward's output to the provider, once."""
+        armed, self._armed = self._armed, None
+        if armed is not None:
+            labels, views = armed
+            with torch.autocast(self.device.type, enabled=False):
+                self.saliency.observe(self.module, output.detach(), labels, views)
 
     def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats,
                    loaded: Optional[LoadedStep] = None) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
-        mixed = self.mixed_batch(epoch, xb, yb, fg, loaded)
+        views_b = Views(bg.to(self.device), crops_b, epoch) if self.observing else None
+        mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
         if mixed is None:
             x, target = xb, yb
+            if views_b is not None:
+                self._armed = (yb, views_b)  # the optimizer's first forward only (SAM makes two)
         else:
             x, target = mixed.images.contiguous(memory_format=self.memory_format), mixed.target
             stats.mixed += 1
@@ -452,6 +478,7 @@ class Trainer:
             self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
         set_train_mode(self.model, self.recipe, self._batch_norms)
         loss = self.optimizer.step(_Closure(self, x, target, mixed), self.scaler).detach()
+        self._armed = None
         stats.steps += 1
         stats.images += x.shape[0]
         # Remember the first non-finite step without a host sync.
@@ -572,16 +599,36 @@ class Trainer:
             "recipe": self.recipe.to_dict(),
             "world_size": self.dist.world_size,
             "parent": self.parent,
+            "saliency": self.saliency.state_dict() if self.saliency is not None else {},
         }
 
     def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:
         """Rank 0 writes ``checkpoints/epoch-NNNN[-step-S].pt`` atomically, then prunes old ones."""
-        if self.run_dir is None or not self.dist.is_main:
+        if self.run_dir is None:
+            return None
+        saliency = self._gather_saliency_state()
+        if not self.dist.is_main:
             return None
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
-        save_atomic(self._checkpoint_state(epoch, step, stats), path)
+        state = self._checkpoint_state(epoch, step, stats)
+        state["saliency"] = saliency
+        save_atomic(state, path)
         prune(self.run_dir, self.keep)
         return path
+
+    def _gather_saliency_state(self) -> Any:
+        """The saliency provider's state; under several processes every rank's, as a list, so that
+        each rank resumes with its own (collective: every rank calls save_checkpoint)."""
+        if self.saliency is None:
+            return {}
+        state = self.saliency.state_dict()
+        if not self.dist.enabled or not state:
+            return state
+        import torch.distributed as dist
+
+        states: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(states, {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()})
+        return states
 
     def load_checkpoint(self, reporter: Optional["Reporter"] = None) -> tuple[int, int, Optional[dict[str, Any]]]:
         """Restore the newest checkpoint; returns (completed epochs, step inside the next, its state)."""
@@ -613,6 +660,10 @@ class Trainer:
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = state["best"]
         self.parent = state.get("parent")
+        saved = state.get("saliency")
+        if self.saliency is not None and saved:
+            own = saved[self.dist.rank] if isinstance(saved, list) else saved
+            self.saliency.load_state_dict({k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in own.items()})
         return state["epoch"], state["step"], state
 
     # -------------------------------------------------------------- loop
@@ -652,6 +703,18 @@ class Trainer:
             "mixed_fraction": mixed / stats.steps,
             "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
         }
+
+    def _saliency_fractions(self) -> dict[str, Optional[float]]:
+        """The saliency provider's per-epoch fractions (e.g. fresh Grad-CAM calls), summed over processes."""
+        if self.saliency is None:
+            return {}
+        fractions = self.saliency.epoch_fractions()
+        out: dict[str, Optional[float]] = {}
+        for name, (num, den) in fractions.items():
+            if self.dist.enabled:
+                num, den = self._all_reduce(torch.tensor([num, den], dtype=torch.float64, device=self.device)).tolist()
+            out[name] = num / den if den > 0 else None
+        return out
 
     def fit(self, reporter: Optional["Reporter"] = None) -> dict[str, Any]:
         """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens."""
@@ -696,6 +759,8 @@ class Trainer:
                                     f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
                                 )
                         self._check_finite(epoch, stats)
+                        if self.saliency is not None:
+                            self.saliency.end_epoch(epoch)
                         elapsed = time.perf_counter() - t0
                         totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
                         loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
@@ -707,6 +772,7 @@ class Trainer:
                             "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
                             "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
                             "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
+                            **self._saliency_fractions(),
                         }
                         if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
                             result = self.evaluate()

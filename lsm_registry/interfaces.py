@@ -42,6 +42,7 @@ __all__ = [
     "Split",
     "TensorSplit",
     "Crops",
+    "Views",
     "Logger",
     "RunInfo",
     "Optimizer",
@@ -176,6 +177,45 @@ class SaliencyProvider(Component):
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError before training when this provider cannot explain ``model``."""
+        return None
+
+    # -- optional capability: observing the training forwards --------------------------
+    #
+    # A provider that sets ``observes_training`` is handed, after the first forward of
+    # every unmixed training step, the output of ``observed_layer(model)`` for that batch
+    # (train mode, before the update), with the batch's labels and :class:`Views`. When it
+    # scores a foreground inside the engine it is called through ``scores_of_views`` with
+    # the foreground's views, so it can reuse what it saw instead of a second forward.
+    # Outside the engine (``lsm preview``, ``mix_batches`` without views) ``__call__``
+    # is used, so it must still work on its own. A provider with state keeps it in
+    # ``state_dict`` (saved in every checkpoint, so a resumed run is bit-identical).
+
+    #: The engine calls ``observe`` on unmixed steps and ``scores_of_views`` for foregrounds.
+    observes_training: ClassVar[bool] = False
+
+    def observed_layer(self, model: nn.Module) -> nn.Module:
+        """The module whose output ``observe`` receives (asked once, before training)."""
+        raise NotImplementedError(f"saliency {self.name!r} sets observes_training but has no observed_layer()")
+
+    def observe(self, model: nn.Module, features: Tensor, labels: Tensor, views: "Views") -> None:
+        """One training forward's ``features`` (the observed layer's output, detached) of the images ``views``."""
+
+    def scores_of_views(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator", views: "Views") -> Tensor:
+        """``__call__``'s contract, for training images whose indices and crops are known."""
+        return self(model, x, y, patch)
+
+    def end_epoch(self, epoch: int) -> None:
+        """A training epoch ended; called on every process, so collectives are allowed here."""
+
+    def epoch_fractions(self) -> dict[str, tuple[float, float]]:
+        """Per-epoch (numerator, denominator) pairs for metrics.jsonl, then reset; the engine sums
+        them over processes and writes ``name = numerator / denominator``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
 
@@ -452,6 +492,28 @@ class Crops:
 
     def __len__(self) -> int:
         return int(self.flips.numel())
+
+    def take(self, rows: Tensor) -> "Crops":
+        """The crops of ``rows`` (indices into this batch), in that order."""
+        rows = rows.cpu()
+        return Crops(self.boxes[rows], self.flips[rows], self.sizes[rows])
+
+
+@attrs.frozen(eq=False)
+class Views:
+    """Which training images a batch holds and how each was cut, in epoch ``epoch`` (0-based).
+
+    ``indices`` (B,) int64 are indices into the training split, on the device;
+    ``crops`` says the box and flip of each (:class:`Crops`). What an observing
+    saliency provider (``SaliencyProvider.observes_training``) is given.
+    """
+
+    indices: Tensor
+    crops: Crops
+    epoch: int
+
+    def take(self, rows: Tensor) -> "Views":
+        return Views(self.indices[rows.to(self.indices.device)], self.crops.take(rows), self.epoch)
 
 
 class Split(abc.ABC):

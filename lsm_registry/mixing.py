@@ -17,9 +17,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .interfaces import LabelFuser, Mixer, PatchOperator, SaliencyProvider
+from .interfaces import LabelFuser, Mixer, PatchOperator, SaliencyProvider, Views
 
-__all__ = ["MixedBatch", "MixingStep", "mix_batches", "permuted_foreground"]
+__all__ = ["MixedBatch", "MixingStep", "foreground_order", "mix_batches", "permuted_foreground"]
 
 
 @attrs.frozen(eq=False)
@@ -81,17 +81,21 @@ class MixingStep:
         if (self.mixer.uses_patch or self.saliency is not None) and self.patch is None:
             raise ValueError(f"mixer {self.mixer.name!r} needs a patch operator")
 
-    def __call__(self, model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tensor, y_f: Tensor) -> MixedBatch:
+    def __call__(self, model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tensor, y_f: Tensor,
+                 views_f: Optional[Views] = None, views_b: Optional[Views] = None) -> MixedBatch:
         """Mix foreground ``x_f`` (labels ``y_f``) into background ``x_b`` (labels ``y_b``).
 
         ``model`` is what the saliency provider explains (None for model-free setups).
         Images are normalised float (B, ch, H, W), labels int64 (B,), all on one device.
+        ``views_f`` / ``views_b``: which training images the batches are and how they were
+        cut (the engine knows); a provider that observes training reuses what it saw of
+        them, any other provider ignores them.
         """
         s_f = s_b = None
         if self.saliency is not None:
-            s_f = self.saliency(model, x_f, y_f, self.patch)
+            s_f = self._saliency(model, x_f, y_f, views_f)
             if self.fuser.needs_background_saliency:
-                s_b = self.saliency(model, x_b, y_b, self.patch)
+                s_b = self._saliency(model, x_b, y_b, views_b)
         mix = self.mixer.mix(x_f, x_b, s_f, self.patch)
         target = self.fuser.fuse(mix, y_f, y_b, s_f, s_b)
         # Two images of one class leave lam free in the target; the pasted area is the
@@ -101,6 +105,12 @@ class MixingStep:
         return MixedBatch(images=mix.images, target=target, mask=mix.weight, y_f=y_f, y_b=y_b, lam=lam, x_f=x_f, x_b=x_b,
                           unit_mask=mix.unit_mask, saliency_f=s_f, saliency_b=s_b)
 
+    def _saliency(self, model: Optional[nn.Module], x: Tensor, y: Tensor, views: Optional[Views]) -> Tensor:
+        assert self.saliency is not None and self.patch is not None
+        if views is not None and self.saliency.observes_training:
+            return self.saliency.scores_of_views(model, x, y, self.patch, views)
+        return self.saliency(model, x, y, self.patch)
+
 
 def mix_batches(model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tensor, y_f: Tensor, *, mixer: Mixer,
                 fuser: LabelFuser, patch: Optional[PatchOperator] = None,
@@ -109,7 +119,12 @@ def mix_batches(model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tenso
     return MixingStep(mixer, fuser, patch, saliency)(model, x_b, y_b, x_f, y_f)
 
 
+def foreground_order(batch_size: int, generator: torch.Generator) -> Tensor:
+    """The order (CPU int64) in which a single-branch sampler's batch is its own foreground (Mixup, CutMix)."""
+    return torch.randperm(batch_size, generator=generator)
+
+
 def permuted_foreground(x_b: Tensor, y_b: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The foreground of a single-branch sampler: the batch itself in a random order (Mixup, CutMix)."""
-    perm = torch.randperm(x_b.shape[0], generator=generator).to(x_b.device)
+    """The foreground of a single-branch sampler: the batch itself in :func:`foreground_order`."""
+    perm = foreground_order(x_b.shape[0], generator).to(x_b.device)
     return x_b[perm], y_b[perm]

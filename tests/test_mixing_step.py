@@ -28,8 +28,8 @@ def _first_training_mix(trainer: Trainer) -> MixedBatch:
     seen = []
     step = trainer.mixing
 
-    def recording(*args):
-        seen.append(step(*args))
+    def recording(*args, **kwargs):
+        seen.append(step(*args, **kwargs))
         return seen[-1]
 
     trainer.mixing = recording

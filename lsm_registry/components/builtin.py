@@ -10,6 +10,7 @@ from ..hookspecs import hookimpl
 MODULES = (
     "samplers",
     "saliency",
+    "cached_saliency",
     "patches",
     "mixers",
     "fusers",
