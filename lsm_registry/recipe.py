@@ -79,7 +79,7 @@ class OptimParams:
     gamma: float = param(0.01, help="step schedule: factor per milestone", validator=positive)
 
 
-TRAIN_PARTS = ("all", "classifier", "classifier+bn", "scales")
+TRAIN_PARTS = ("all", "classifier", "classifier+bn", "classifier+bn-stats", "scales")
 
 
 @attrs.frozen
@@ -93,10 +93,11 @@ class StageParams:
 
     init_from: Optional[str] = param(None, help="run folder (its newest checkpoint) or checkpoint file whose model weights "
                                      "this run starts from; none: a fresh initialisation")
-    train: Literal["all", "classifier", "classifier+bn", "scales"] = param(
+    train: Literal["all", "classifier", "classifier+bn", "classifier+bn-stats", "scales"] = param(
         "all", help='what trains: "all"; "classifier" (backbone frozen, batch norm in eval mode); "classifier+bn" '
-        '(also batch-norm affine parameters and statistics); "scales" (only the per-class logit scales of a model '
-        "with lws = true: LWS)")
+        '(also batch-norm affine parameters and statistics); "classifier+bn-stats" (the classifier, and batch-norm '
+        "statistics re-estimated with the affine parameters frozen: MiSLAS's shift learning); \"scales\" (only the "
+        "per-class logit scales of a model with lws = true: LWS)")
     reset_classifier: bool = param(False, help="start the classifier from a fresh initialisation instead of the parent's (cRT)")
 
     def __attrs_post_init__(self):

@@ -4,7 +4,10 @@ A run folder (written by :mod:`lsm_registry.reporting`) holds ``recipe.toml`` (t
 resolved recipe), ``metrics.jsonl``, ``summary.json`` and ``per_class.csv``. Runs
 whose resolved recipes differ only in ``run.seed`` and ``run.name`` are repeats of
 one setting and are grouped as mean +- standard deviation; each group is labelled by
-the recipe keys that tell it apart from the other groups. An older run's recipe.toml
+the recipe keys that tell it apart from the other groups. A stage-2 run's
+``stage.init_from`` counts as its parent's setting (the parent's recipe up to seed and
+name, recorded in summary.json), not as the parent's path, so a two-stage method
+trained from several stage-1 seeds is one setting. An older run's recipe.toml
 may lack keys added to the library since: such a key counts as its default (see
 :mod:`lsm_registry.formats`), so old and new runs of one setting group together.
 """
@@ -68,9 +71,22 @@ class RunGroup:
 
     @property
     def parents(self) -> str:
-        """The runs the group's stage-2 runs started from (``[stage].init_from``), by run name; "—" for none."""
-        names = [parent_name(r) for r in self.runs]
-        return " / ".join(dict.fromkeys(n for n in names if n)) or "—"
+        """The runs the group's stage-2 runs started from (``[stage].init_from``), by run name; "—" for none.
+
+        Parents that share a run name (the seeds of one stage-1 setting) are named once,
+        with their seeds: ``ce (seeds 0, 1, 2)``.
+        """
+        by_name: dict[str, dict[str, Any]] = {}
+        for r in self.runs:
+            name = parent_name(r)
+            if name is not None:
+                parent = r.summary["parent"]
+                by_name.setdefault(name, {})[str(parent.get("checkpoint") or parent.get("init_from"))] = _parent_seed(parent)
+        parts = []
+        for name, checkpoints in by_name.items():
+            seeds = sorted({s for s in checkpoints.values() if s is not None}, key=str)
+            parts.append(f"{name} (seeds {', '.join(map(str, seeds))})" if len(checkpoints) > 1 and seeds else name)
+        return " / ".join(parts) or "—"
 
 
 def parent_name(record: RunRecord) -> Optional[str]:
@@ -79,6 +95,12 @@ def parent_name(record: RunRecord) -> Optional[str]:
     if not isinstance(parent, dict):
         return None
     return str(parent.get("run_name") or parent.get("checkpoint") or parent.get("init_from") or "?")
+
+
+def _parent_seed(parent: dict[str, Any]) -> Any:
+    recipe = parent.get("recipe")
+    run = recipe.get("run") if isinstance(recipe, dict) else None
+    return run.get("seed") if isinstance(run, dict) else None
 
 
 def has_parents(groups: list[RunGroup]) -> bool:
@@ -180,6 +202,32 @@ def flatten(recipe: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+#: What a stage-2 run's ``stage.init_from`` is replaced by when grouping: {PARENT_SETTING: the parent's flat setting}.
+PARENT_SETTING = "parent setting"
+
+
+def _migrated_flat(recipe: dict[str, Any], registry: Any, where: str) -> dict[str, Any]:
+    return flatten(tomllib.loads(dumps_toml(migrate(recipe, registry, where))))
+
+
+def parent_setting(parent: Any, registry: Any, where: str) -> Optional[dict[str, Any]]:
+    """The setting of the parent a stage-2 run recorded (summary.json ``parent``), flattened and migrated; else None.
+
+    That is the parent's resolved recipe without its seed and name, so stage 1 trained
+    on seeds 0, 1, 2 is one setting. When the parent was a stage itself, its own
+    ``stage.init_from`` is replaced by its parent's setting in turn. None for a run
+    recorded before the parent's recipe was kept, or started from a bare state_dict:
+    such a run is grouped by the parent's path, as written.
+    """
+    if not isinstance(parent, dict) or not isinstance(parent.get("recipe"), dict):
+        return None
+    flat = _migrated_flat(parent["recipe"], registry, where)
+    grand = parent_setting(parent.get("parent"), registry, where)
+    if grand is not None and "stage.init_from" in flat:
+        flat["stage.init_from"] = {PARENT_SETTING: grand}
+    return flat
+
+
 def migrated_flats(records: list[RunRecord]) -> list[dict[str, Any]]:
     """:func:`flatten` of each run's recipe as this version resolves it (:func:`recipe.migrate`).
 
@@ -187,11 +235,48 @@ def migrated_flats(records: list[RunRecord]) -> list[dict[str, Any]]:
     run used what their defaults do, and migrating fills them in. The result is read back
     through TOML, so every run's values have the form recipe.toml gives them (lists for
     tuples, ``{ none = true }`` for None). A recipe that no longer validates (a component
-    not installed here) is compared as written.
+    not installed here) is compared as written. A stage-2 run's ``stage.init_from`` is
+    replaced by its parent's setting (:func:`parent_setting`) where the run recorded it.
     """
     registry = default_registry()
-    return [flatten(tomllib.loads(dumps_toml(migrate(r.recipe, registry, str(r.path))))) if r.recipe else {}
-            for r in records]
+    flats = []
+    for r in records:
+        flat = _migrated_flat(r.recipe, registry, str(r.path)) if r.recipe else {}
+        parent = parent_setting(r.summary.get("parent"), registry, str(r.path))
+        if parent is not None and "stage.init_from" in flat:
+            flat["stage.init_from"] = {PARENT_SETTING: parent}
+        flats.append(flat)
+    return flats
+
+
+def _method(flat: dict[str, Any]) -> str:
+    """``no mixer, loss ce``: a setting's leading components, for a label with nothing to compare it to."""
+    parts = []
+    for table in LEADING_TABLES:
+        name = flat.get(f"{table}.name")
+        if isinstance(name, str):
+            parts.append(f"{SHORT_TABLES.get(table, table)} {name}")
+        elif table == "mixer":
+            parts.append("no mixer")
+    return ", ".join(parts)
+
+
+def _label_flats(flats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The flats with each parent setting replaced by what tells it apart from the other parents: ``parent(mixer mixup)``."""
+    settings = {json.dumps(f["stage.init_from"], sort_keys=True, default=str): f["stage.init_from"][PARENT_SETTING]
+                for f in flats if isinstance(f.get("stage.init_from"), dict) and PARENT_SETTING in f["stage.init_from"]}
+    if not settings:
+        return flats
+    parents = [_label_flats([s])[0] for s in settings.values()]
+    # One parent setting has nothing to be told apart from: name its method instead.
+    names = dict(zip(settings, setting_labels(parents) if len(parents) > 1 else [_method(parents[0])]))
+    out = []
+    for f in flats:
+        value = f.get("stage.init_from")
+        if isinstance(value, dict) and PARENT_SETTING in value:
+            f = {**f, "stage.init_from": f"parent({names[json.dumps(value, sort_keys=True, default=str)] or 'same'})"}
+        out.append(f)
+    return out
 
 
 def setting_key(record: RunRecord, flat: Optional[dict[str, Any]] = None) -> str:
@@ -296,9 +381,7 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
             first_flat[key] = flat
         members[key].append(record)
     flats = [first_flat[k] for k in order]
-    keys = sorted({k for f in flats for k in f}, key=_table_order)
-
-    labels = setting_labels(flats)
+    labels = setting_labels(_label_flats(flats))
     groups = [RunGroup(runs=tuple(members[key]), label=label) for key, label in zip(order, labels)]
     return groups
 

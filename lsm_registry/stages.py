@@ -35,6 +35,8 @@ HEAD_OPTIONS = ("lws",)
 NEW_KEYS = ("logit_scale",)
 #: ``train`` values that keep the backbone's batch norm in eval mode (statistics frozen).
 FROZEN_BN = ("classifier", "scales")
+#: ``train`` values that also train every batch norm's affine parameters (weight, bias).
+TRAINED_BN = ("classifier+bn",)
 
 
 def classifier_of(module: nn.Module, recipe: Recipe) -> nn.Module:
@@ -73,7 +75,7 @@ def trainable_parameters(module: nn.Module, recipe: Recipe) -> list[nn.Parameter
         chosen = [scale]
     else:
         chosen = list(classifier_of(module, recipe).parameters()) + ([scale] if isinstance(scale, nn.Parameter) else [])
-        if train == "classifier+bn":
+        if train in TRAINED_BN:
             chosen += [p for bn in batch_norms(module) for p in (bn.weight, bn.bias) if p is not None]
     ids = {id(p) for p in chosen}
     for p in module.parameters():
@@ -85,7 +87,9 @@ def set_train_mode(module: nn.Module, recipe: Recipe, norms: list[nn.Module]) ->
     """``module.train()``, with the batch norm of a frozen backbone back in eval mode.
 
     In train mode batch norm updates its running statistics on every forward, so a
-    "frozen" backbone would still drift; "classifier+bn" wants exactly that drift.
+    "frozen" backbone would still drift; "classifier+bn" and "classifier+bn-stats"
+    (MiSLAS's shift learning: statistics only, affine parameters frozen) want exactly
+    that drift.
     """
     module.train()
     if recipe.stage.train in FROZEN_BN:
@@ -178,12 +182,18 @@ def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str
         raise LSMError(f"{where}: {path} does not fit this recipe's model ({' '.join(str(exc).splitlines()[:2])})") from None
     run = parent_recipe.get("run") if isinstance(parent_recipe, dict) else None
     run_name = run.get("name") if isinstance(run, dict) else None
+    grandparent = checkpoint.get("parent")
     return {
         "init_from": recipe.stage.init_from,
         "checkpoint": str(path),
         "run_name": run_name or (run_dir.name if run_dir is not None else None),
         "epoch": checkpoint.get("epoch"),
         "step": checkpoint.get("step"),
+        # The parent's resolved recipe (None for a bare state_dict) and, when the parent was
+        # itself a stage, its own parent record: what `lsm compare` groups stage-2 runs by,
+        # so that the seeds of a two-stage method form one row (lsm_registry.runs).
+        "recipe": parent_recipe if isinstance(parent_recipe, dict) else None,
+        "parent": grandparent if isinstance(grandparent, dict) else None,
     }
 
 

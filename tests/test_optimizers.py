@@ -13,7 +13,8 @@ from torch import nn
 
 from lsm_registry import Optimizer
 from lsm_registry.cli import cli
-from lsm_registry.components.optimizers import CCSAM, SAM, SGD, CCSAMParams, SAMParams
+from lsm_registry.components.optimizers import (CCSAM, SAM, SGD, CCSAMFeature, CCSAMFeatureParams, CCSAMParams, SAMParams,
+                                                cc_sam_feature_weights)
 from lsm_registry.engine import StepStats, Trainer
 from lsm_registry.errors import LSMError, RecipeError
 from lsm_registry.interfaces import Context, StepClosure
@@ -176,7 +177,68 @@ def test_cc_sam_refuses_a_cosine_head():
         opt.attach(model)
 
 
-@pytest.mark.parametrize("cls", [SGD, SAM, CCSAM])
+def cc_sam_feature_by_loop(classifier, h, y, radius, flat_ratio, weights):
+    """The reference code's stage 2, class by class: the gradient of the class's mean loss with respect to the
+    features, normalised over the class's rows, moves them by radius * w_c; the moved images' CE is weighted by w_c."""
+    feats = h.detach().clone().requires_grad_(True)
+    per_image = F.cross_entropy(classifier(feats), y, reduction="none")
+    flat = torch.zeros_like(per_image)
+    for c in y.unique().tolist():
+        idx = (y == c).nonzero().squeeze(1)
+        (g,) = torch.autograd.grad(per_image[idx].mean(), feats, retain_graph=True)
+        moved = classifier(feats + radius * weights[c] * g / g.norm())
+        flat = flat.index_put((idx,), F.cross_entropy(moved, y, reduction="none")[idx] * weights[c])
+    return (1 - flat_ratio) * per_image.mean() + flat_ratio * flat.mean()
+
+
+def test_cc_sam_feature_weights_by_hand():
+    w = cc_sam_feature_weights(torch.tensor([100, 10, 1]), 2.0)
+    expected = [math.log(1.01) / 2, math.log(10.01) / 2, math.log(100.01) / 2]
+    assert w.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_cc_sam_feature_head_matches_the_per_class_loop_in_value_and_gradients():
+    counts = (12, 6, 3, 2)
+    ctx = Context(class_counts=counts, image_size=(3, 16, 16))
+    model = Head()
+    opt = CCSAMFeature(CCSAMFeatureParams(radius=0.7, flat_ratio=0.3), ctx, torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.attach(model)
+    weights = cc_sam_feature_weights(torch.tensor(counts), 2.0)
+    h = torch.randn(7, 3, generator=torch.Generator().manual_seed(4))  # a frozen backbone's features: no grad
+    y = torch.tensor([0, 0, 1, 3, 3, 0, 2])
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        value = fn()
+        value.backward()
+        return value.detach(), [model.classifier.weight.grad.clone(), model.classifier.bias.grad.clone()]
+
+    ours, g_ours = grads(lambda: opt.head(h, model.classifier(h), y, lambda z: F.cross_entropy(z, y)))
+    ref, g_ref = grads(lambda: cc_sam_feature_by_loop(model.classifier, h, y, 0.7, 0.3, weights))
+    plain, g_plain = grads(lambda: F.cross_entropy(model.classifier(h), y))
+    assert not torch.allclose(ours, plain)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    q = F.one_hot(y, 4).float()  # a one-hot soft target is the hard label
+    soft = opt.head(h, model.classifier(h), q, lambda z: -(q * F.log_softmax(z, 1)).sum(1).mean())
+    torch.testing.assert_close(soft.detach(), ours)
+
+
+def test_a_tiny_crt_like_stage_with_cc_sam_feature_trains_only_the_classifier(tmp_path):
+    registry = build_registry(entry_points=False)
+    parent = Trainer(load_recipe("recipes/quickstart.toml", TINY, registry), registry, run_dir=tmp_path / "s1")
+    parent.fit()
+    stage = TINY + [f"stage.init_from={tmp_path / 's1'}", "stage.train=classifier+bn-stats", "sampler.name=class-balanced",
+                    "optim.name=cc-sam-feature"]
+    trainer = Trainer(load_recipe("recipes/quickstart.toml", stage, registry), registry)
+    before = {k: v.clone() for k, v in trainer.module.named_parameters()}
+    assert math.isfinite(trainer.fit()["final_loss"])
+    changed = {k for k, v in trainer.module.named_parameters() if not torch.equal(v, before[k])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("cls", [SGD, SAM, CCSAM, CCSAMFeature])
 def test_builtin_optimizers_conform(cls):
     check_component(cls)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from lsm_registry import runs
 from lsm_registry.checkpoint import list_checkpoints, read_model_state
 from lsm_registry.cli import cli
 from lsm_registry.components.models import NormedLinear
@@ -156,6 +159,23 @@ def test_train_classifier_and_bn_updates_batch_norm_only_besides_the_classifier(
     assert not torch.equal(after["bn1.weight"], before["bn1.weight"])
 
 
+def test_train_classifier_and_bn_stats_moves_statistics_but_no_backbone_parameter(write_recipe, registry, parent_run):
+    """MiSLAS's shift learning: batch-norm statistics re-estimated, the affine parameters frozen."""
+    trainer = trainer_for(write_recipe, stage_recipe(parent_run, train="classifier+bn-stats", reset=False), registry)
+    params = {name for name, _ in trainer.module.named_parameters()}
+    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    trainer.fit()
+    after = trainer.module.state_dict()
+    for key in params:  # batch-norm weight and bias included
+        if not is_head(key):
+            assert torch.equal(after[key], before[key]), f"{key} changed; only the classifier trains"
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
+    assert not torch.equal(after["bn1.running_var"], before["bn1.running_var"])
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+    trainable = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert trainable == {id(p) for p in trainer.module.classifier.parameters()}
+
+
 def test_reset_classifier_really_resets(write_recipe, registry, parent_run, parent_state):
     fresh = Trainer(load_recipe(write_recipe(TINY_RECIPE, "fresh.toml"), registry=registry), registry)
     reset = trainer_for(write_recipe, stage_recipe(parent_run, reset=True), registry, "reset.toml")
@@ -290,3 +310,28 @@ def test_stage1_then_crt_end_to_end_with_exact_resume(write_recipe, parent_run, 
     assert result.exit_code == 0, result.output
     header, first, second = result.output.splitlines()[:3]
     assert header.endswith(",parent") and first.endswith(",") and second.endswith(",tiny")
+
+
+def test_stage2_runs_group_by_their_parents_setting_not_its_path(write_recipe, parent_run, tmp_path):
+    """cRT from stage-1 seeds 3 and 4 is one row of two runs; cRT from a stage 1 of another setting is its own row."""
+    tiny = write_recipe(TINY_RECIPE, "tiny.toml")
+    other_seed, other_lr = tmp_path / "stage1-s4", tmp_path / "stage1-lr"
+    for out, extra in ((other_seed, "run.seed=4"), (other_lr, "optim.lr=0.02")):
+        result = invoke("run", str(tiny), "--out", str(out), "--no-progress", "--set", extra)
+        assert result.exit_code == 0, result.output
+    crt = []
+    for i, parent in enumerate((parent_run, other_seed, other_lr)):
+        crt.append(tmp_path / f"crt-{i}")
+        result = invoke("run", str(write_recipe(stage_recipe(parent), f"crt{i}.toml")), "--out", str(crt[-1]), "--no-progress")
+        assert result.exit_code == 0, result.output
+    summary = json.loads((crt[1] / "summary.json").read_text())
+    assert summary["parent"]["recipe"]["run"]["seed"] == 4 and summary["parent"]["parent"] is None
+    groups = runs.group_runs(runs.load_runs(crt))
+    assert [[r.path for r in g.runs] for g in groups] == [crt[:2], crt[2:]]
+    assert groups[0].parents == "tiny (seeds 3, 4)" and groups[1].parents == "tiny"
+    assert groups[0].label == "stage.init_from=parent(optim.lr=0.05)", groups[0].label
+    assert groups[1].label == "stage.init_from=parent(optim.lr=0.02)", groups[1].label
+    result = invoke("compare", *map(str, crt), "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert [(r["runs"], r["parent"]) for r in rows] == [("2", "tiny (seeds 3, 4)"), ("1", "tiny")], result.output

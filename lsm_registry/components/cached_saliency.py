@@ -199,12 +199,14 @@ class CachedGradCAM(SaliencyProvider):
         return (stamps >= 0) & (views.epoch - stamps <= self.params.max_age)
 
     def stored_activation(self, views: Views, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """The stored raw maps read on ``views`` at (height, width), and where the stored boxes covered them."""
+        """The stored maps (after ReLU) read on ``views`` at (height, width), and where the stored boxes covered them."""
         assert self.maps is not None and self.boxes is not None
         idx = views.indices.to(self.maps.device)
-        maps = self.maps[idx].float()
+        # ReLU before the resize, as gradcam's normalise_to_units does: the same view then
+        # reads back exactly what gradcam would score.
+        maps = self.maps[idx].float().clamp_min(0)
         if self.params.uncovered == "mean":
-            fill = maps.clamp_min(0).mean(dim=(1, 2))
+            fill = maps.mean(dim=(1, 2))
         else:
             fill = torch.zeros(maps.shape[0], device=maps.device)
         return warp_maps(maps, self.boxes[idx], views.crops.boxes.to(maps.device), views.crops.flips, height, width, fill)

@@ -7,7 +7,9 @@ is taken. ``sgd``: at the current weights. ``sam`` (Foret et al., ICLR 2021): at
 weights pushed uphill by ``rho`` along the normalised gradient, the weights put
 back before the update. ``cc-sam`` (Zhou et al., CVPR 2023): the classifier is
 pushed uphill per class, with a radius that grows as the class gets rarer, as in the
-authors' code. Formulas: docs/recipes.md ([optim]) and docs/losses.md.
+authors' code; ``cc-sam-feature``, their second stage: the features a (frozen)
+backbone gives each class pushed uphill, rarer classes further and weighted more.
+Formulas: docs/recipes.md ([optim]) and docs/losses.md.
 """
 
 from __future__ import annotations
@@ -158,4 +160,76 @@ class CCSAM(Optimizer):
         return (1.0 - r) * plain + r * flat
 
 
-COMPONENTS = [SGD, SAM, CCSAM]
+@attrs.frozen
+class CCSAMFeatureParams:
+    radius: float = param(1.0, help="scale of the feature perturbation (adver_reg of the reference code): class c's "
+                          "images are moved by radius * w_c in all", validator=positive)
+    weight_div: float = param(2.0, help="w_c = ln(n_max / n_c + 0.01) / weight_div, the class weight of the radius and of "
+                              "the perturbed loss (div of the reference code)", validator=positive)
+    flat_ratio: float = param(0.3, help="share of the loss taken at the perturbed features: "
+                              "(1 - flat_ratio) L(z) + flat_ratio mean_b w_y CE(classifier(h_b + e_b))")
+
+    def __attrs_post_init__(self):
+        if not 0.0 < self.flat_ratio <= 1.0:
+            raise ParamError("flat_ratio", f"must be in (0, 1]; 0 would train plain SGD (got {self.flat_ratio!r})")
+
+
+def cc_sam_feature_weights(counts: Tensor, weight_div: float) -> Tensor:
+    """``w_c = ln(n_max / n_c + 0.01) / weight_div``: about 0 for the largest class, more for rarer ones."""
+    counts = counts.to(torch.float64)
+    return (torch.log(counts.max() / counts + 0.01) / weight_div).to(torch.float32)
+
+
+class CCSAMFeature(Optimizer):
+    """CC-SAM's stage 2: the classifier trained on features pushed uphill per class, rarer classes further (one pass)."""
+
+    name = "cc-sam-feature"
+    Params = CCSAMFeatureParams
+    needs_features = True
+
+    def __init__(self, params, context, base):
+        super().__init__(params, context, base)
+        self.weights = cc_sam_feature_weights(torch.tensor(context.class_counts), params.weight_div)
+        self.classifier: Optional[nn.Linear] = None
+
+    def attach(self, model: nn.Module) -> None:
+        classifier = getattr(model, "classifier", None)
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"cc-sam-feature moves the input of a linear classifier (nn.Linear), and the model's "
+                             f"classifier is {type(classifier).__name__}")
+        self.classifier = classifier
+
+    def step(self, closure: StepClosure, scaler: torch.amp.GradScaler) -> Tensor:
+        loss = closure(self.head)
+        self.base.step()
+        return loss
+
+    def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
+        """``(1 - r) L(z) + r mean_b sum_c q_bc w_c CE_c(z_b + W e_b)``, ``e_b = sum_c q_bc radius w_c G_{c,b} / ||G_c||``.
+
+        ``G_c`` is the gradient of class c's mean loss with respect to the features of its
+        images (the rows of the other images are zero), ``||G_c||`` its norm over those
+        rows, as in the reference code; with the batch-mean loss ``L`` that is
+        ``dL/dh = (dL/dz) W`` on class c's rows up to a factor the normalisation removes.
+        ``h + e`` through the linear classifier is ``z + e W^T``, so the frozen backbone is
+        not run again. The perturbation is a constant of the step; the perturbed term is
+        cross-entropy weighted by ``w_y`` whatever [loss] is, as in the reference, and
+        ``L`` is the recipe's loss. A soft target counts image b as q_bc of class c.
+        """
+        assert self.classifier is not None, "attach(model) must run before the first step"
+        plain = loss_of(z)
+        num_classes = z.shape[1]
+        (dz,) = torch.autograd.grad(plain, z, retain_graph=True)
+        weight = self.classifier.weight
+        grad_h = dz.detach() @ weight.detach().to(dz.dtype)  # (B, K): dL/dh
+        q = F.one_hot(target, num_classes).to(z.dtype) if target.dim() == 1 else target.to(z.dtype)
+        w = self.weights.to(device=z.device, dtype=z.dtype)
+        norms = (q.square().T @ grad_h.square().sum(dim=1)).sqrt()  # (C,): ||G_c|| over class c's rows
+        coef = (q * (self.params.radius * w / norms.clamp(min=1e-12))).sum(dim=1, keepdim=True)
+        shifted = z + (coef * grad_h) @ weight.to(z.dtype).T  # classifier(h + e), W live
+        flat = -(q * w * F.log_softmax(shifted, dim=1)).sum(dim=1).mean()
+        r = self.params.flat_ratio
+        return (1.0 - r) * plain + r * flat
+
+
+COMPONENTS = [SGD, SAM, CCSAM, CCSAMFeature]
