@@ -113,8 +113,8 @@ def test_the_trainer_keeps_the_last_batch_it_really_mixed(write_recipe, registry
         def __getattr__(self, name):
             return getattr(step, name)
 
-        def __call__(self, *args):
-            seen.append(step(*args))
+        def __call__(self, *args, **kwargs):
+            seen.append(step(*args, **kwargs))
             return seen[-1]
 
     trainer.mixing = Recording()
