@@ -84,12 +84,36 @@ class CCSAMParams:
             raise ParamError("flat_ratio", f"must be in (0, 1]; 0 would train plain SGD (got {self.flat_ratio!r})")
 
 
-class CCSAM(Optimizer):
+class _OnePassHead(Optimizer):
+    """An optimizer that changes the loss at the linear classifier (``head``) and then takes one SGD step.
+
+    ``needs_linear`` ends the one-line error when the model's classifier is not ``nn.Linear``.
+    """
+
+    needs_features = True
+    needs_linear = "a linear classifier (nn.Linear)"
+
+    def attach(self, model: nn.Module) -> None:
+        classifier = getattr(model, "classifier", None)
+        if not isinstance(classifier, nn.Linear):
+            raise ValueError(f"{self.name} {self.needs_linear}, and the model's classifier is {type(classifier).__name__}")
+        self.classifier = classifier
+
+    def step(self, closure: StepClosure, scaler: torch.amp.GradScaler) -> Tensor:
+        loss = closure(self.head)
+        self.base.step()
+        return loss
+
+    def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
+        raise NotImplementedError
+
+
+class CCSAM(_OnePassHead):
     """Class-conditional SAM: the classifier perturbed per class, larger radii for rarer classes (one pass per step)."""
 
     name = "cc-sam"
     Params = CCSAMParams
-    needs_features = True
+    needs_linear = "perturbs a linear classifier (nn.Linear) (a cosine head, as LDAM asks for, is not one)"
 
     def __init__(self, params, context, base):
         super().__init__(params, context, base)
@@ -98,18 +122,6 @@ class CCSAM(Optimizer):
         # infinite radius there, so n_c - 1 is floored at 1.
         self._count_factor = (counts - 1).clamp(min=1.0).pow(-0.25).to(torch.float32)
         self.classifier: Optional[nn.Linear] = None
-
-    def attach(self, model: nn.Module) -> None:
-        classifier = getattr(model, "classifier", None)
-        if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"cc-sam perturbs a linear classifier (nn.Linear), and the model's classifier is "
-                             f"{type(classifier).__name__} (a cosine head, as LDAM asks for, is not one)")
-        self.classifier = classifier
-
-    def step(self, closure: StepClosure, scaler: torch.amp.GradScaler) -> Tensor:
-        loss = closure(self.head)
-        self.base.step()
-        return loss
 
     def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
         """``(1 - r) L(z) + r L(z')``, ``z'_b = z_b + sum_c q_bc (E_c h_b + e_c)``, ``(E_c, e_c)`` class c's classifier perturbation.
@@ -180,29 +192,17 @@ def cc_sam_feature_weights(counts: Tensor, weight_div: float) -> Tensor:
     return (torch.log(counts.max() / counts + 0.01) / weight_div).to(torch.float32)
 
 
-class CCSAMFeature(Optimizer):
+class CCSAMFeature(_OnePassHead):
     """CC-SAM's stage 2: the classifier trained on features pushed uphill per class, rarer classes further (one pass)."""
 
     name = "cc-sam-feature"
     Params = CCSAMFeatureParams
-    needs_features = True
+    needs_linear = "moves the input of a linear classifier (nn.Linear)"
 
     def __init__(self, params, context, base):
         super().__init__(params, context, base)
         self.weights = cc_sam_feature_weights(torch.tensor(context.class_counts), params.weight_div)
         self.classifier: Optional[nn.Linear] = None
-
-    def attach(self, model: nn.Module) -> None:
-        classifier = getattr(model, "classifier", None)
-        if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"cc-sam-feature moves the input of a linear classifier (nn.Linear), and the model's "
-                             f"classifier is {type(classifier).__name__}")
-        self.classifier = classifier
-
-    def step(self, closure: StepClosure, scaler: torch.amp.GradScaler) -> Tensor:
-        loss = closure(self.head)
-        self.base.step()
-        return loss
 
     def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
         """``(1 - r) L(z) + r mean_b sum_c q_bc w_c CE_c(z_b + W e_b)``, ``e_b = sum_c q_bc radius w_c G_{c,b} / ||G_c||``.

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..interfaces import PatchOperator, SaliencyProvider
 from ..params import param
+from .models import NormedLinear
 
 
 def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperator) -> Tensor:
@@ -37,6 +38,38 @@ def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperato
     cam = torch.where(has_spread, scaled, torch.ones_like(scaled))
     p = patch.size
     return F.avg_pool2d(cam, kernel_size=p, stride=p).squeeze(1)
+
+
+def head_gradient(model: nn.Module, pooled: Tensor, y: Tensor) -> Tensor:
+    """d logit_y / d pooled features, (B, K), in closed form for the heads this library builds.
+
+    ``nn.Linear``: ``W[y]``. ``NormedLinear`` (cosine logits ``x^.w^_y``): ``(w^_y - cos x^) / |x|``,
+    the exact derivative of the normalised product. LWS's per-class ``logit_scale``
+    multiplies it. Divided by ``h w`` it is Grad-CAM's ``alpha`` for the final stage.
+    """
+    head = model.classifier
+    if isinstance(head, nn.Linear):
+        grad = head.weight.index_select(0, y).to(pooled.dtype)
+    elif isinstance(head, NormedLinear):
+        w = F.normalize(head.weight, dim=0).t().index_select(0, y).to(pooled.dtype)
+        norm = pooled.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        unit = pooled / norm
+        grad = (w - (unit * w).sum(dim=1, keepdim=True) * unit) / norm
+    else:
+        raise ValueError(f"no closed form for the head {type(head).__name__} (nn.Linear or NormedLinear)")
+    scale = getattr(model, "logit_scale", None)
+    if scale is not None:
+        grad = grad * scale.index_select(0, y).to(grad.dtype).unsqueeze(1)
+    return grad
+
+
+def class_activation_of(model: nn.Module, features: Tensor, y: Tensor) -> Tensor:
+    """The raw map ``sum_k alpha_k A_k`` (B, h, w) of class ``y`` from final-stage ``features`` (B, K, h, w)."""
+    feats = features.float()
+    h, w = feats.shape[-2:]
+    grad = head_gradient(model, feats.mean(dim=(2, 3)), y)
+    return torch.einsum("bk,bkhw->bhw", grad, feats) / (h * w)
+
 
 
 class GradCAM(SaliencyProvider):
@@ -86,10 +119,7 @@ class GradCAM(SaliencyProvider):
         _, layer, _ = self._layer(model)
         if self.can_use_fast_path(model):
             with torch.no_grad():
-                feats = model.forward_features(x)
-                weight = model.classifier.weight.index_select(0, y).to(feats.dtype)  # (B, K)
-                h, w = feats.shape[-2:]
-                return torch.einsum("bk,bkhw->bhw", weight, feats) / (h * w)
+                return class_activation_of(model, model.forward_features(x), y)
         captured: list[Tensor] = []
 
         def hook(module: nn.Module, inputs: object, output: Tensor) -> Tensor:
