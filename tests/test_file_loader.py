@@ -115,6 +115,31 @@ def test_train_view_drafts_only_as_far_as_the_crop_keeps_size_pixels(tmp_path, m
     assert shrunk > 0  # large crops of a large file do decode at a reduced scale
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_decoded_by_torchvision_gives_the_pixels_pil_gives(tmp_path, monkeypatch, mode):
+    path = tmp_path / "p.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)).convert(mode).save(path, quality=90)
+    views = {}
+    for decoder in ("torchvision", "pil"):
+        if decoder == "pil":
+            monkeypatch.setattr(transforms, "_pixels", lambda *args: None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            views[decoder] = transforms.train_view(path, 32)[0], transforms.eval_view(path, 32)[0]
+    assert torch.equal(views["torchvision"][0], views["pil"][0]) and torch.equal(views["torchvision"][1], views["pil"][1])
+
+
+def test_a_truncated_jpeg_is_named(tmp_path):
+    path = tmp_path / "cut.jpg"
+    gradient(200, 150).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:400])  # the header survives, the scan does not
+    for view in (lambda: transforms.train_view(path, 32), lambda: transforms.eval_view(path, 32)):
+        with pytest.raises(ValueError) as info:
+            view()
+        assert str(path) in str(info.value) and "cannot read image" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_eval_view_is_resize_256_then_center_crop_224(tmp_path):
     path = tmp_path / "t.jpg"
     gradient(400, 300).save(path, quality=95)
