@@ -103,16 +103,22 @@ def test_train_view_drafts_only_as_far_as_the_crop_keeps_size_pixels(tmp_path, m
         return scale
 
     monkeypatch.setattr(transforms, "_draft_to_keep", spy)
-    shrunk = 0
+    shrunk = full = 0
     for seed in range(20):
+        before = len(seen)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out, (_, _, w, h), _, _ = transforms.train_view(path, 224)
-        sx, sy = seen[-1]
         assert out.shape == (3, 224, 224)
+        if len(seen) == before:  # no draft could apply: decoded at full size by torchvision
+            keep = max(min(224, w) / w, min(224, h) / h)
+            assert transforms.draft_scale(1600, 1200, 1600 * keep, 1200 * keep) == 1
+            full += 1
+            continue
+        sx, sy = seen[-1]
         assert w * sx >= 224 and h * sy >= 224  # never fewer than 224 source pixels under the crop
         shrunk += sx < 1
-    assert shrunk > 0  # large crops of a large file do decode at a reduced scale
+    assert shrunk > 0 and full > 0  # large crops of a large file decode at a reduced scale, small ones do not
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
@@ -123,11 +129,29 @@ def test_jpeg_decoded_by_torchvision_gives_the_pixels_pil_gives(tmp_path, monkey
     views = {}
     for decoder in ("torchvision", "pil"):
         if decoder == "pil":
-            monkeypatch.setattr(transforms, "_pixels", lambda *args: None)
+            monkeypatch.setattr(transforms, "_decoded_by_torchvision", lambda *args: None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(3)
             views[decoder] = transforms.train_view(path, 32)[0], transforms.eval_view(path, 32)[0]
     assert torch.equal(views["torchvision"][0], views["pil"][0]) and torch.equal(views["torchvision"][1], views["pil"][1])
+
+
+def test_jpeg_frame_reads_the_size_pil_reads_and_declines_what_torchvision_should_not_decode(tmp_path):
+    rng = np.random.default_rng(2)
+    rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    cases = {"base.jpg": (rgb, {}), "prog.jpg": (rgb, {"progressive": True}), "grey.jpg": (rgb.convert("L"), {}),
+             "cmyk.jpg": (rgb.convert("CMYK"), {}), "exif.jpg": (rgb, {"exif": Image.Exif()})}
+    for name, (img, options) in cases.items():
+        img.save(tmp_path / name, quality=85, **options)
+        width, height, components = transforms.jpeg_frame((tmp_path / name).read_bytes())
+        assert (width, height) == (53, 37) and components == len(img.getbands())
+    rgb.save(tmp_path / "x.png")
+    assert transforms.jpeg_frame((tmp_path / "x.png").read_bytes()) is None
+    assert transforms.jpeg_frame(b"\xff\xd8\xff") is None  # truncated before any frame header
+    # CMYK and PNG go through PIL and still give RGB views of the right size
+    for name in ("cmyk.jpg", "x.png"):
+        out = transforms.train_view(tmp_path / name, 16)[0]
+        assert out.shape == (3, 16, 16) and transforms.eval_view(tmp_path / name, 16)[0].shape == (3, 16, 16)
 
 
 def test_a_truncated_jpeg_is_named(tmp_path):
