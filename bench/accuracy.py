@@ -417,15 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, the same for every recipe (default 0)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override for every run, table.key=value")
     parser.add_argument("--tag", default="", help="protocol name: part of the run folder names and of the results.md markers")
+    parser.add_argument("--base-tag", default=None,
+                        help="the base recipe's runs under this tag instead of --tag: a new protocol for the other "
+                             "recipes reuses the stored base runs (their setting is still checked)")
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "accuracy", help="folder of the run folders (training)")
     parser.add_argument("--store", type=Path, default=ROOT / "results" / "runs",
                         help="committed folder of finished runs' summary.json + recipe.toml (default results/runs)")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
 
-    if args.tag and not TAG_PATTERN.fullmatch(args.tag):
-        print(f"error: --tag {args.tag!r}: use letters, digits, '.', '_' and single '-'", file=sys.stderr)
-        return 2
+    for option, tag in (("--tag", args.tag), ("--base-tag", args.base_tag or "")):
+        if tag and not TAG_PATTERN.fullmatch(tag):
+            print(f"error: {option} {tag!r}: use letters, digits, '.', '_' and single '-'", file=sys.stderr)
+            return 2
     seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
     names = list(dict.fromkeys(n.strip() for n in args.recipes.split(",") if n.strip()))
     if not seeds or not names:
@@ -451,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for path in paths:
             try:
-                folder, new = run_one(path, seed, args.epochs, args.out, args.overrides, registry, args.store, args.tag)
+                tag = args.base_tag if args.base_tag is not None and path.stem == base else args.tag
+                folder, new = run_one(path, seed, args.epochs, args.out, args.overrides, registry, args.store, tag)
             except Exception as exc:  # report and go on with the rest of the benchmark
                 failed.append(f"{path.stem} seed {seed}: {type(exc).__name__}: {exc}")
                 print(f"[failed]  {failed[-1]}", file=sys.stderr)

@@ -106,3 +106,34 @@ def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
     other = store / bench.folder_name("tiny", 1, 0, "t") / "recipe.toml"
     other.write_text(other.read_text().replace("lr = 0.05", "lr = 0.5"))
     assert bench.main(argv) == 1
+
+
+def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypatch, tiny_recipe):
+    from lsm_registry.plugins import default_registry
+    from lsm_registry.recipe import load_recipe
+
+    trained = []
+    monkeypatch.setattr(bench, "train_run", lambda recipe, registry, folder, resume: trained.append(folder.name))
+    monkeypatch.setattr(bench, "machine", lambda: "test machine")
+    variant = tiny_recipe.parent / "tiny2.toml"
+    variant.write_text(tiny_recipe.read_text().replace("lr = 0.05", "lr = 0.5"))
+    store, results = tmp_path / "store", tmp_path / "results.md"
+    registry = default_registry()
+    for stem, path, tag, top1 in (("tiny", tiny_recipe, "old", 0.5), ("tiny2", variant, "new", 0.6)):
+        for seed in (0, 1):
+            recipe = load_recipe(path, ["run.epochs=1", f"run.seed={seed}", f"run.name={stem}"], registry)
+            folder = store / bench.folder_name(stem, 1, seed, tag)
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps(_summary(seed, top1 + seed / 10, 0.8, 0.5, 0.2)))
+            (folder / "recipe.toml").write_text(recipe.to_toml())
+    argv = ["--recipe-dir", str(tiny_recipe.parent), "--recipes", "tiny,tiny2", "--epochs", "1", "--seeds", "0,1",
+            "--tag", "new", "--base-tag", "old", "--store", str(store), "--out", str(tmp_path / "out"), "--results", str(results)]
+    assert bench.main(argv) == 0 and trained == []
+    text = results.read_text()
+    assert "<!-- bench/accuracy.py new: begin -->" in text and "| tiny2 | 2 | +10.0 [+10.0, +10.0] |" in text
+    # without --base-tag the base would be looked for under the new tag, and trained there
+    argv.remove("--base-tag"), argv.remove("old")
+    monkeypatch.setattr(bench, "store_run", lambda folder, store: store / "x")
+    monkeypatch.setattr(bench, "collect", lambda folders: {})
+    bench.main(argv)
+    assert trained == ["tiny-new-e1-s0", "tiny-new-e1-s1"]

@@ -101,7 +101,8 @@ def jpeg_frame(data: bytes) -> Optional[tuple[int, int, int]]:
         elif marker in _SOF:
             if i + 10 > n or data[i + 4] != 8:  # truncated, or 12/16-bit samples
                 return None
-            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big"), data[i + 9]
+            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            return (width, height, data[i + 9]) if width and height else None  # 0: the height comes later (DNL)
         else:
             i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
