@@ -339,8 +339,8 @@ def collect(folders: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict[str
 # ------------------------------------------------------------------------------ docs
 
 
-def markers(tag: str = "") -> tuple[str, str]:
-    name = f"bench/accuracy.py {tag}" if tag else "bench/accuracy.py"
+def markers(tag: str = "", tool: str = "bench/accuracy.py") -> tuple[str, str]:
+    name = f"{tool} {tag}" if tag else tool
     return f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
 
 
@@ -376,9 +376,9 @@ classes with the fewest training images. Benchmark wall time: {wall_s / 60:.1f} 
 {tables(runs, base)}"""
 
 
-def write_block(path: Path, text: str, tag: str = "") -> None:
-    """Put ``text`` between the tag's markers in ``path``, keeping what is around them."""
-    begin, end = markers(tag)
+def write_block(path: Path, text: str, tag: str = "", tool: str = "bench/accuracy.py") -> None:
+    """Put ``text`` between the markers of ``tool`` and ``tag`` in ``path``, keeping what is around them."""
+    begin, end = markers(tag, tool)
     block = f"{begin}\n{text.strip()}\n{end}"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     if begin in old and end in old[old.index(begin):]:
@@ -387,7 +387,7 @@ def write_block(path: Path, text: str, tag: str = "") -> None:
         stop = old.index(end, start) + len(end)
         new = old[:start] + block + old[stop:]
     elif old.strip():  # another protocol's file: add this one at the end
-        heading = f"## `bench/accuracy.py --tag {tag}`" if tag else "## `bench/accuracy.py`"
+        heading = f"## `{tool} --tag {tag}`" if tag else f"## `{tool}`"
         new = old.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
     else:
         new = "# Results\n\n" + block + "\n"

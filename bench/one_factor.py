@@ -89,17 +89,8 @@ the test columns are reported only. Highest mean val top-1: **{best}**.
 {"Not in the store (not trained): " + ", ".join(missing) + "." if missing else ""}
 
 {acc.tables(runs, base)}"""
-    begin, end = f"<!-- bench/one_factor.py {args.tag}: begin -->", f"<!-- bench/one_factor.py {args.tag}: end -->"
-    path = Path(args.results)
-    old = path.read_text(encoding="utf-8")
-    block = f"{begin}\n{text.strip()}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + f"\n\n{block}\n"
-    path.write_text(new, encoding="utf-8")
+    acc.write_block(Path(args.results), text, args.tag, tool="bench/one_factor.py")
     print(text)
-    print(f"wrote {path}")
     return 0
 
 

@@ -93,6 +93,10 @@ class _OnePassHead(Optimizer):
     needs_features = True
     needs_linear = "a linear classifier (nn.Linear)"
 
+    def __init__(self, params, context, base):
+        super().__init__(params, context, base)
+        self.classifier: Optional[nn.Linear] = None  # the model's, from attach
+
     def attach(self, model: nn.Module) -> None:
         classifier = getattr(model, "classifier", None)
         if not isinstance(classifier, nn.Linear):
@@ -121,7 +125,6 @@ class CCSAM(_OnePassHead):
         # The reference divides by (n_c - 1) ** (1/4); a class of one image would get an
         # infinite radius there, so n_c - 1 is floored at 1.
         self._count_factor = (counts - 1).clamp(min=1.0).pow(-0.25).to(torch.float32)
-        self.classifier: Optional[nn.Linear] = None
 
     def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
         """``(1 - r) L(z) + r L(z')``, ``z'_b = z_b + sum_c q_bc (E_c h_b + e_c)``, ``(E_c, e_c)`` class c's classifier perturbation.
@@ -202,7 +205,6 @@ class CCSAMFeature(_OnePassHead):
     def __init__(self, params, context, base):
         super().__init__(params, context, base)
         self.weights = cc_sam_feature_weights(torch.tensor(context.class_counts), params.weight_div)
-        self.classifier: Optional[nn.Linear] = None
 
     def head(self, h: Tensor, z: Tensor, target: Tensor, loss_of) -> Tensor:
         """``(1 - r) L(z) + r mean_b sum_c q_bc w_c CE_c(z_b + W e_b)``, ``e_b = sum_c q_bc radius w_c G_{c,b} / ||G_c||``.
