@@ -548,7 +548,9 @@ class Trainer:
             return
         if self._loader is None:
             split = self.data.train
-            self._loader = PlannedLoader(split, split.workers, split.prefetch, pin_memory=self.device.type == "cuda")  # type: ignore[attr-defined]
+            # views: prepare_with_crops turns each step's images into a new tensor at once
+            self._loader = PlannedLoader(split, split.workers, split.prefetch,  # type: ignore[attr-defined]
+                                         pin_memory=self.device.type == "cuda", views=True)
         for loaded in self._loader.run(plan[skip:]):
             yield loaded.plan.bg, loaded.plan.fg, loaded
 

@@ -136,6 +136,27 @@ def test_jpeg_decoded_by_torchvision_gives_the_pixels_pil_gives(tmp_path, monkey
     assert torch.equal(views["torchvision"][0], views["pil"][0]) and torch.equal(views["torchvision"][1], views["pil"][1])
 
 
+def test_train_view_is_torchvisions_resized_crop_then_flip_to_the_last_bit(tmp_path):
+    """The view packs (and mirrors) the box before resizing; the reference crops, resizes, then flips."""
+    from torchvision.transforms.v2 import functional as F
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "r.jpg"
+    Image.fromarray(rng.integers(0, 255, (150, 210, 3), dtype=np.uint8)).save(path, quality=90)
+    decoded = F.pil_to_tensor(Image.open(path).convert("RGB"))
+    flips = set()
+    scales = set()
+    for seed in range(16):  # crops smaller and larger than the 112 px output (too small for a draft)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out, (left, top, w, h), flip, _ = transforms.train_view(path, 112)
+        want = F.resized_crop(decoded, int(top), int(left), int(h), int(w), [112, 112], antialias=True)
+        assert torch.equal(out, F.horizontal_flip(want) if flip else want), seed
+        flips.add(flip)
+        scales.add(w > 112)
+    assert flips == {True, False} and scales == {True, False}
+
+
 def test_jpeg_frame_reads_the_size_pil_reads_and_declines_what_torchvision_should_not_decode(tmp_path):
     rng = np.random.default_rng(2)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
@@ -288,6 +309,35 @@ def test_the_same_plan_with_and_without_workers_trains_alike(tree, tmp_path):
     results = [trainer_for(tree, tmp_path, workers).fit() for workers in (0, 2)]
     assert results[0]["final_loss"] == results[1]["final_loss"]
     assert results[0]["per_class"] == results[1]["per_class"]
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_the_ring_of_slots_never_hands_out_a_step_a_worker_has_overwritten(tree, views):
+    """One worker, one step ahead: 3 slots for 10 steps, so every slot is reused three times."""
+    train = split_of(tree)
+    steps = [(torch.arange(k, k + 5), torch.arange(40 - k, 44 - k) if k % 3 else None) for k in range(10)]
+    seeds = torch.arange(20, dtype=torch.int64).view(10, 2) * 7 + 1
+    plan = plan_epoch(steps, [k % 2 == 0 for k in range(10)], seeds)
+    loader = PlannedLoader(train, workers=1, prefetch=1, views=views)
+    assert loader.slots == 3
+    kept, checked = [], 0
+    for step in loader.run(plan):
+        if views:  # a view is good until the step after next is asked for: check it now
+            kept.append((step.plan, step.bg[0].clone(), None if step.fg is None else step.fg[0].clone()))
+        else:  # a copy is good for good: check them all at the end
+            kept.append((step.plan, step.bg[0], None if step.fg is None else step.fg[0]))
+        start, end = step.decoded
+        assert step.worker == 0 and 0 < start <= end
+    loader.close()
+    for planned, bg, fg in kept:
+        assert torch.equal(bg, train.fetch_train(planned.bg, planned.bg_seed)[0])
+        assert (fg is None) == (planned.fg is None)
+        if fg is not None:
+            assert torch.equal(fg, train.fetch_train(planned.fg, planned.fg_seed)[0])
+            checked += 1
+    assert len(kept) == 10 and checked == 3  # steps 2, 4 and 8 mix and have a foreground
+    with pytest.raises(RuntimeError, match="closed"):
+        next(loader.run(plan))
 
 
 def test_an_unreadable_file_stops_training_naming_it(tmp_path):

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import DataError
@@ -71,18 +71,18 @@ def _decode(path: str, size: int, resize: int) -> tuple[Tensor, Optional[str]]:
         return torch.zeros(3, size, size, dtype=torch.uint8), str(exc)
 
 
-def batch_tensor(n: int, size: int) -> Tensor:
-    """uint8 (n, 3, size, size) to fill; in a worker process, in shared memory from the start,
-    so that handing it to the training process copies nothing (what default_collate does)."""
-    if get_worker_info() is None:
-        return torch.empty(n, 3, size, size, dtype=torch.uint8)
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(n * 3 * size * size)
-    return torch.empty(0, dtype=torch.uint8).new(storage).resize_(n, 3, size, size)
+#: What ``FileSplit.decode_train`` returns: the uint8 images, and per image the crop box
+#: ``[left, top, width, height]``, the flip and the source ``(height, width)`` as plain
+#: lists (a worker hands them back pickled inline: every tensor in a worker's result
+#: costs the training process a file-descriptor handshake with that worker, about 1 ms
+#: here), and the first decoding error, if any.
+Decoded = tuple[Tensor, list[list[float]], list[bool], list[tuple[int, int]], Optional[str]]
 
 
-#: What ``FileSplit.decode_train`` returns: images, boxes, flips, sizes (plain tensors, so a
-#: DataLoader can pin them) and the first decoding error, if any.
-Decoded = tuple[Tensor, Tensor, Tensor, Tensor, Optional[str]]
+def crops_of(boxes: list[list[float]], flips: list[bool], sizes: list[tuple[int, int]]) -> Crops:
+    """The :class:`Crops` of a decoded batch's lists."""
+    return Crops(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(flips, dtype=torch.bool),
+                 torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2))
 
 
 def _keep(batch: Any) -> Any:
@@ -163,13 +163,16 @@ class FileSplit(Split):
         self._requests.chunks = [positions[i : i + per] for i in range(0, len(positions), per)]
         return list(self._loader)
 
-    def decode_train(self, positions: list[int], seed: int) -> Decoded:
-        """The training view of ``positions``, in this process; the crops are drawn from ``seed`` alone."""
+    def decode_train(self, positions: list[int], seed: int, out: Optional[Tensor] = None) -> Decoded:
+        """The training view of ``positions``, in this process; the crops are drawn from ``seed`` alone.
+
+        ``out``: a uint8 ``(len(positions), 3, size, size)`` tensor to decode into (a
+        planned loader's shared-memory slot); a new one by default."""
         n, size = len(positions), self.size
-        images = batch_tensor(n, size)
-        boxes = torch.empty(n, 4, dtype=torch.float32)
-        flips = torch.empty(n, dtype=torch.bool)
-        sizes = torch.empty(n, 2, dtype=torch.int64)
+        images = out if out is not None else torch.empty(n, 3, size, size, dtype=torch.uint8)
+        boxes: list[list[float]] = []
+        flips: list[bool] = []
+        sizes: list[tuple[int, int]] = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for k, i in enumerate(positions):
@@ -178,9 +181,9 @@ class FileSplit(Split):
                 except ValueError as exc:
                     return images, boxes, flips, sizes, str(exc)
                 images[k].copy_(image)
-                boxes[k] = torch.tensor(box)
-                flips[k] = flip
-                sizes[k] = torch.tensor(hw)
+                boxes.append(box)
+                flips.append(flip)
+                sizes.append(hw)
         return images, boxes, flips, sizes, None
 
     def fetch_train(self, idx: Tensor, seed: int) -> tuple[Tensor, Crops]:
@@ -188,7 +191,7 @@ class FileSplit(Split):
         images, boxes, flips, sizes, error = self.decode_train([int(i) for i in idx.cpu().tolist()], seed)
         if error is not None:
             raise DataError(error)
-        return images, Crops(boxes, flips, sizes)
+        return images, crops_of(boxes, flips, sizes)
 
     def fetch(self, idx: Tensor, device: torch.device) -> Tensor:
         """The test view (resize the shorter side, center crop) of ``idx``, uint8 on ``device``."""

@@ -8,7 +8,11 @@ functional kernels, bilinear with antialiasing), so the pictures are those of th
 reference pipelines rather than a look-alike. The crop is resized as a uint8 tensor:
 torchvision's uint8 antialiased bilinear kernel matches PIL's to a grey level or so and
 costs a third of PIL's resize here, which is what keeps decoding + view near the cost
-of decoding alone.
+of decoding alone. The box is handed to it packed channels-last, mirrored first when the
+view flips (one copy of the box): the kernel works on interleaved pixels, and given a
+strided view of the decoded image it repacks input and output itself, which made the
+resize a third slower; the resize commutes with the mirror to the last bit, so this is
+the reference order (resize, then flip) at the cost of one copy instead of two.
 
 Where no ``draft`` applies (the common case for ImageNet-sized files), a JPEG is decoded
 by ``torchvision.io.decode_jpeg`` straight into a (3, H, W) tensor and the crop is a view
@@ -44,9 +48,13 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 try:  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; PIL decodes once they are gone
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:  # pragma: no cover - a future torchvision
-    decode_jpeg = None
+    from torchvision.io import ImageReadMode, decode_jpeg  # noqa: F401 (the import loads the decoder's operator)
+
+    # the operator torchvision's decode_jpeg calls: the wrapper adds a deprecation warning per
+    # call, and warning (or silencing it) costs about a twentieth of a decode
+    _decode_jpeg = torch.ops.image.decode_jpeg
+except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - a future torchvision
+    _decode_jpeg = None
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -121,11 +129,9 @@ def _decoded_by_torchvision(data: bytes, frame: Optional[tuple[int, int, int]], 
 
     PIL decodes what ``draft`` shrinks (torchvision cannot decode at a reduced scale), other
     formats, and JPEGs that are not greyscale or three-component (CMYK among them)."""
-    if decode_jpeg is None or frame is None or frame[2] not in (1, 3) or scale > 1:
+    if _decode_jpeg is None or frame is None or frame[2] not in (1, 3) or scale > 1:
         return None
-    with warnings.catch_warnings():  # the deprecation notice of every call says nothing a user can act on
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.RGB.value, False)
 
 
 def _draft_to_keep(img: Image.Image, need_w: float, need_h: float) -> tuple[float, float]:
@@ -138,7 +144,8 @@ def _draft_to_keep(img: Image.Image, need_w: float, need_h: float) -> tuple[floa
 
 def _source(path: str | Path) -> tuple[bytes, Optional[tuple[int, int, int]], tuple[int, int]]:
     """The file's bytes (read once), its JPEG frame when it has one, and its (width, height)."""
-    data = Path(path).read_bytes()
+    with open(path, "rb") as f:
+        data = f.read()
     frame = jpeg_frame(data)
     if frame is not None:
         return data, frame, frame[:2]
@@ -162,8 +169,8 @@ def train_view(path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop]
         keep = max(min(size, w) / w, min(size, h) / h)
         need = (width * keep, height * keep)
         pixels = _decoded_by_torchvision(data, frame, draft_scale(width, height, *need))
-        if pixels is not None:
-            box = pixels[:, top:top + h, left:left + w]
+        if pixels is not None:  # (3, H, W) over an (H, W, 3) buffer
+            box = pixels.permute(1, 2, 0)[top:top + h, left:left + w]
         else:
             with Image.open(io.BytesIO(data)) as img:
                 sx, sy = _draft_to_keep(img, *need)
@@ -171,12 +178,13 @@ def train_view(path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop]
                 rw, rh = rgb.size
                 t, l = min(int(round(top * sy)), rh - 1), min(int(round(left * sx)), rw - 1)
                 ch, cw = max(1, min(int(round(h * sy)), rh - t)), max(1, min(int(round(w * sx)), rw - l))
-                box = F.pil_to_tensor(rgb.crop((l, t, l + cw, t + ch)))  # copies only the box
+                box = F.pil_to_tensor(rgb.crop((l, t, l + cw, t + ch))).permute(1, 2, 0)  # copies only the box
     except READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
-    out = F.resize(box, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    if flip:
-        out = F.horizontal_flip(out)
+    # one copy packs the (h, w, 3) box, mirrored when it flips: the resize commutes with the
+    # mirror exactly (its weights are symmetric), so this is the reference's resize-then-flip
+    box = (box.flip(1) if flip else box.contiguous()).permute(2, 0, 1)
+    out = F.resize_image(box, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     return out, [float(left), float(top), float(w), float(h)], flip, (height, width)
 
 
