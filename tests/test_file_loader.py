@@ -404,3 +404,45 @@ def test_stopped_mid_epoch_and_resumed_through_the_loader_is_bit_identical(tree,
     got_lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in got_lines] == [r["train_loss"] for r in ref_lines]
     assert [r["mixed_fraction"] for r in got_lines] == [r["mixed_fraction"] for r in ref_lines]
+
+
+# ------------------------------------------------------------------ worker priority
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "SCHED_IDLE"), reason="SCHED_IDLE is Linux only")
+def test_idle_priority_puts_the_decoding_workers_under_sched_idle_and_decodes_the_same(tree):
+    import os
+
+    from lsm_registry.data.split_files import worker_init
+
+    code = ("import os; from lsm_registry.data.split_files import worker_init; "
+            "worker_init('idle')(0); print(os.sched_getscheduler(0) == os.SCHED_IDLE)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
+    assert worker_init("normal") is None and os.sched_getscheduler(0) != os.SCHED_IDLE  # this process untouched
+    plan = plan_epoch([(torch.arange(6), None), (torch.arange(6, 12), None)], [False, False], torch.ones(2, 2, dtype=torch.int64))
+    got = {}
+    for priority in ("normal", "idle"):
+        train = ImageNetLT(ImageNetLT.Params(root=str(tree), image_size=32, workers=1, worker_priority=priority), Context((), (0, 0, 0))).build().train
+        loader = PlannedLoader(train, workers=1)
+        got[priority] = [step.bg[0] for step in loader.run(plan)]
+        loader.close()
+    assert all(torch.equal(a, b) for a, b in zip(got["normal"], got["idle"]))
+
+
+def test_worker_priority_is_refused_where_it_would_do_nothing_or_is_unknown(tmp_path):
+    from lsm_registry.data.split_files import check_priority
+
+    with pytest.raises(ValueError, match="expected one of normal, idle"):
+        check_priority("fast")
+    for c, name in enumerate(("ant", "bee")):
+        for split, n in (("train", 4), ("test", 1)):
+            for i in range(n):
+                path = tmp_path / split / name / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                gradient(40 + i, 30 + c).save(path)
+    params = ImageFolderLT.Params(root=str(tmp_path), profile="none", storage="memory", image_size=32, workers=0, worker_priority="idle")
+    with pytest.raises(ValueError, match="applies to storage = \"files\" only"):
+        ImageFolderLT(params, Context((), (0, 0, 0))).build()
+    with pytest.raises(ValueError, match="needs workers >= 1"):
+        ImageFolderLT(attrs.evolve(params, storage="files"), Context((), (0, 0, 0))).build()

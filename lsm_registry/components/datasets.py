@@ -194,6 +194,7 @@ class ImageFolderLT(DatasetFactory):
         storage: Literal["memory", "files"] = param("memory", help="memory: decode the tree once, squashed to image_size, augment on the device; files: decode per batch with the standard ImageNet views (docs/data.md), for trees that do not fit in memory")
         test_resize: Optional[int] = param(None, help="files: the test view's shorter side before the center crop (default: image_size * 256 / 224)", validator=positive)
         prefetch: int = param(2, help="files: training steps decoded ahead per worker", validator=positive)
+        worker_priority: Literal["normal", "idle"] = param("normal", help="files: idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)")
 
     def build(self) -> LTData:
 
@@ -203,7 +204,10 @@ class ImageFolderLT(DatasetFactory):
         names, train_files, train_y, test_files, test_y = scan_tree(Path(p.root))
         val_idx, keep = _hold_out_and_cut(p, train_y, names, str(Path(p.root) / "train"))
         if p.storage == "files":
+            _check_idle(p.worker_priority, p.workers)
             return self._file_backed(names, train_files, train_y, test_files, test_y, val_idx, keep)
+        if p.worker_priority != "normal":
+            raise ValueError(f"worker_priority {p.worker_priority!r} applies to storage = \"files\" only (the memory storage decodes with threads, once)")
         train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
         test_x = decode_images(test_files, p.image_size, p.workers)
         val: Optional[Split] = None
@@ -227,7 +231,8 @@ class ImageFolderLT(DatasetFactory):
         p = self.params
 
         def split(files, labels) -> FileSplit:
-            return FileSplit(Path("."), [str(f) for f in files], labels, p.image_size, p.workers, p.test_resize, p.prefetch)
+            return FileSplit(Path("."), [str(f) for f in files], labels, p.image_size, p.workers, p.test_resize, p.prefetch,
+                             p.worker_priority)
 
         val = split([train_files[i] for i in val_idx.tolist()], train_y[val_idx]) if val_idx is not None else None
         return LTData(
@@ -240,6 +245,11 @@ class ImageFolderLT(DatasetFactory):
             augment="decoded",
             val=val,
         )
+
+
+def _check_idle(priority: str, workers: int) -> None:
+    if priority == "idle" and workers == 0:
+        raise ValueError("worker_priority 'idle' needs workers >= 1: with workers = 0 the training process decodes, and it is never put under SCHED_IDLE")
 
 
 class _SplitFiles(DatasetFactory):
@@ -263,9 +273,11 @@ class _SplitFiles(DatasetFactory):
         if not first.is_file():
             raise FileNotFoundError(f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})")
         keep = _cut(p, train_y, num_classes)
+        _check_idle(p.worker_priority, p.workers)
         train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers,
-                                 p.test_resize, p.prefetch)
-        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch)
+                                 p.test_resize, p.prefetch, p.worker_priority)
+        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch,
+                                p.worker_priority)
         return LTData(
             train=train,
             test=test,
@@ -287,6 +299,7 @@ class SplitFileParams(LTParams):
     test_resize: Optional[int] = param(None, help="the test view's shorter side before the center crop (default: image_size * 256 / 224, i.e. 256)", validator=positive)
     workers: int = param(4, help="decoding worker processes (0: decode in the training process)", validator=non_negative)
     prefetch: int = param(2, help="training steps decoded ahead per worker", validator=positive)
+    worker_priority: Literal["normal", "idle"] = param("normal", help="idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)")
 
 
 class ImageNetLT(_SplitFiles):

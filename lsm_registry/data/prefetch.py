@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from ..errors import DataError
 from ..interfaces import Crops
-from .split_files import FileSplit, crops_of
+from .split_files import FileSplit, crops_of, worker_init
 
 
 @attrs.frozen(eq=False)
@@ -127,10 +127,11 @@ class PlannedLoader:
     the ring's slots themselves (no copy, CPU only: pinned copies are taken regardless),
     for a consumer that is done with a step's images before it asks for the step after
     next, as the engine is (it normalises them into a new tensor at once); by default each
-    step gets its own copy, safe to keep. With workers, the
-    ring of slots takes ``(workers x prefetch + 2) x (background + foreground batch) x
-    3 x size x size`` bytes of shared memory (``/dev/shm``), allocated at the first
-    epoch and again only if a later plan has larger steps.
+    step gets its own copy, safe to keep. With workers, the ring of slots takes
+    ``(workers x prefetch + 2) x (background + foreground batch) x 3 x size x size`` bytes
+    of shared memory (``/dev/shm``), allocated at the first epoch and again only if a
+    later plan has larger steps (the first epoch that mixes, say), which restarts the
+    workers.
     """
 
     def __init__(self, split: FileSplit, workers: int, prefetch: int = 2, pin_memory: bool = False, views: bool = False):
@@ -162,6 +163,7 @@ class PlannedLoader:
             collate_fn=_keep,
             persistent_workers=self.workers > 0,
             prefetch_factor=self.prefetch if self.workers > 0 else None,
+            worker_init_fn=worker_init(self.split.worker_priority),
         )
         return self._loader
 
