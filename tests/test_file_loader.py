@@ -442,7 +442,9 @@ def test_worker_priority_is_refused_where_it_would_do_nothing_or_is_unknown(tmp_
                 path.parent.mkdir(parents=True, exist_ok=True)
                 gradient(40 + i, 30 + c).save(path)
     params = ImageFolderLT.Params(root=str(tmp_path), profile="none", storage="memory", image_size=32, workers=0, worker_priority="idle")
-    with pytest.raises(ValueError, match="applies to storage = \"files\" only"):
+    with pytest.raises(ValueError, match="^worker_priority applies to storage = \"files\" only"):
         ImageFolderLT(params, Context((), (0, 0, 0))).build()
+    with pytest.raises(ValueError, match="^test_resize, prefetch applies to storage"):  # nor do these
+        ImageFolderLT(attrs.evolve(params, worker_priority="normal", test_resize=40, prefetch=3), Context((), (0, 0, 0))).build()
     with pytest.raises(ValueError, match="needs workers >= 1"):
         ImageFolderLT(attrs.evolve(params, storage="files"), Context((), (0, 0, 0))).build()

@@ -206,8 +206,11 @@ class ImageFolderLT(DatasetFactory):
         if p.storage == "files":
             _check_idle(p.worker_priority, p.workers)
             return self._file_backed(names, train_files, train_y, test_files, test_y, val_idx, keep)
-        if p.worker_priority != "normal":
-            raise ValueError(f"worker_priority {p.worker_priority!r} applies to storage = \"files\" only (the memory storage decodes with threads, once)")
+        files_only = [key for key, unset in (("test_resize", p.test_resize is None), ("prefetch", p.prefetch == 2),
+                                             ("worker_priority", p.worker_priority == "normal")) if not unset]
+        if files_only:
+            raise ValueError(f"{', '.join(files_only)} applies to storage = \"files\" only (the memory storage decodes once, "
+                             "with threads, and augments on the device)")
         train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
         test_x = decode_images(test_files, p.image_size, p.workers)
         val: Optional[Split] = None
