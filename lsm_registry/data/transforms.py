@@ -15,9 +15,10 @@ resize a third slower; the resize commutes with the mirror to the last bit, so t
 the reference order (resize, then flip) at the cost of one copy instead of two.
 
 Where no ``draft`` applies (the common case for ImageNet-sized files), a JPEG is decoded
-by ``torchvision.io.decode_jpeg`` straight into a (3, H, W) tensor and the crop is a view
-of it: the same libjpeg-turbo decode as PIL's (the pixels are equal), without PIL's
-copies of the box into a tensor. PIL decodes every other format and a JPEG that
+by torchvision's decoder (the operator behind ``torchvision.io.decode_jpeg``) straight
+into a (3, H, W) tensor and the box is cut from it: the same libjpeg-turbo decode as
+PIL's (the pixels are equal), without PIL's header parsing and its copy of the image
+into a tensor. PIL decodes every other format and a JPEG that
 ``draft`` shrinks. A JPEG's size comes from its frame header, read directly
 (``jpeg_frame``); PIL reads the header of other formats.
 
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import io
 import math
-import warnings
 from pathlib import Path
 from typing import Optional
 
