@@ -92,17 +92,16 @@ def per_image_costs(paths: list[str], size: int, rounds: int, chunk: int = 25) -
             for k in range(0, len(paths), chunk):
                 part = paths[k:k + chunk]
                 took = {}
-                for first in ((0, 1) if (k // chunk + r) % 2 else (1, 0)):
+                for which in (("view", "base") if (k // chunk + r) % 2 else ("base", "view")):
                     t = clock()
-                    if first:
-                        for p in part:
+                    for p in part:
+                        if which == "base":
                             Image.open(p).convert("RGB")
-                    else:
-                        for p in part:
+                        else:
                             train_view(p, size, crop)
-                    took[first] = clock() - t
-                base, view = base + took[1], view + took[0]
-                ratio.append(took[0] / took[1])
+                    took[which] = clock() - t
+                base, view = base + took["base"], view + took["view"]
+                ratio.append(took["view"] / took["base"])
     n = rounds * len(paths)
     return base / n * 1e3, view / n * 1e3, statistics.median(ratio)
 
@@ -182,7 +181,8 @@ def main() -> None:
           f"(median over the chunks of the view's time / the baseline's)\n")
 
     labels = torch.zeros(len(paths), dtype=torch.int64)
-    split = FileSplit(Path("."), paths, labels, args.size, workers=0, worker_priority=args.worker_priority)
+    # the split's own `workers` serves only its test view; each PlannedLoader below gets its count
+    split = FileSplit(Path("."), paths, labels, args.size, workers=1, worker_priority=args.worker_priority)
     steps = args.warmup + args.batches
     per_batch: dict[int, float] = {}
     print("loader alone:")

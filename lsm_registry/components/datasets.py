@@ -204,7 +204,6 @@ class ImageFolderLT(DatasetFactory):
         names, train_files, train_y, test_files, test_y = scan_tree(Path(p.root))
         val_idx, keep = _hold_out_and_cut(p, train_y, names, str(Path(p.root) / "train"))
         if p.storage == "files":
-            _check_idle(p.worker_priority, p.workers)
             return self._file_backed(names, train_files, train_y, test_files, test_y, val_idx, keep)
         files_only = [key for key, unset in (("test_resize", p.test_resize is None), ("prefetch", p.prefetch == 2),
                                              ("worker_priority", p.worker_priority == "normal")) if not unset]
@@ -250,11 +249,6 @@ class ImageFolderLT(DatasetFactory):
         )
 
 
-def _check_idle(priority: str, workers: int) -> None:
-    if priority == "idle" and workers == 0:
-        raise ValueError("worker_priority 'idle' needs workers >= 1: with workers = 0 the training process decodes, and it is never put under SCHED_IDLE")
-
-
 class _SplitFiles(DatasetFactory):
     default_train = ""
     default_test = ""
@@ -276,7 +270,6 @@ class _SplitFiles(DatasetFactory):
         if not first.is_file():
             raise FileNotFoundError(f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})")
         keep = _cut(p, train_y, num_classes)
-        _check_idle(p.worker_priority, p.workers)
         train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers,
                                  p.test_resize, p.prefetch, p.worker_priority)
         test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch,

@@ -91,12 +91,12 @@ class _Steps(Dataset):
     def __getitem__(self, request: Any) -> dict[str, Any]:
         step, slot, bg, fg, bg_seed, fg_seed = request
         start = time.perf_counter()
-        room = self.ring[slot] if self.ring is not None else None
-        decoded = [self.split.decode_train(bg, bg_seed, None if room is None else room[: len(bg)])]
-        if fg is not None:
-            decoded.append(self.split.decode_train(fg, fg_seed, None if room is None else room[len(bg): len(bg) + len(fg)]))
-        if room is not None:  # the images stay in the slot
-            decoded = [(None, *rest) for _, *rest in decoded]
+        decoded, at = [], 0
+        for positions, seed in [(bg, bg_seed)] + ([(fg, fg_seed)] if fg is not None else []):
+            into = None if self.ring is None else self.ring[slot, at:at + len(positions)]
+            images, *crops = self.split.decode_train(positions, seed, into)
+            decoded.append((images if into is None else None, *crops))  # a slot's images stay in it
+            at += len(positions)
         info = get_worker_info()
         return {"step": step, "slot": slot, "sizes": (len(bg), len(fg) if fg is not None else 0), "decoded": decoded,
                 "worker": info.id if info is not None else -1, "span": (start, time.perf_counter())}

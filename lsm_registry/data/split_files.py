@@ -38,12 +38,14 @@ MIN_PARALLEL = 16
 PRIORITIES = ("normal", "idle")
 
 
-def check_priority(priority: str) -> None:
-    """A one-line error for a priority this platform cannot give."""
+def check_priority(priority: str, workers: int = 1) -> None:
+    """A one-line error for a priority this platform cannot give, or that would do nothing."""
     if priority not in PRIORITIES:
         raise ValueError(f"worker_priority {priority!r}: expected one of {', '.join(PRIORITIES)}")
     if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         raise ValueError("worker_priority 'idle' needs Linux's SCHED_IDLE scheduling policy, which this platform lacks")
+    if priority == "idle" and workers == 0:
+        raise ValueError("worker_priority 'idle' needs workers >= 1: with workers = 0 the training process decodes, and it is never put under SCHED_IDLE")
 
 
 def _idle(worker_id: int) -> None:
@@ -157,7 +159,7 @@ class FileSplit(Split):
 
     def __init__(self, image_root: Path, paths: list[str], labels: Tensor, size: int, workers: int = 4,
                  resize: Optional[int] = None, prefetch: int = 2, worker_priority: str = "normal"):
-        check_priority(worker_priority)
+        check_priority(worker_priority, workers)
         self.image_root = Path(image_root)
         self.paths = [str(self.image_root / p) for p in paths]
         self.labels = labels.to(torch.int64)
