@@ -52,6 +52,10 @@ DEFAULT_RECIPES = "ce,ce_drw,ldam_drw,cmo,remix,lsm_ce,lsm_ce_drw,lsm_ldam_drw"
 #: summaries have it (runs with a validation split, data.val_per_class > 0).
 METRICS = (("top1", "top-1"), ("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("rare3", "rarest 3"))
 VAL_METRIC = ("val_top1", "val top-1")
+#: The training split scored in eval mode (run.score_train): did the method fit what it trained on?
+TRAIN_METRICS = (("train_top1", "train top-1"), ("train_few", "train Few"))
+#: The keys of each evaluated epoch kept in a stored run's curve.jsonl (learning curves).
+CURVE_KEYS = ("epoch", "train_loss", "top1", "many", "medium", "few", "val_top1", "train_top1", "train_few")
 
 #: Two-sided 95 % quantiles t_{0.975, df} of Student's t distribution for df = 1..30, as
 #: printed in any table of Student's t (e.g. NIST/SEMATECH e-Handbook of Statistical
@@ -64,6 +68,10 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
 
 #: Recipe keys that do not change what a run measures: a stored run may differ in them.
 SETTING_IGNORED = ("run.device", "run.channels_last", "data.root")
+
+#: Keys added to the library that change what a run measures, with the behaviour a stored
+#: recipe without the key had: such a run counts as trained with that value.
+BEFORE_THE_KEY = {"saliency.mask_padding": False}
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9._]+(-[A-Za-z0-9._]+)*")
 MISSING = "—"
@@ -129,6 +137,8 @@ def metric_columns(runs: dict[str, dict[int, dict[str, Any]]]) -> list[tuple[str
     cols = list(METRICS)
     if any(VAL_METRIC[0] in s for seeds in runs.values() for s in seeds.values()):
         cols.append(VAL_METRIC)
+    if any(s.get(TRAIN_METRICS[0][0]) is not None for seeds in runs.values() for s in seeds.values()):
+        cols.extend(TRAIN_METRICS)
     return cols
 
 
@@ -268,7 +278,8 @@ def train_run(recipe, registry, folder: Path, resume: bool) -> None:
 def setting_differences(folder: Path, recipe) -> list[str]:
     """Keys whose value in ``folder``/recipe.toml differs from ``recipe`` (seed, name and SETTING_IGNORED aside).
 
-    A key only one side has (added to the library since) does not count; no recipe.toml, no check.
+    A key only one side has (added to the library since) does not count, unless BEFORE_THE_KEY says
+    what a stored run without it did; no recipe.toml, no check.
     """
     from lsm_registry.runs import flatten
 
@@ -277,16 +288,50 @@ def setting_differences(folder: Path, recipe) -> list[str]:
         return []
     stored = flatten(tomllib.loads(path.read_text(encoding="utf-8")))
     wanted = flatten(tomllib.loads(recipe.to_toml()))
+    stored = {**{k: v for k, v in BEFORE_THE_KEY.items() if k in wanted}, **stored}
     return [f"{k}: stored {stored[k]!r}, now {wanted[k]!r}" for k in sorted(set(stored) & set(wanted))
             if k not in SETTING_IGNORED and stored[k] != wanted[k]]
 
 
+#: What a stored recipe says instead of the data set's folder: where the images lie on the
+#: machine that trained is not part of the setting, and must not land in the repository.
+ROOT_PLACEHOLDER = "<data root>"
+
+
+def without_data_root(recipe_text: str) -> str:
+    """``recipe_text`` with ``root`` of its [data] table replaced by :data:`ROOT_PLACEHOLDER`."""
+    out, table = [], ""
+    for line in recipe_text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]"):
+            table = stripped.strip("[]").strip()
+        elif table == "data" and re.match(r"root\s*=", stripped):
+            line = f'root = "{ROOT_PLACEHOLDER}"\n'
+        out.append(line)
+    return "".join(out)
+
+
+def write_curve(metrics: Path, target: Path) -> None:
+    """The evaluated epochs of a run's metrics.jsonl, :data:`CURVE_KEYS` only: a few hundred
+    bytes that keep the learning curves (Medium and Few over the epochs) in the store."""
+    lines = []
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("top1") is not None:
+            lines.append(json.dumps({k: record.get(k) for k in CURVE_KEYS}))
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+
+
 def store_run(folder: Path, store: Path) -> Path:
-    """Copy the run's recipe.toml and summary.json (last: it marks the run finished) into store/<name>."""
+    """Copy the run's recipe.toml (data.root replaced), its curve.jsonl and summary.json (last: it marks
+    the run finished) into store/<name>."""
     target = store / folder.name
     target.mkdir(parents=True, exist_ok=True)
     if (folder / "recipe.toml").is_file():
-        shutil.copyfile(folder / "recipe.toml", target / "recipe.toml")
+        text = without_data_root((folder / "recipe.toml").read_text(encoding="utf-8"))
+        (target / "recipe.toml").write_text(text, encoding="utf-8")
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     recipe = summary.get("recipe")
     if isinstance(recipe, str) and Path(recipe).is_absolute():
@@ -294,6 +339,8 @@ def store_run(folder: Path, store: Path) -> Path:
             summary["recipe"] = Path(recipe).resolve().relative_to(ROOT).as_posix()
         except ValueError:
             pass
+    if (folder / "metrics.jsonl").is_file():
+        write_curve(folder / "metrics.jsonl", target / "curve.jsonl")
     tmp = target / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, target / "summary.json")

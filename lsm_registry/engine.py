@@ -433,7 +433,7 @@ class Trainer:
 
         ``loaded``: the planned step, whose coin was drawn with the plan and whose
         foreground (when it mixes) is already decoded. ``views_b``: the background's
-        views, for a saliency provider that observes training.
+        views, for the saliency provider (crops to mask, maps to reuse).
         """
         mixer = self.mixer
         if mixer is None or not (loaded.plan.mix if loaded is not None else mixer.active(epoch) and mixer.coin()):
@@ -449,7 +449,7 @@ class Trainer:
         else:
             xf, yf, crops_f = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
             self.crops = (self.crops[0], crops_f)
-            if self.observing:
+            if self.saliency is not None:
                 views_f = Views(fg.to(self.device), crops_f, epoch)
         return self.mixing(self.module, xb, yb, xf, yf, views_f=views_f, views_b=views_b)
 
@@ -465,11 +465,11 @@ class Trainer:
                    loaded: Optional[LoadedStep] = None) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
-        views_b = Views(bg.to(self.device), crops_b, epoch) if self.observing else None
+        views_b = Views(bg.to(self.device), crops_b, epoch) if self.saliency is not None else None
         mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
         if mixed is None:
             x, target = xb, yb
-            if views_b is not None:
+            if self.observing and views_b is not None:
                 self._armed = (yb, views_b)  # the optimizer's first forward only (SAM makes two)
         else:
             x, target = mixed.images.contiguous(memory_format=self.memory_format), mixed.target
@@ -564,12 +564,12 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, batch_size: int = 512, split: str = "test") -> dict[str, Any]:
         """Metrics of the test split (or ``split = "val"``: the validation split); under several
-        processes each takes a shard and counts are summed. Only the test split sets ``confusion``."""
-        if split not in ("test", "val"):
-            raise ValueError(f'split must be "test" or "val" (got {split!r})')
+        processes each takes a shard and counts are summed. Only the test split sets ``confusion``; ``split = "train"`` scores the training images with the test-time view."""
+        if split not in ("test", "val", "train"):
+            raise ValueError(f'split must be "test", "val" or "train" (got {split!r})')
         if split == "val" and self.data.val is None:
             raise LSMError(f"[data] {self.recipe.data.name}: no validation split (set val_per_class)")
-        test = self.data.test if split == "test" else self.data.val
+        test = {"test": self.data.test, "val": self.data.val, "train": self.data.train}[split]
         num_classes = self.data.num_classes
         shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
         correct, total, confusion = score_split(
@@ -785,6 +785,10 @@ class Trainer:
                                 val = self.evaluate(split="val")
                                 record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
                                 score = val["top1"]
+                            if run.score_train:
+                                fit = self.evaluate(split="train")
+                                record.update({f"train_{k}": v for k, v in fit.items() if k != "per_class"})
+                                record["train_per_class"] = fit["per_class"]
                             if score is not None and score > self.best_top1:
                                 self.best_top1, self.best_epoch = score, epoch + 1
                             reporter.evaluated(record)
@@ -809,6 +813,8 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "best_on": "val" if self.data.val is not None else "test",
             **({f"val_{k}": last_eval.get(f"val_{k}") for k in ("top1", "many", "medium", "few", "rare3")} if self.data.val is not None else {}),
+            **({f"train_{k}": last_eval.get(f"train_{k}") for k in ("top1", "many", "medium", "few", "rare3", "per_class")}
+               if run.score_train else {}),
             "final_loss": self.history[-1]["train_loss"],
             "wall_time_s": self.history[-1]["wall_s"],
             "class_counts": list(self.class_counts),

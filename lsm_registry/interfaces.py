@@ -201,7 +201,9 @@ class SaliencyProvider(Component):
         """One training forward's ``features`` (the observed layer's output, detached) of the images ``views``."""
 
     def scores_of_views(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator", views: "Views") -> Tensor:
-        """``__call__``'s contract, for training images whose indices and crops are known."""
+        """``__call__``'s contract, for training images whose indices and crops are known: what the
+        engine calls for every provider, so that one can use the crops (``gradcam`` masks their
+        padding) or, observing training, reuse what it saw."""
         return self(model, x, y, patch)
 
     def end_epoch(self, epoch: int) -> None:

@@ -89,7 +89,7 @@ class MixingStep:
         Images are normalised float (B, ch, H, W), labels int64 (B,), all on one device.
         ``views_f`` / ``views_b``: which training images the batches are and how they were
         cut (the engine knows); a provider that observes training reuses what it saw of
-        them, any other provider ignores them.
+        them, ``gradcam`` masks the crops' padding, any other provider ignores them.
         """
         s_f = s_b = None
         if self.saliency is not None:
@@ -107,7 +107,7 @@ class MixingStep:
 
     def _saliency(self, model: Optional[nn.Module], x: Tensor, y: Tensor, views: Optional[Views]) -> Tensor:
         assert self.saliency is not None and self.patch is not None
-        if views is not None and self.saliency.observes_training:
+        if views is not None:
             return self.saliency.scores_of_views(model, x, y, self.patch, views)
         return self.saliency(model, x, y, self.patch)
 

@@ -20,8 +20,8 @@ from torchvision.utils import make_grid
 
 from .engine import Trainer, epoch_seed
 from .errors import LSMError
-from .interfaces import PatchOperator
-from .mixing import MixedBatch, permuted_foreground
+from .interfaces import PatchOperator, Views
+from .mixing import MixedBatch, foreground_order
 
 COLUMNS = ("foreground", "saliency", "mask", "background", "mixed")
 TILE_MIN = 96  # small images are scaled up (nearest) to at least this side
@@ -53,10 +53,18 @@ def preview_batch(trainer: Trainer, rows: int, epoch: int = 0) -> tuple[MixedBat
         raise LSMError(f"{trainer.recipe.path}: the recipe has no [mixer] table; preview draws a mixed batch")
     trainer.generator.manual_seed(epoch_seed(trainer.recipe.run.seed, epoch))
     bg, fg = next(iter(trainer.sampler.batches(epoch, trainer.recipe.optim.batch_size)))
-    xb, yb = trainer.prepare(bg)
-    xf, yf = permuted_foreground(xb, yb, trainer.generator) if fg is None else trainer.prepare(fg)
+    xb, yb, crops_b = trainer.prepare_with_crops(bg)
+    views_b = Views(bg.to(trainer.device), crops_b, epoch)
+    if fg is None:
+        order = foreground_order(xb.shape[0], trainer.generator)
+        xf, yf, views_f = xb[order.to(xb.device)], yb[order.to(xb.device)], views_b.take(order)
+    else:
+        xf, yf, crops_f = trainer.prepare_with_crops(fg)
+        views_f = Views(fg.to(trainer.device), crops_f, epoch)
+    # A provider that observes training has seen nothing here: it scores afresh, without views.
+    views = {} if trainer.observing else {"views_f": views_f, "views_b": views_b}
     try:
-        batch = trainer.mixing(trainer.module, xb, yb, xf, yf).rows(rows)
+        batch = trainer.mixing(trainer.module, xb, yb, xf, yf, **views).rows(rows)
         shown, note = batch.saliency_f, ""
         if shown is None and ("saliency", "gradcam") in trainer.registry and trainer.patch is not None:
             cls = trainer.registry.get("saliency", "gradcam")

@@ -47,6 +47,9 @@ class RunParams:
     device: str = param("cpu", help='"cpu", "cuda", "cuda:N" or "auto" (CUDA when present)')
     eval_every: int = param(10, help="evaluate every N epochs (and always after the last)", validator=at_least(1))
     channels_last: bool = param(False, help="use the channels_last memory format (faster convolutions on CPU and GPU)")
+    score_train: bool = param(True, help="at each evaluation also score the training split in eval mode with the test-time "
+                              "view (train_top1 ... train_few): whether the model fits its own training set, which the "
+                              "running loss of augmented or mixed batches does not show")
     amp: Literal["none", "bf16", "fp16"] = param("none", help="mixed precision (fp16 uses a grad scaler; CUDA only)")
     loggers: tuple[str, ...] = param((), help='trackers that also get the run, e.g. ["tensorboard", "mlflow"]; '
                                      "parameters in [loggers.NAME] (the run folder is always written)")

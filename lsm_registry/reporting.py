@@ -29,7 +29,9 @@ def fmt_pct(value: Optional[float]) -> str:
 def result_table(summary: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
     best = "best val top-1 (epoch)" if summary.get("best_on") == "val" else "best top-1 (epoch)"
-    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", best, "epochs", "wall time"):
+    fits = "train_top1" in summary
+    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", *(("train top-1", "train Few") if fits else ()),
+                   best, "epochs", "wall time"):
         table.add_column(column, justify="right")
     table.add_row(
         fmt_pct(summary["top1"]),
@@ -37,6 +39,7 @@ def result_table(summary: dict[str, Any], title: str) -> Table:
         fmt_pct(summary["medium"]),
         fmt_pct(summary["few"]),
         fmt_pct(summary["rare3"]),
+        *((fmt_pct(summary["train_top1"]), fmt_pct(summary["train_few"])) if fits else ()),
         f"{fmt_pct(summary['best_top1'])} ({summary['best_epoch']})",
         str(summary["epochs"]),
         f"{summary['wall_time_s']:.0f} s",
@@ -161,6 +164,8 @@ class RunReporter(Reporter):
         self.progress.console.print(
             f"epoch {record['epoch']}: top-1 {fmt_pct(record['top1'])}  Many {fmt_pct(record['many'])}  "
             f"Medium {fmt_pct(record['medium'])}  Few {fmt_pct(record['few'])}  loss {record['train_loss']:.4f}"
+            + (f"  train top-1 {fmt_pct(record['train_top1'])}  train Few {fmt_pct(record['train_few'])}"
+               if "train_top1" in record else "")
         )
 
     def epoch_line(self, record: dict[str, Any]) -> str:

@@ -363,9 +363,13 @@ def rank_groups(groups: list[RunGroup], by: str) -> list[RunGroup]:
 
 
 def metrics_of(groups: list[RunGroup]) -> tuple[tuple[str, str], ...]:
-    """The accuracy columns; validation top-1 first when some run has a validation split."""
-    has_val = any(r.summary.get("val_top1") is not None for g in groups for r in g.runs)
-    return ((("val_top1", "val top-1"),) if has_val else ()) + METRICS
+    """The accuracy columns; validation top-1 first when some run has a validation split, and
+    train top-1 and Few last when some run scored its training split (``run.score_train``)."""
+    runs = [r for g in groups for r in g.runs]
+    has_val = any(r.summary.get("val_top1") is not None for r in runs)
+    has_train = any(r.summary.get("train_top1") is not None for r in runs)
+    return ((("val_top1", "val top-1"),) if has_val else ()) + METRICS + (
+        (("train_top1", "train top-1"), ("train_few", "train Few")) if has_train else ())
 
 
 def group_runs(records: list[RunRecord]) -> list[RunGroup]:

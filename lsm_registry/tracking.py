@@ -90,6 +90,7 @@ def flat_hparams(recipe: dict[str, Any]) -> dict[str, Any]:
 def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
     out = {f"test/{k}": record[k] for k in EVAL_KEYS if record.get(k) is not None}
     out.update({f"val/{k}": record[f"val_{k}"] for k in EVAL_KEYS if record.get(f"val_{k}") is not None})
+    out.update({f"train/{k}": record[f"train_{k}"] for k in EVAL_KEYS if record.get(f"train_{k}") is not None})
     return out
 
 

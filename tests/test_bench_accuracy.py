@@ -137,3 +137,31 @@ def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypat
     monkeypatch.setattr(bench, "collect", lambda folders: {})
     bench.main(argv)
     assert trained == ["tiny-new-e1-s0", "tiny-new-e1-s1"]
+
+
+def test_stored_recipe_names_no_data_folder(tmp_path):
+    run = tmp_path / "ce-e60-s0"
+    run.mkdir()
+    (run / "recipe.toml").write_text('[run]\nname = "x"\n\n[data]\nname = "imagefolder-lt"\nroot = "/home/me/images"\n')
+    (run / "summary.json").write_text(json.dumps({"top1": 0.5}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 2.0}) + "\n"
+                                       + json.dumps({"epoch": 2, "top1": 0.5, "few": 0.1, "per_class": [0.9, 0.1]}) + "\n")
+    stored = bench.store_run(run, tmp_path / "store")
+    text = (stored / "recipe.toml").read_text()
+    assert "/home/me/images" not in text and f'root = "{bench.ROOT_PLACEHOLDER}"' in text
+    curve = [json.loads(line) for line in (stored / "curve.jsonl").read_text().splitlines()]
+    assert [c["epoch"] for c in curve] == [2] and curve[0]["few"] == 0.1 and "per_class" not in curve[0]
+
+
+def test_a_run_stored_before_a_measuring_key_counts_as_its_old_value(tmp_path, registry, write_recipe):
+    from lsm_registry.recipe import load_recipe
+
+    lsm = ('[run]\nepochs = 10\n[data]\nname = "synthetic-lt"\n[model]\nname = "resnet32"\n[sampler]\nname = "dual-branch"\n'
+           '[saliency]\nname = "gradcam"\n[mixer]\nname = "lsm"\n[loss]\nname = "ce"\n')
+    recipe = load_recipe(write_recipe(lsm), [], registry)
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "recipe.toml").write_text(recipe.to_toml().replace("mask_padding = true\n", ""))
+    assert any("saliency.mask_padding" in d for d in bench.setting_differences(folder, recipe))
+    (folder / "recipe.toml").write_text(recipe.to_toml())
+    assert bench.setting_differences(folder, recipe) == []

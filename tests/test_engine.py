@@ -58,3 +58,20 @@ def test_resnet32_takes_any_channel_count():
     net = CifarResNet(32, num_classes=3, in_channels=1, width=4)
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
     assert sum(1 for m in net.modules() if isinstance(m, torch.nn.Conv2d)) == 31
+
+
+def test_training_split_is_scored_with_the_test_view(tiny_recipe, registry):
+    """train_* are the model's accuracy on its own training images in eval mode: they agree
+    with scoring the split by hand, and the per-class list covers every class."""
+    trainer, summary = train(tiny_recipe, registry)
+    by_hand = trainer.evaluate(split="train")
+    assert summary["train_top1"] == pytest.approx(by_hand["top1"])
+    assert summary["train_per_class"] == pytest.approx(by_hand["per_class"])
+    assert len(summary["train_per_class"]) == 4
+    record = trainer.history[-1]
+    assert {"train_top1", "train_many", "train_medium", "train_few"} <= set(record)
+
+
+def test_score_train_off_leaves_no_train_metrics(tiny_recipe, registry):
+    _, summary = train(tiny_recipe, registry, ["run.score_train=false"])
+    assert not any(key.startswith("train_") for key in summary)

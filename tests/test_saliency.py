@@ -156,3 +156,39 @@ def test_random_provider_is_seeded_and_in_range():
     sa, sb = a(None, x, None, patch()), b(None, x, None, patch())
     assert sa.shape == (2, 8, 8) and torch.equal(sa, sb)
     assert (sa >= 0).all() and (sa < 1).all()
+
+
+def _shifted_views(b: int, left: float, top: float, flip: bool = False):
+    from lsm_registry.interfaces import Crops, Views
+
+    boxes = torch.tensor([[left, top, 32.0, 32.0]] * b)
+    crops = Crops(boxes, torch.full((b,), flip), torch.tensor([[32, 32]] * b))
+    return Views(torch.arange(b), crops, epoch=0)
+
+
+def test_image_pixels_marks_the_padding_of_a_shifted_crop():
+    from lsm_registry.components.saliency import image_pixels
+
+    views = _shifted_views(1, left=-4.0, top=3.0)
+    valid = image_pixels(views.crops, 32, 32, torch.device("cpu"))[0]
+    assert not valid[:, :4].any() and valid[:29, 4:].all()  # 4 padded columns on the left
+    assert not valid[29:].any()  # the crop reaches 3 rows below the image
+    flipped = image_pixels(_shifted_views(1, -4.0, 3.0, flip=True).crops, 32, 32, torch.device("cpu"))[0]
+    assert torch.equal(flipped, valid.flip(-1))
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_gradcam_masks_padding_only_when_asked(mask):
+    model = tiny_model()
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    views = _shifted_views(4, left=-4.0, top=-4.0)
+    provider = gradcam(mask_padding=mask)
+    scores = provider.scores_of_views(model, x, y, patch(), views)
+    plain = provider(model, x, y, patch())
+    # The corner unit (4x4 pixels) is all padding.
+    if mask:
+        assert torch.all(scores[:, 0, 0] == 0)
+        assert not torch.equal(scores, plain)
+    else:
+        assert torch.equal(scores, plain)

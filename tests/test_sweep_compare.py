@@ -243,3 +243,18 @@ def test_compare_ranks_by_validation_and_shows_it(tmp_path):
     assert lines[2].startswith("| lsm_ce | mixer.alpha=0.5 | 1 | 50.0 | 40.0 |")
     refused = invoke("compare", str(fake_run(tmp_path / "c", 0, 1.0, 0.4)), "--rank-by", "val_top1")
     assert refused.exit_code == 2 and "val_per_class" in refused.output
+
+
+def test_compare_shows_train_fit_uncut_in_a_pipe(tmp_path):
+    """Runs that scored their training split get train top-1 / train Few columns, and a table written
+    to a pipe is wide enough that no column is cut."""
+    a = fake_run(tmp_path / "a", 0, 1.0, 0.40)
+    b = fake_run(tmp_path / "b", 0, 0.5, 0.50)
+    for folder, fit in ((a, 0.97), (b, 0.99)):
+        summary = json.loads((folder / "summary.json").read_text())
+        summary.update(train_top1=fit, train_few=fit - 0.5)
+        (folder / "summary.json").write_text(json.dumps(summary))
+    table = invoke("compare", str(a), str(b))
+    assert table.exit_code == 0, table.output
+    assert "train top-1" in table.output and "train Few" in table.output and "wall time" in table.output
+    assert "97.0" in table.output and "49.0" in table.output and "…" not in table.output

@@ -35,3 +35,35 @@ def test_the_object_not_the_background_carries_the_class():
     changed = (a - b).abs().sum(dim=1) > 0
     # objects cover a minority of the image: the background is shared
     assert 0.0 < changed.float().mean() < 0.35
+
+
+def _object_colours(images: torch.Tensor) -> set[int]:
+    """Each image's commonest saturated colour, quantised: the solid object's colour (the background
+    is mid-range noise, the clutter strokes are thin)."""
+    q = (images.long() // 64)  # 4 levels per channel
+    codes = q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]  # (N, H, W)
+    spread = images.float().amax(dim=1) - images.float().amin(dim=1)
+    colours = set()
+    for code, keep in zip(codes, spread > 100):
+        if keep.any():
+            colours.add(int(torch.mode(code[keep]).values))
+    return colours
+
+
+def test_version_2_draws_the_colour_per_image_and_version_1_per_class():
+    one, _ = render_split([40], seed=3, version=1)
+    two, _ = render_split([40], seed=3, version=2)
+    assert len(_object_colours(one)) <= 2  # one class colour (and its jitter)
+    assert len(_object_colours(two)) >= 5  # colours from the whole palette
+    assert torch.equal(one, render_split([40], seed=3)[0])  # version 1 is the default, unchanged
+
+
+def test_version_2_has_fewer_distinct_classes(registry):
+    import pytest
+
+    from lsm_registry.components.datasets import SyntheticLT
+    from lsm_registry.interfaces import Context
+
+    factory = SyntheticLT(SyntheticLT.Params(num_classes=20, version=2), Context(class_counts=(), image_size=(0, 0, 0)))
+    with pytest.raises(ValueError, match="version 2 draws at most 18"):
+        factory.build()

@@ -12,12 +12,24 @@ import sys
 from typing import Any, Callable
 
 import click
+from rich.console import Console
 
 from ..errors import LSMError, RecipeError
 from ..params import NONE_TOML
 from ..plugins import default_registry
 
 SET_HELP = "Override a recipe key: table.key=value, the value in TOML syntax (repeatable)."
+
+
+#: Width of tables written to a file or a pipe, where no terminal says how wide to be: wide
+#: enough that no column of a comparison is cut or folded.
+PIPE_WIDTH = 240
+
+
+def output_console() -> Console:
+    """The console for stdout: the terminal's width, or :data:`PIPE_WIDTH` in a pipe or file."""
+    console = Console()
+    return console if console.is_terminal else Console(width=PIPE_WIDTH)
 
 
 def debug_enabled() -> bool:

@@ -11,7 +11,7 @@ from rich.console import Console
 from .. import runs
 from ..errors import LSMError
 from ..plots import plot_compare
-from .common import user_errors
+from .common import output_console, user_errors
 
 
 def render(groups, fmt: str, width: Optional[int] = None) -> str:
@@ -58,7 +58,7 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: 
             raise LSMError(f"--rank-by {rank_by}: no run has it (val_top1 needs [data] val_per_class > 0)")
         groups = runs.rank_groups(groups, rank_by)
     if fmt == "table":
-        Console().print(runs.rich_table(groups))
+        output_console().print(runs.rich_table(groups))
     else:
         click.echo(render(groups, fmt), nl=False)
     if out is not None:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Optional
 
 import click
-from rich.console import Console
 
 from ..checkpoint import check_free_space, estimate_size
 from ..engine import Trainer, dist_info
@@ -15,7 +14,7 @@ from ..errors import LSMError, RecipeError
 from ..recipe import load_recipe
 from ..reporting import RunReporter, check_writable, fresh_run_dir
 from ..tracking import check_loggers
-from .common import registry_with_warnings, set_option, user_errors
+from .common import output_console, registry_with_warnings, set_option, user_errors
 
 
 @click.command("run")
@@ -46,7 +45,7 @@ def run_cmd(recipes: tuple[Path, ...], overrides: tuple[str, ...], out: Optional
     folders = [_train(p, registry, out, resume, keep, no_progress) for p in parsed]
     if len(folders) > 1 and dist_info().is_main:
         groups = runs.group_runs(runs.load_runs(folders))
-        Console().print(runs.rich_table(groups, title="comparison: last epoch, test set"))
+        output_console().print(runs.rich_table(groups, title="comparison: last epoch, test set"))
 
 
 def _load_all(recipes: tuple[Path, ...], overrides: tuple[str, ...], registry) -> list:
@@ -80,7 +79,7 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_pr
         check_writable(run_dir)
         check_free_space(run_dir, estimate_size(trainer.module))
     trainer.run_dir = run_dir
-    trainer.fit(RunReporter(Console(), show_progress=not no_progress))
+    trainer.fit(RunReporter(output_console(), show_progress=not no_progress))
     return run_dir
 
 

@@ -16,7 +16,8 @@ measured in docs/benchmarks.md: the training forward normalises with batch stati
 (``gradcam`` runs in eval mode) and uses weights up to ``max_age`` epochs old; and
 parts of the new view the stored box never covered (the zero padding of a shifted
 ``crop32`` crop, or outside an old random-resized box) are filled with the
-``uncovered`` value.
+``uncovered`` value. Pixels of the new view that are not image at all (the padding)
+score zero with ``mask_padding``, as in ``gradcam``.
 
 Under several processes each rank stores the maps of the images its own steps saw,
 and with ``share = "gather"`` (the default) the ranks merge their maps at the end of
@@ -38,23 +39,8 @@ from torch import Tensor, nn
 from ..interfaces import Crops, PatchOperator, SaliencyProvider, Views
 from ..params import non_negative, one_of, param
 from .models import NormedLinear
-from .saliency import GradCAM, class_activation_of, head_gradient, normalise_to_units  # noqa: F401 (re-exported)
-
-
-def source_grid(view_boxes: Tensor, flips: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Source-image coordinates of the pixel centres of each view: x (B, W) and y (B, H).
-
-    A view of ``height x width`` pixels shows the box ``(left, top, w, h)`` of its
-    source, mirrored when flipped, so its pixel column ``j`` has centre
-    ``left + (j + 1/2) w / width`` (``width - j - 1/2`` in place of ``j + 1/2`` when flipped).
-    """
-    boxes = view_boxes.float()
-    cols = torch.arange(width, dtype=torch.float32, device=boxes.device) + 0.5
-    rows = torch.arange(height, dtype=torch.float32, device=boxes.device) + 0.5
-    cols = torch.where(flips.to(boxes.device).view(-1, 1), width - cols, cols)
-    sx = boxes[:, 0:1] + cols * (boxes[:, 2:3] / width)
-    sy = boxes[:, 1:2] + rows.view(1, -1) * (boxes[:, 3:4] / height)
-    return sx, sy
+from .saliency import (GradCAM, class_activation_of, head_gradient, image_pixels,  # noqa: F401 (re-exported)
+                       normalise_to_units, source_grid)
 
 
 def warp_maps(maps: Tensor, map_boxes: Tensor, view_boxes: Tensor, flips: Tensor, height: int, width: int,
@@ -109,6 +95,8 @@ class CachedGradCAM(SaliencyProvider):
                               help='images with no usable map: "gradcam" (a fresh Grad-CAM of just those, then stored) or "uniform" (all units equal, no extra pass)')
         uncovered: str = param("zero", validator=one_of("zero", "mean"),
                                help='value of the parts of a view the stored map never covered: "zero" (not salient) or "mean" (of the map, after ReLU)')
+        mask_padding: bool = param(True, help="score the pixels a crop took from outside its image (zero padding) "
+                                   "as not salient, before the min-max, as gradcam does; false scores them like any pixel")
         share: str = param("gather", validator=one_of("gather", "local"),
                            help='several processes: "gather" merges the ranks\' maps after every epoch, "local" keeps each rank\'s own')
 
@@ -196,11 +184,13 @@ class CachedGradCAM(SaliencyProvider):
                 model.train(was_training)
             self.store(cam.detach(), views.take(missing))
             usable = torch.ones_like(usable)
-        if self.maps is None:  # nothing seen yet and no fresh pass: every unit equal
-            return torch.ones((x.shape[0], *patch.grid(height, width)), device=x.device)
-        raw, _ = self.stored_activation(views, height, width)
-        raw = torch.where(usable.view(-1, 1, 1), raw, torch.zeros_like(raw))  # no map: constant, so uniform scores
-        return normalise_to_units(raw, height, width, patch)
+        if self.maps is None:  # nothing seen yet and no fresh pass: a constant map, so uniform scores
+            raw = torch.zeros((x.shape[0], height, width), device=x.device)
+        else:
+            raw, _ = self.stored_activation(views, height, width)
+            raw = torch.where(usable.view(-1, 1, 1), raw, torch.zeros_like(raw))  # no map: constant, so uniform scores
+        valid = image_pixels(views.crops, height, width, x.device) if self.params.mask_padding else None
+        return normalise_to_units(raw, height, width, patch, valid)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator) -> Tensor:
         """Without views (outside the engine) nothing can be looked up: a fresh Grad-CAM."""

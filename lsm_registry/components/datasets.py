@@ -25,9 +25,9 @@ from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ..data.folders import channel_stats, decode_images, scan_tree
 from ..data.profiles import hold_out, lt_counts, lt_subset
 from ..data.split_files import FileSplit, read_split_file
-from ..data.synthetic import class_name, render_split
+from ..data.synthetic import VERSIONS, class_name, max_classes, render_split
 from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
-from ..params import at_least, non_negative, param, positive
+from ..params import at_least, non_negative, one_of, param, positive
 
 
 #: Seed stream of synthetic-lt's validation split (train uses 2 * seed, test 2 * seed + 1).
@@ -48,17 +48,21 @@ class SyntheticLT(DatasetFactory):
         test_per_class: int = param(100, help="balanced test images per class", validator=positive)
         seed: int = param(0, help="generator seed (independent of the run seed)")
         val_per_class: int = param(0, help="balanced validation images per class, drawn like the test split from another seed stream (0: no validation split)", validator=non_negative)
+        version: int = param(1, help="generator version: 1 gives each class its own colour; 2 draws the colour per image, "
+                             "so a class is its shape and texture only (docs/data.md)", validator=one_of(*VERSIONS))
 
     def build(self) -> LTData:
         p = self.params
         counts = lt_counts(p.profile, p.n_max, p.imbalance_factor, p.num_classes)
         if min(counts) < 1:
             raise ValueError(f"n_max {p.n_max} with imbalance_factor {p.imbalance_factor} leaves a class with no image")
-        train_x, train_y = render_split(counts, seed=2 * p.seed)
-        test_x, test_y = render_split([p.test_per_class] * p.num_classes, seed=2 * p.seed + 1)
+        if p.num_classes > max_classes(p.version):
+            raise ValueError(f"num_classes {p.num_classes}: version {p.version} draws at most {max_classes(p.version)} distinct classes")
+        train_x, train_y = render_split(counts, seed=2 * p.seed, version=p.version)
+        test_x, test_y = render_split([p.test_per_class] * p.num_classes, seed=2 * p.seed + 1, version=p.version)
         val: Optional[Split] = None
         if p.val_per_class > 0:
-            val = TensorSplit(*render_split([p.val_per_class] * p.num_classes, seed=SYNTHETIC_VAL_SEED + p.seed))
+            val = TensorSplit(*render_split([p.val_per_class] * p.num_classes, seed=SYNTHETIC_VAL_SEED + p.seed, version=p.version))
         mean = tuple(float(m) for m in train_x.float().mean(dim=(0, 2, 3)) / 255.0)
         std = tuple(float(s) for s in train_x.float().std(dim=(0, 2, 3)) / 255.0)
         return LTData(

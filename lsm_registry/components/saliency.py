@@ -16,26 +16,62 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..interfaces import PatchOperator, SaliencyProvider
+from ..interfaces import Crops, PatchOperator, SaliencyProvider, Views
 from ..params import param
 from .models import NormedLinear
 
 
-def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperator) -> Tensor:
+def source_grid(view_boxes: Tensor, flips: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Source-image coordinates of the pixel centres of each view: x (B, W) and y (B, H).
+
+    A view of ``height x width`` pixels shows the box ``(left, top, w, h)`` of its
+    source, mirrored when flipped, so its pixel column ``j`` has centre
+    ``left + (j + 1/2) w / width`` (``width - j - 1/2`` in place of ``j + 1/2`` when flipped).
+    """
+    boxes = view_boxes.float()
+    cols = torch.arange(width, dtype=torch.float32, device=boxes.device) + 0.5
+    rows = torch.arange(height, dtype=torch.float32, device=boxes.device) + 0.5
+    cols = torch.where(flips.to(boxes.device).view(-1, 1), width - cols, cols)
+    sx = boxes[:, 0:1] + cols * (boxes[:, 2:3] / width)
+    sy = boxes[:, 1:2] + rows.view(1, -1) * (boxes[:, 3:4] / height)
+    return sx, sy
+
+
+def image_pixels(crops: Crops, height: int, width: int, device: torch.device) -> Tensor:
+    """(B, H, W) bool: which pixels of each ``height x width`` view show its source image.
+
+    The rest is what augmentation invented: the zero padding a shifted ``crop32`` crop
+    reaches into, or the outside of a box that leaves its source. Grad-CAM can find
+    that border salient (a sharp edge against the image), and LSM would then paste
+    blocks of nothing with a high tail weight.
+    """
+    sx, sy = source_grid(crops.boxes.to(device), crops.flips, height, width)
+    sizes = crops.sizes.to(device)
+    inside_x = (sx >= 0) & (sx < sizes[:, 1:2])
+    inside_y = (sy >= 0) & (sy < sizes[:, 0:1])
+    return inside_y.unsqueeze(2) & inside_x.unsqueeze(1)
+
+
+def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperator,
+                       valid: Optional[Tensor] = None) -> Tensor:
     """(B, h, w) raw class activation -> (B, H/p, W/p) unit scores in [0, 1].
 
-    ReLU, bilinear resize to (H, W), per-image min-max, then p x p average pooling. A
-    map with no spread (constant, all zero, or non-finite everywhere) becomes uniform
-    ones: every unit equally salient, never NaN.
+    ReLU, bilinear resize to (H, W), zero where ``valid`` (B, H, W) is False (pixels that
+    are not image, :func:`image_pixels`), per-image min-max, then p x p average pooling.
+    A map with no spread (constant, all zero, or non-finite everywhere) becomes uniform
+    ones on the valid pixels: every unit of image equally salient, never NaN.
     """
     cam = torch.nan_to_num(cam.float(), nan=0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
     cam = F.interpolate(cam.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+    if valid is not None:
+        cam = cam * valid.unsqueeze(1).to(cam.dtype)
     flat = cam.flatten(1)
     lo = flat.amin(dim=1).view(-1, 1, 1, 1)
     spread = flat.amax(dim=1).view(-1, 1, 1, 1) - lo
     has_spread = spread > 0
     scaled = ((cam - lo) / torch.where(has_spread, spread, torch.ones_like(spread))).clamp(0.0, 1.0)
-    cam = torch.where(has_spread, scaled, torch.ones_like(scaled))
+    flat_map = torch.ones_like(scaled) if valid is None else valid.unsqueeze(1).to(scaled.dtype)
+    cam = torch.where(has_spread, scaled, flat_map)
     p = patch.size
     return F.avg_pool2d(cam, kernel_size=p, stride=p).squeeze(1)
 
@@ -88,6 +124,8 @@ class GradCAM(SaliencyProvider):
     class Params:
         layer: Optional[str] = param(None, help="layer to explain, a key of model.saliency_layers(); None: the model's default (final stage)")
         fast: bool = param(True, help="use the one-forward closed form when the layer and head allow it (false forces autograd)")
+        mask_padding: bool = param(True, help="inside the engine, score the pixels a crop took from outside its image "
+                                   "(zero padding) as not salient, before the min-max; false scores them like any pixel")
 
     def _layer(self, model: nn.Module) -> tuple[str, nn.Module, bool]:
         getter = getattr(model, "saliency_layers", None)
@@ -144,6 +182,14 @@ class GradCAM(SaliencyProvider):
         return (alpha * act.detach()).sum(dim=1)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator) -> Tensor:
+        return self._scores(model, x, y, patch, None)
+
+    def scores_of_views(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator, views: Views) -> Tensor:
+        """Training images with known crops: with ``mask_padding``, the padding is not salient."""
+        valid = image_pixels(views.crops, x.shape[-2], x.shape[-1], x.device) if self.params.mask_padding else None
+        return self._scores(model, x, y, patch, valid)
+
+    def _scores(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator, valid: Optional[Tensor]) -> Tensor:
         height, width = x.shape[-2:]
         patch.grid(height, width)
         was_training = model.training
@@ -152,7 +198,7 @@ class GradCAM(SaliencyProvider):
             cam = self.class_activation(model, x, y)
         finally:
             model.train(was_training)
-        return normalise_to_units(cam, height, width, patch)
+        return normalise_to_units(cam, height, width, patch, valid)
 
 
 class RandomSaliency(SaliencyProvider):

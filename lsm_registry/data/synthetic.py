@@ -59,7 +59,19 @@ def _texture(texture_id: Tensor, u: Tensor, v: Tensor) -> Tensor:
     return stack.gather(0, texture_id.view(1, -1, 1, 1).expand(1, *u.shape)).squeeze(0)
 
 
-def render(labels: Tensor, generator: torch.Generator, size: int = 32) -> Tensor:
+#: Generator versions. 1: each class has its own colour, so colour alone tells most classes
+#: apart and a class is learnt wholesale or not at all. 2: the colour is drawn per image,
+#: independently of the class, so a class is its shape and texture only and its accuracy
+#: grows with the images it has (docs/data.md).
+VERSIONS = (1, 2)
+
+
+def max_classes(version: int) -> int:
+    """How many distinct classes the generator can draw."""
+    return len(SHAPES) * len(TEXTURES) * (len(PALETTE) if version == 1 else 1)
+
+
+def render(labels: Tensor, generator: torch.Generator, size: int = 32, version: int = 1) -> Tensor:
     """uint8 images (N, 3, size, size) for the given labels, vectorised over the batch."""
     n = labels.numel()
     g = generator
@@ -89,13 +101,18 @@ def render(labels: Tensor, generator: torch.Generator, size: int = 32) -> Tensor
     mask = _shape_mask(shape_of[labels], u, v).unsqueeze(1).float()
     shade = _texture(texture_of[labels], u, v).unsqueeze(1)
     jitter = 1.0 + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.15
-    obj = (colour_of[labels].view(n, 3, 1, 1) * jitter).clamp(0, 1) * shade
+    if version == 1:
+        colour = colour_of[labels]
+    else:
+        palette = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
+        colour = palette[torch.randint(0, len(PALETTE), (n,), generator=g)]
+    obj = (colour.view(n, 3, 1, 1) * jitter).clamp(0, 1) * shade
     img = bg * (1 - mask) + obj * mask
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def render_split(counts: list[int], seed: int, chunk: int = 2048) -> tuple[Tensor, Tensor]:
+def render_split(counts: list[int], seed: int, chunk: int = 2048, version: int = 1) -> tuple[Tensor, Tensor]:
     labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.int64))
     generator = torch.Generator().manual_seed(seed)
-    images = [render(labels[i : i + chunk], generator) for i in range(0, labels.numel(), chunk)]
+    images = [render(labels[i : i + chunk], generator, version=version) for i in range(0, labels.numel(), chunk)]
     return (torch.cat(images) if images else torch.empty(0, 3, 32, 32, dtype=torch.uint8)), labels
