@@ -29,6 +29,7 @@ from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_chec
 from .data.augment import augment_with_crops, stats_tensor, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import DataError, LSMError
+from .files import FolderLock, FolderLocked
 from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure, Views
 from .metrics import summarise_counts
 from .mixing import MixedBatch, MixingStep, foreground_order
@@ -236,11 +237,14 @@ class Trainer:
     are kept) and on SIGINT / SIGTERM; ``resume=True`` continues from the newest one.
     """
 
-    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, keep: int = 1, resume: bool = False):
+    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, keep: Optional[int] = None,
+                 resume: bool = False):
         self.recipe = recipe
         self.registry = registry
         self.run_dir = run_dir
-        self.keep = keep
+        # None: the run's own count (stored in its checkpoints) on resume, else 1.
+        self.keep_asked = keep
+        self.keep = keep if keep is not None else 1
         self.resume = resume
         self.dist = dist_info()
         run = recipe.run
@@ -602,6 +606,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "parent": self.parent,
             "saliency": self.saliency.state_dict() if self.saliency is not None else {},
+            "keep": self.keep,
         }
 
     def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:
@@ -662,6 +667,8 @@ class Trainer:
         self.history = list(state["history"])
         self.best_top1, self.best_epoch = state["best"]
         self.parent = state.get("parent")
+        if self.keep_asked is None:
+            self.keep = max(1, int(state.get("keep", 1)))  # the run's own --keep, unless told otherwise
         saved = state.get("saliency")
         if self.saliency is not None and saved:
             own = saved[self.dist.rank] if isinstance(saved, list) else saved
@@ -719,7 +726,24 @@ class Trainer:
         return out
 
     def fit(self, reporter: Optional["Reporter"] = None) -> dict[str, Any]:
-        """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens."""
+        """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens.
+
+        The run folder is locked for the whole call (:class:`FolderLock`, on the main process
+        only): a second process training into it stops at once, naming the holder.
+        """
+        lock = FolderLock(self.run_dir) if self.run_dir is not None and self.dist.is_main else None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except FolderLocked as exc:
+                raise LSMError(str(exc)) from None
+        try:
+            return self._fit(reporter)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, reporter: Optional["Reporter"]) -> dict[str, Any]:
         reporter = reporter or Reporter()
         run = self.recipe.run
         batch_size = self.recipe.optim.batch_size

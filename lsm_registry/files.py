@@ -8,9 +8,21 @@ folder is fsynced so the rename itself survives a power cut.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Union
+from typing import BinaryIO, Callable, Optional, Union
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -29,9 +41,12 @@ def _fsync_dir(folder: Path) -> None:
 def atomic_write(path: Path, data: Union[str, bytes, Callable[[BinaryIO], None]]) -> None:
     """Write ``data`` (text, bytes, or a function that writes to the open binary file) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # A name of its own (mkstemp in the same folder): two writers never share a temporary file.
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as fh:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would have given; mkstemp makes it private
+        with os.fdopen(fd, "wb") as fh:
             if callable(data):
                 data(fh)
             else:
@@ -43,3 +58,60 @@ def atomic_write(path: Path, data: Union[str, bytes, Callable[[BinaryIO], None]]
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+LOCK_NAME = ".lock"
+
+
+class FolderLocked(RuntimeError):
+    """Another process holds the folder's lock; the message names its PID."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``folder/.lock``, held while a process trains into the folder.
+
+    Two processes writing one run folder interleave metrics.jsonl lines and leave a
+    summary from one run beside the recipe of the other; the lock makes the second one
+    stop at once. The kernel drops a ``flock`` when its process dies, so a ``.lock`` left
+    by a killed run is stale and harmless: the next process takes it. The file holds the
+    holder's PID, only to name it in the refusal.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "FolderLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
+            raise FolderLocked(f"{self.folder}: another process (PID {holder}) is training into this run folder; "
+                               "wait for it, or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holds_anything(folder: Path) -> bool:
+    """Whether ``folder`` exists with any entry besides a (stale or held) ``.lock``."""
+    return folder.is_dir() and any(entry.name != LOCK_NAME for entry in folder.iterdir())

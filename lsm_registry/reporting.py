@@ -19,6 +19,7 @@ from .engine import Reporter, Trainer
 from .errors import LSMError
 from .pictures import MIXED_SAMPLES, draw_mixed_samples
 from .plots import PlotUnavailable, plot_confusion, plot_per_class
+from .files import holds_anything
 from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, run_info
 
 
@@ -54,7 +55,7 @@ def fresh_run_dir(base: Path, name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... when a previous run already lives there."""
     candidate = base / name
     n = 2
-    while candidate.exists() and any(candidate.iterdir()):
+    while holds_anything(candidate):
         candidate = base / f"{name}-{n}"
         n += 1
     return candidate

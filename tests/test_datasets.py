@@ -364,3 +364,32 @@ def test_decoding_progress_is_one_line_in_a_log_and_silent_for_small_sets(tmp_pa
     monkeypatch.setenv("RANK", "1")  # other torchrun ranks stay quiet
     folders.decode_images(paths, 8, workers=2)
     assert out.getvalue() == "decoding 10 images to 8x8 ...\n"
+
+
+class _Payload:
+    """Unpickling this would create a file: what a crafted 'data batch' could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    cifar_tree(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    write_pickle(path, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2], b"x": _Payload(marker)})
+    msg = one_line_error(ValueError, Cifar10LT, root=str(tmp_path), profile="none")
+    assert not marker.exists()
+    assert str(path) in msg and "refused global pathlib" in msg
+
+
+def test_real_cifar_batches_need_only_numpy_arrays(tmp_path):
+    """The batches the test tree writes hold numpy arrays, which the data unpickler admits."""
+    cifar_tree(tmp_path, "cifar10")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    write_pickle(path, {b"data": np.zeros((2, 3072), np.uint8), b"labels": np.array([1, 2])})
+    data = build(Cifar10LT, root=str(tmp_path), profile="none")
+    assert len(data.train) == 18

@@ -21,6 +21,7 @@ from rich.text import Text
 from .. import runs
 from ..engine import Trainer
 from ..errors import LSMError, RecipeError
+from ..files import holds_anything
 from ..recipe import ALL_TABLES, COMPONENT_TABLES, load_recipe
 from ..registry import suggest
 from ..reporting import RunReporter, check_writable, fresh_run_dir
@@ -238,7 +239,7 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
     if out is None:
         out = fresh_run_dir(Path("runs"), f"sweep-{recipe.stem}")
     else:
-        taken = [p.folder for p in points if (out / p.folder).exists() and any((out / p.folder).iterdir())]
+        taken = [p.folder for p in points if holds_anything(out / p.folder)]
         if taken:
             raise LSMError(f"{out}: already holds runs ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); choose another --out")
     console = Console()

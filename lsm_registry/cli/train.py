@@ -11,6 +11,7 @@ from ..checkpoint import check_free_space, estimate_size
 from ..engine import Trainer, dist_info
 from .. import runs
 from ..errors import LSMError, RecipeError
+from ..files import holds_anything
 from ..recipe import load_recipe
 from ..reporting import RunReporter, check_writable, fresh_run_dir
 from ..tracking import check_loggers
@@ -23,10 +24,11 @@ from .common import output_console, registry_with_warnings, set_option, user_err
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: runs/<run.name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its newest checkpoint.")
-@click.option("--keep", default=1, show_default=True, type=click.IntRange(min=1), help="Epoch checkpoints to keep.")
+@click.option("--keep", default=None, type=click.IntRange(min=1),
+              help="Epoch checkpoints to keep (default 1; with --resume: the run's own count).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
-def run_cmd(recipes: tuple[Path, ...], overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: int,
+def run_cmd(recipes: tuple[Path, ...], overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: Optional[int],
             no_progress: bool) -> None:
     """Train and evaluate each RECIPE; writes its run folder and prints Many/Medium/Few.
 
@@ -61,10 +63,13 @@ def _load_all(recipes: tuple[Path, ...], overrides: tuple[str, ...], registry) -
     return parsed
 
 
-def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_progress: bool) -> Path:
+def _train(parsed, registry, out: Optional[Path], resume: bool, keep: Optional[int], no_progress: bool) -> Path:
 
     if out is not None:
         run_dir = out
+        if not resume and dist_info().is_main and holds_anything(out):
+            raise LSMError(f"{out}: the folder is not empty (a run folder holds one run); continue that run with "
+                           f"`lsm resume {out}` (or --resume), or choose another --out")
     elif resume:
         run_dir = Path("runs") / parsed.run.name
     elif dist_info().enabled:
@@ -86,10 +91,11 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: int, no_pr
 @click.command("resume")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @set_option
-@click.option("--keep", default=1, show_default=True, type=click.IntRange(min=1), help="Epoch checkpoints to keep.")
+@click.option("--keep", default=None, type=click.IntRange(min=1),
+              help="Epoch checkpoints to keep (default: the run's own count, as it was started).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
-def resume_cmd(run_dir: Path, overrides: tuple[str, ...], keep: int, no_progress: bool) -> None:
+def resume_cmd(run_dir: Path, overrides: tuple[str, ...], keep: Optional[int], no_progress: bool) -> None:
     """Continue the run in RUN_DIR from its newest checkpoint, with its own recipe.toml.
 
     Only run.epochs and the loggers may change (e.g. --set run.epochs=300, or

@@ -70,10 +70,34 @@ def find_folder(root: Path, layout: dict[str, Any]) -> Path:
     )
 
 
+#: The only globals a real CIFAR python batch refers to: numpy's array reconstruction (under
+#: its NumPy 1 and NumPy 2 module names), the array type and its dtype.
+ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+
+class DataUnpickler(pickle.Unpickler):
+    """A pickle reader for data files: any global outside :data:`ALLOWED_GLOBALS` is refused.
+
+    A plain ``pickle.load`` runs whatever callable the file names, so a shared run folder
+    whose recipe points ``root`` at a crafted batch would run code on ``lsm run``,
+    ``evaluate`` or ``resume``. Data files hold dicts, lists, bytes and numpy arrays only.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds data only, never code")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as fh:
-            raw = pickle.load(fh, encoding="latin1")
+            raw = DataUnpickler(fh, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
         raise ValueError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):

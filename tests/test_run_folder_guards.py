@@ -1,0 +1,105 @@
+"""One run per folder: `--out` never overwrites, a second process is refused, atomic writes never share a name."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lsm_registry.cli import cli
+from lsm_registry.engine import Trainer
+from lsm_registry.errors import LSMError
+from lsm_registry.files import FolderLock, atomic_write, holds_anything
+from lsm_registry.recipe import load_recipe
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_run_out_refuses_a_folder_that_holds_anything(tiny_recipe, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    result = invoke("run", tiny_recipe, "--out", out, "--no-progress")
+    assert result.exit_code == 2, result.output
+    assert f"lsm resume {out}" in result.output and "not empty" in result.output
+    assert (out / "summary.json").read_text() == "{}"  # nothing was touched
+
+
+def test_a_stale_lock_alone_counts_as_empty(tmp_path):
+    folder = tmp_path / "run"
+    FolderLock(folder).acquire().release()
+    assert (folder / ".lock").exists() and not holds_anything(folder)
+    (folder / "x").write_text("")
+    assert holds_anything(folder)
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from lsm_registry.files import FolderLock
+FolderLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_named(tiny_recipe, registry, tmp_path):
+    folder = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        trainer = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder)
+        with pytest.raises(LSMError, match=f"PID {holder.pid}"):
+            trainer.fit()
+        assert not (folder / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died: its lock is stale and the folder trains.
+    summary = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit()
+    assert summary["epochs"] == 1 and any((folder / "checkpoints").iterdir())
+
+
+def test_atomic_writers_of_one_file_never_share_a_temporary(tmp_path):
+    path = tmp_path / "summary.json"
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(text: str) -> None:
+        def slow(fh):
+            start.wait()  # both writers have their temporary open at once
+            fh.write(text.encode())
+
+        try:
+            atomic_write(path, slow)
+        except BaseException as exc:  # pragma: no cover - what the test would report
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and path.read_text() in ("first", "second")
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_resume_keeps_the_runs_own_checkpoint_count(tiny_recipe, registry, tmp_path):
+    from lsm_registry.checkpoint import list_checkpoints
+
+    folder = tmp_path / "run"
+    recipe = load_recipe(tiny_recipe, ["run.epochs=3"], registry)
+    Trainer(recipe, registry, run_dir=folder, keep=3).fit()
+    assert len(list_checkpoints(folder)) == 3
+    longer = load_recipe(tiny_recipe, ["run.epochs=4"], registry)
+    Trainer(longer, registry, run_dir=folder, resume=True).fit()  # no keep given: the run's own 3
+    assert len(list_checkpoints(folder)) == 3
+    longer = load_recipe(tiny_recipe, ["run.epochs=5"], registry)
+    Trainer(longer, registry, run_dir=folder, keep=1, resume=True).fit()  # told otherwise
+    assert len(list_checkpoints(folder)) == 1
