@@ -8,6 +8,7 @@ reads well after ``file [table].key:`` (for example ``must be > 0 (got -1.0)``).
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Callable
 
@@ -145,11 +146,18 @@ def coerce(value: Any, tp: Any) -> Any:
         raise ValueError(f"expected true or false (got {value!r})")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -(2**63) <= value < 2**63:
+                raise ValueError(f"expected an integer that fits in 64 bits (got {value!r})")
             return value
         raise ValueError(f"expected an integer (got {value!r})")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # No setting means infinity or NaN: such a value would pass validation and stop
+            # the run later with "loss is not finite" (or never stop).
+            number = float(value) if isinstance(value, float) or abs(value) <= 1e308 else math.inf
+            if not math.isfinite(number):
+                raise ValueError(f"expected a finite number (got {value!r})")
+            return number
         raise ValueError(f"expected a number (got {value!r})")
     if tp is str:
         if isinstance(value, str):

@@ -32,6 +32,9 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotUnavailable("pictures need matplotlib: pip install 'lsm-registry[plot]'") from None
+    # Run, class and component names are user text: "$x^$" must be drawn as written, not
+    # parsed as mathtext (which fails after training, on the pictures and the report).
+    matplotlib.rcParams["text.parse_math"] = False
     return plt
 
 

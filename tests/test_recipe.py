@@ -127,3 +127,19 @@ def test_resolved_recipe_round_trips_through_toml(tiny_recipe, write_recipe):
 def test_run_name_defaults_to_the_file_stem(write_recipe):
     path = write_recipe(TINY_RECIPE.replace('name = "tiny"\n', ""), "my_exp.toml")
     assert load_recipe(path).run.name == "my_exp"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=inf", "[optim].lr"),
+    ("optim.weight_decay=1e400", "[optim].weight_decay"),
+    ("optim.lr=nan", "[optim].lr"),
+    ("run.seed=18446744073709551616", "[run].seed"),
+])
+def test_numbers_that_are_not_finite_or_too_large_are_refused_at_validation(tiny_recipe, override, key):
+    (line,) = errors_of(tiny_recipe, [override])
+    assert key in line and ("finite" in line or "64 bits" in line)
+
+
+def test_sam_rho_infinity_is_refused(tiny_recipe):
+    (line,) = errors_of(tiny_recipe, ["optim.name=sam", "optim.rho=inf"])
+    assert "rho" in line and "finite" in line

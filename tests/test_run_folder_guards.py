@@ -103,3 +103,13 @@ def test_resume_keeps_the_runs_own_checkpoint_count(tiny_recipe, registry, tmp_p
     longer = load_recipe(tiny_recipe, ["run.epochs=5"], registry)
     Trainer(longer, registry, run_dir=folder, keep=1, resume=True).fit()  # told otherwise
     assert len(list_checkpoints(folder)) == 1
+
+
+def test_names_with_dollar_signs_are_drawn_as_text(tmp_path):
+    """matplotlib would parse "$x^$" as broken mathtext and fail after the run had trained."""
+    pytest.importorskip("matplotlib")
+    from lsm_registry.plots import plot_confusion, plot_per_class
+
+    summary = {"per_class": [0.5, 0.25], "class_counts": [10, 2], "class_names": ["$x^$", "a$b"], "run_name": "$x^$", "top1": 0.4}
+    assert plot_per_class(summary, tmp_path / "per_class.png", title="$x^$").stat().st_size > 0
+    assert plot_confusion([[1, 0], [0, 1]], ["$x^$", "a$b"], tmp_path / "confusion.png", title="$\\frac{").stat().st_size > 0
