@@ -619,7 +619,18 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
         state = self._checkpoint_state(epoch, step, stats)
         state["saliency"] = saliency
-        save_atomic(state, path)
+        previous = list_checkpoints(self.run_dir)
+        try:
+            save_atomic(state, path)
+        except (OSError, RuntimeError) as exc:
+            # A full or read-only disk: OSError, or torch's "enforce fail at inline_container.cc"
+            # RuntimeError from inside torch.save. The atomic write left the older files intact.
+            if isinstance(exc, RuntimeError) and "inline_container" not in str(exc) and "write" not in str(exc):
+                raise
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise LSMError(f"{path}: cannot write the checkpoint ({reason}); {kept}; free space and continue with: "
+                           f"lsm resume {self.run_dir}") from None
         prune(self.run_dir, self.keep)
         return path
 

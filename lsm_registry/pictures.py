@@ -20,6 +20,7 @@ from torchvision.utils import make_grid
 
 from .engine import Trainer, epoch_seed
 from .errors import LSMError
+from .files import atomic_write
 from .interfaces import PatchOperator, Views
 from .mixing import MixedBatch, foreground_order
 
@@ -131,7 +132,7 @@ def draw_mixed_samples(trainer: Trainer, path: Path, rows: int = 8) -> Optional[
     batch = batch.rows(rows)
     data = trainer.data
     image = render(batch, data.class_names, data.mean, data.std, trainer.patch, batch.saliency_f)
-    image.save(path, format="PNG")
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
     return path
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from .errors import LSMError
+from .files import atomic_write
 from .metrics import group_of
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
@@ -60,6 +61,17 @@ def png_bytes(plot: Callable[..., Any], *args: Any, **kwargs: Any) -> bytes:
     return buf.getvalue()
 
 
+def _save(fig, path: Any) -> None:
+    """``fig`` as PNG to ``path``: a file is written atomically (a full disk leaves no half
+    picture behind), a file-like object (``png_bytes``) directly."""
+    if isinstance(path, (str, Path)):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        atomic_write(Path(path), buf.getvalue())
+    else:
+        fig.savefig(path)
+
+
 def _group_guides(ax) -> None:
     for x in (20, 100):
         ax.axvline(x, color="grey", linestyle=":", linewidth=1)
@@ -86,7 +98,7 @@ def plot_per_class(summary: dict[str, Any], path: Path, title: Optional[str] = N
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -115,7 +127,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
     ax.set_ylabel("true class (ordered as the data set: head first)")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -138,6 +150,6 @@ def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    _save(fig, path)
     plt.close(fig)
     return path

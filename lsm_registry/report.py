@@ -289,7 +289,7 @@ def _run_picture(run: ReportRun, name: str) -> tuple[Optional[bytes], str]:
         return None, "not drawn: no batch was mixed in this run (or it was drawn before the run was resumed)"
     if not run.finished:
         return None, "not drawn: the run did not finish"
-    return None, f"not drawn: the run folder has no {name} (matplotlib was missing when the run finished)"
+    return None, f"not drawn: the run folder has no {name} (matplotlib was missing, or the picture could not be written, when the run finished)"
 
 
 # ------------------------------------------------------------------------------ HTML

@@ -197,6 +197,9 @@ class RunReporter(Reporter):
                                title=f"{summary['run_name']}: confusion matrix, last epoch (row-normalised)")
         except PlotUnavailable as exc:
             self.console.print(f"note: {exc}", highlight=False)
+        except OSError as exc:  # a picture must never fail a finished run (a full disk, say)
+            self.console.print(f"note: pictures not written ({exc.strerror or exc}); summary.json and the "
+                               "checkpoint are complete", highlight=False)
         if trainer.mixer is not None:
             try:
                 if draw_mixed_samples(trainer, self.run_dir / MIXED_SAMPLES) is None:

@@ -113,3 +113,46 @@ def test_names_with_dollar_signs_are_drawn_as_text(tmp_path):
     summary = {"per_class": [0.5, 0.25], "class_counts": [10, 2], "class_names": ["$x^$", "a$b"], "run_name": "$x^$", "top1": 0.4}
     assert plot_per_class(summary, tmp_path / "per_class.png", title="$x^$").stat().st_size > 0
     assert plot_confusion([[1, 0], [0, 1]], ["$x^$", "a$b"], tmp_path / "confusion.png", title="$\\frac{").stat().st_size > 0
+
+
+def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(tiny_recipe, registry, tmp_path, monkeypatch):
+    import errno
+
+    import lsm_registry.engine as engine
+    from lsm_registry.checkpoint import list_checkpoints
+
+    folder = tmp_path / "run"
+    trainer = Trainer(load_recipe(tiny_recipe, ["run.epochs=2"], registry), registry, run_dir=folder)
+    real_save = engine.save_atomic
+    calls = []
+
+    def full_disk(state, path):
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state, path)
+
+    monkeypatch.setattr(engine, "save_atomic", full_disk)
+    with pytest.raises(LSMError) as info:
+        trainer.fit()
+    message = str(info.value)
+    (first,) = list_checkpoints(folder)
+    assert "\n" not in message and "No space left on device" in message
+    assert f"{first} is intact" in message and f"lsm resume {folder}" in message
+
+
+def test_pictures_that_cannot_be_written_never_fail_a_finished_run(tiny_recipe, registry, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import errno
+
+    import lsm_registry.plots as plots
+    from lsm_registry.reporting import RunReporter
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plots, "atomic_write", full_disk)
+    folder = tmp_path / "run"
+    summary = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit(RunReporter(show_progress=False))
+    assert summary["epochs"] == 1 and (folder / "summary.json").is_file()
+    assert not (folder / "per_class.png").exists()
