@@ -393,3 +393,14 @@ def test_real_cifar_batches_need_only_numpy_arrays(tmp_path):
     write_pickle(path, {b"data": np.zeros((2, 3072), np.uint8), b"labels": np.array([1, 2])})
     data = build(Cifar10LT, root=str(tmp_path), profile="none")
     assert len(data.train) == 18
+
+
+def test_a_decompression_bomb_is_one_line_naming_the_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    folder_tree(tmp_path)
+    bomb = tmp_path / "train" / "ant" / "huge.png"
+    png(bomb, (1, 2, 3), size=(40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels is more than twice the limit
+    msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path), workers=0)
+    assert str(bomb) in msg and "cannot read image" in msg

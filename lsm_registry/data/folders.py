@@ -36,7 +36,9 @@ def load_image(path: str | Path, size: int) -> Tensor:
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError: more pixels than PIL.Image.MAX_IMAGE_PIXELS allows (twice
+        # its limit), a file that would exhaust memory if decoded.
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, FileNotFoundError):
             reason = "no such file"

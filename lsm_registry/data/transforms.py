@@ -75,7 +75,8 @@ def _unreadable(path: str | Path, exc: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read image ({_reason(exc)})")
 
 
-READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError)  # RuntimeError: decode_jpeg
+READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError,  # RuntimeError: decode_jpeg
+               Image.DecompressionBombError)  # more pixels than PIL.Image.MAX_IMAGE_PIXELS allows
 
 
 def _rgb(img: Image.Image) -> Image.Image:
