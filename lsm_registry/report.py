@@ -144,6 +144,13 @@ def _read_metrics(path: Path) -> tuple[dict[str, Any], ...]:
             raise LSMError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
         if not isinstance(record, dict):
             raise LSMError(f"{path}:{number}: not a metrics record (a JSON object per line)")
+        epoch = record.get("epoch")
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool)):
+            raise LSMError(f"{path}:{number}: epoch must be an integer (got {type(epoch).__name__})")
+        for key in ("train_loss", "lr", *runs.NUMBER_KEYS):
+            value = record.get(key)
+            if value is not None and not runs.is_number(value):
+                raise LSMError(f"{path}:{number}: {key} must be a number (got {type(value).__name__})")
         out.append(record)
     return tuple(out)
 

@@ -157,6 +157,33 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
     return out
 
 
+#: Summary keys that every reader does arithmetic on: a number (or null) each.
+NUMBER_KEYS = ("top1", "many", "medium", "few", "rare3", "best_top1", "final_loss", "wall_time_s",
+               *(f"{p}_{k}" for p in ("val", "train") for k in ("top1", "many", "medium", "few", "rare3")))
+#: Summary keys that hold a list of numbers (or nulls).
+NUMBER_LIST_KEYS = ("per_class", "class_counts", "train_per_class")
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_summary_types(summary: dict[str, Any], path: Path) -> None:
+    """One line naming the key when a summary.json holds text or a list where a number belongs
+    (a hand-edited or hostile file), instead of a traceback in compare or report."""
+    for key in NUMBER_KEYS:
+        value = summary.get(key)
+        if value is not None and not is_number(value):
+            raise LSMError(f"{path}: {key} must be a number (got {type(value).__name__})")
+    for key in NUMBER_LIST_KEYS:
+        value = summary.get(key)
+        if value is not None and not (isinstance(value, list) and all(v is None or is_number(v) for v in value)):
+            raise LSMError(f"{path}: {key} must be a list of numbers")
+    names = summary.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LSMError(f"{path}: class_names must be a list of strings")
+
+
 def load_run(folder: Path) -> RunRecord:
     summary_path = folder / "summary.json"
     if not summary_path.is_file():
@@ -170,6 +197,7 @@ def load_run(folder: Path) -> RunRecord:
     problem = format_problem(summary.get("format"), SUMMARY_FORMAT, str(summary_path))
     if problem is not None:
         raise LSMError(problem)
+    check_summary_types(summary, summary_path)
     recipe: dict[str, Any] = {}
     recipe_path = folder / "recipe.toml"
     if recipe_path.is_file():

@@ -227,3 +227,10 @@ def test_two_run_page_renders_in_headless_chromium(real_run, tmp_path):
         assert near > 200, (colour, near)
     rows_with_ink = ((pixels < 200).any(axis=2).sum(axis=1) > 0).sum()
     assert rows_with_ink > 1500  # the first 3000 pixels of the page are mostly pictures and tables
+
+
+def test_metrics_lines_with_wrongly_typed_values_are_one_line(tmp_path):
+    run = fake_run(tmp_path / "r", "r", 0.4)
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": [1, 2]}) + "\n")
+    with pytest.raises(LSMError, match=r"metrics.jsonl:1: train_loss must be a number \(got list\)"):
+        report.load_report_runs([run])

@@ -258,3 +258,13 @@ def test_compare_shows_train_fit_uncut_in_a_pipe(tmp_path):
     assert table.exit_code == 0, table.output
     assert "train top-1" in table.output and "train Few" in table.output and "wall time" in table.output
     assert "97.0" in table.output and "49.0" in table.output and "…" not in table.output
+
+
+@pytest.mark.parametrize("key, value", [("top1", "<b>x</b>"), ("wall_time_s", [1, 2]), ("per_class", ["a"])])
+def test_a_summary_with_wrongly_typed_values_is_one_line(tmp_path, key, value):
+    a = fake_run(tmp_path / "a", 0, 1.0, 0.40)
+    summary = json.loads((a / "summary.json").read_text())
+    summary[key] = value
+    (a / "summary.json").write_text(json.dumps(summary))
+    result = invoke("compare", str(a))
+    assert result.exit_code == 2 and key in result.output and "Traceback" not in result.output
