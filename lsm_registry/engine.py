@@ -67,6 +67,28 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
 
 
+#: What a training checkpoint must hold, with the type of each (checked before anything is loaded).
+CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "recipe": dict, "epoch": int, "step": int, "history": list,
+                   "best": (list, tuple), "rng": dict, "scaler": dict}
+
+
+def checkpoint_structure_problem(state: Any) -> Optional[str]:
+    """Why ``state`` (a weights-only load) cannot be a training checkpoint, or None."""
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a dict"
+    for key, kind in CHECKPOINT_KEYS.items():
+        if key not in state:
+            return f"no {key!r}"
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"{key!r} is a {type(value).__name__}"
+    if state["epoch"] < 0 or state["step"] < 0:
+        return "a negative epoch or step"
+    if len(state["best"]) != 2:
+        return "'best' is not (top-1, epoch)"
+    return None
+
+
 def build_data(recipe: Recipe, registry: Registry) -> LTData:
     """The recipe's data set; a missing file or a bad value becomes one line naming the data set."""
     spec = recipe.data
@@ -658,11 +680,17 @@ class Trainer:
         if state is None:
             raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
         folder = self.run_dir / CHECKPOINT_DIR
+        newest = list_checkpoints(self.run_dir)[-1]
+        if not isinstance(state, dict):
+            raise ResumeError(f"{newest}: not a training checkpoint (holds a {type(state).__name__}, not a dict)")
         for value, current, where in ((state.get("format"), CHECKPOINT_FORMAT, f"{folder}"),
                                       (state.get("recipe_format"), RECIPE_FORMAT, f"{folder} (its recipe)")):
             problem = format_problem(value, current, where)
             if problem is not None:
                 raise ResumeError(problem)
+        problem = checkpoint_structure_problem(state)
+        if problem is not None:
+            raise ResumeError(f"{newest}: not a training checkpoint ({problem})")
         # An older checkpoint's recipe lacks the keys added since: they take their defaults.
         old_recipe = migrate(state["recipe"], self.registry, where=str(folder))
         # Loggers say where the run is watched: adding or removing one on resume is fine.

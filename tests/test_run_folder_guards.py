@@ -156,3 +156,23 @@ def test_pictures_that_cannot_be_written_never_fail_a_finished_run(tiny_recipe, 
     summary = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit(RunReporter(show_progress=False))
     assert summary["epochs"] == 1 and (folder / "summary.json").is_file()
     assert not (folder / "per_class.png").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "tensor", "no model", "bad epoch"])
+def test_resume_of_a_checkpoint_with_the_wrong_structure_is_one_line(tiny_recipe, registry, tmp_path, damage):
+    import torch
+
+    from lsm_registry.checkpoint import list_checkpoints
+
+    folder = tmp_path / "run"
+    Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit()
+    (path,) = list_checkpoints(folder)
+    state = torch.load(path, weights_only=True)
+    bad = {"empty": {}, "tensor": torch.zeros(3), "no model": {k: v for k, v in state.items() if k != "model"},
+           "bad epoch": {**state, "epoch": "three"}}[damage]
+    torch.save(bad, path)
+    (folder / "recipe.toml").write_text(load_recipe(tiny_recipe, [], registry).to_toml())
+    result = invoke("resume", folder, "--set", "run.epochs=2", "--no-progress")
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert str(folder) in errors[0]
