@@ -53,6 +53,8 @@ def resolve_device(spec: str) -> torch.device:
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LSMError(f'[run].device = "{spec}" but CUDA is not available here; use "cpu" or "auto"')
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise LSMError(f'[run].device = "{spec}" but this machine has {torch.cuda.device_count()} GPU(s)')
     return device
 
 

@@ -58,6 +58,11 @@ class RunParams:
         dev = self.device
         if not (dev in ("cpu", "cuda", "auto", "mps") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ParamError("device", f'must be "cpu", "cuda", "cuda:N", "mps" or "auto" (got {dev!r})')
+        if dev.startswith("cuda:") and len(dev) > 9:  # cuda:N with N < 10000: no machine has more
+            raise ParamError("device", f"names no GPU a machine could have (got {dev!r})")
+        name = self.name
+        if "\0" in name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ParamError("name", f"must be a plain folder name, without '/', '\\' or NUL, and not '.' or '..' (got {name!r})")
 
 
 @attrs.frozen

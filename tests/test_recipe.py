@@ -143,3 +143,20 @@ def test_numbers_that_are_not_finite_or_too_large_are_refused_at_validation(tiny
 def test_sam_rho_infinity_is_refused(tiny_recipe):
     (line,) = errors_of(tiny_recipe, ["optim.name=sam", "optim.rho=inf"])
     assert "rho" in line and "finite" in line
+
+
+@pytest.mark.parametrize("override, key", [
+    ('run.name="a\\u0000b"', "[run].name"),
+    ('run.name="../elsewhere"', "[run].name"),
+    ('run.device="cuda:123456789012"', "[run].device"),
+])
+def test_run_names_and_devices_that_cannot_work_are_refused(tiny_recipe, override, key):
+    (line,) = errors_of(tiny_recipe, [override])
+    assert key in line
+
+
+def test_a_file_with_the_run_name_is_skipped(tmp_path):
+    from lsm_registry.reporting import fresh_run_dir
+
+    (tmp_path / "quick").write_text("not a folder")
+    assert fresh_run_dir(tmp_path, "quick") == tmp_path / "quick-2"
