@@ -300,7 +300,10 @@ class Trainer:
             factory.check_input(self.data.image_size)
         except ValueError as exc:
             raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
-        self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
+        try:
+            self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
+        except ValueError as exc:
+            raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
         self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
         self.module = self.module.to(self.device).to(memory_format=self.memory_format)
         # A stage's parent weights are loaded only on a fresh start; a resume loads the

@@ -176,3 +176,15 @@ def test_resume_of_a_checkpoint_with_the_wrong_structure_is_one_line(tiny_recipe
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
     assert str(folder) in errors[0]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.width=1000000000", "[model] resnet32: resnet32 with width 1000000000 needs about"),
+    ("data.num_classes=1000000000", "[data] synthetic-lt: num_classes 1000000000"),
+    ("data.n_max=100000000", "[data] synthetic-lt: synthetic-lt needs about"),
+])
+def test_what_cannot_fit_in_memory_is_refused_before_it_is_allocated(tiny_recipe, registry, tmp_path, override, words):
+    recipe = load_recipe(tiny_recipe, [override], registry)
+    with pytest.raises(LSMError) as info:
+        Trainer(recipe, registry, run_dir=tmp_path / "run")
+    assert words in str(info.value) and not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from ..data.folders import channel_stats, decode_images, scan_tree
 from ..data.profiles import hold_out, lt_counts, lt_subset
 from ..data.split_files import FileSplit, read_split_file
+from ..memory import check_fits_in_memory
 from ..data.synthetic import VERSIONS, class_name, max_classes, render_split
 from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
 from ..params import at_least, non_negative, one_of, param, positive
@@ -53,11 +54,13 @@ class SyntheticLT(DatasetFactory):
 
     def build(self) -> LTData:
         p = self.params
-        counts = lt_counts(p.profile, p.n_max, p.imbalance_factor, p.num_classes)
-        if min(counts) < 1:
-            raise ValueError(f"n_max {p.n_max} with imbalance_factor {p.imbalance_factor} leaves a class with no image")
         if p.num_classes > max_classes(p.version):
             raise ValueError(f"num_classes {p.num_classes}: version {p.version} draws at most {max_classes(p.version)} distinct classes")
+        counts = lt_counts(p.profile, p.n_max, p.imbalance_factor, p.num_classes)
+        check_fits_in_memory(3 * 32 * 32 * (sum(counts) + (p.test_per_class + p.val_per_class) * p.num_classes),
+                             "synthetic-lt")
+        if min(counts) < 1:
+            raise ValueError(f"n_max {p.n_max} with imbalance_factor {p.imbalance_factor} leaves a class with no image")
         train_x, train_y = render_split(counts, seed=2 * p.seed, version=p.version)
         test_x, test_y = render_split([p.test_per_class] * p.num_classes, seed=2 * p.seed + 1, version=p.version)
         val: Optional[Split] = None

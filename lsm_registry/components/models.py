@@ -20,6 +20,7 @@ import torchvision
 from torch import Tensor, nn
 
 from ..interfaces import ModelFactory
+from ..memory import check_fits_in_memory
 from ..params import param, positive
 from ..registry import suggest
 
@@ -124,7 +125,12 @@ class ResNet32(ModelFactory):
         lws: bool = param(False, help=_LWS_HELP)
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
-        return CifarResNet(32, num_classes, in_channels, normed_head, self.params.width, self.params.lws)
+        w = self.params.width
+        # 3x3 convolutions of 5 blocks per stage at w, 2w, 4w channels, plus the head: the
+        # weights alone, before any is allocated (width = 10**9 would be an allocator traceback).
+        weights = 9 * 10 * (w * w + 4 * w * w + 16 * w * w) + 4 * w * num_classes
+        check_fits_in_memory(4 * weights, f"resnet32 with width {w}")
+        return CifarResNet(32, num_classes, in_channels, normed_head, w, self.params.lws)
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
         _, h, w = image_size
