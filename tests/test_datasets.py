@@ -404,3 +404,14 @@ def test_a_decompression_bomb_is_one_line_naming_the_image(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1600 pixels is more than twice the limit
     msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path), workers=0)
     assert str(bomb) in msg and "cannot read image" in msg
+
+
+def test_a_class_folder_name_that_is_not_utf8_is_one_line(tmp_path):
+    import os
+
+    folder_tree(tmp_path)
+    bad = os.fsdecode(b"caf\xe9")  # Latin-1 bytes: not UTF-8, kept as a surrogate escape
+    for split in ("train", "test"):
+        png(tmp_path / split / bad / "0.png", (9, 9, 9))
+    msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path), workers=0)
+    assert "b'caf\\xe9'" in msg and "not valid UTF-8" in msg

@@ -106,6 +106,12 @@ def scan_tree(root: Path) -> tuple[tuple[str, ...], list[Path], Tensor, list[Pat
     classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise ValueError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
+    for name in classes:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes, kept by the file system's surrogateescape
+            # Class names go into per_class.csv, summary.json and the report: they must be text.
+            raise ValueError(f"{train_dir}: class folder {os.fsencode(name)!r} is not valid UTF-8; rename it") from None
     extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
     if extra:
         raise ValueError(f"{test_dir / extra[0]}: class folder not in {train_dir} (test classes must be training classes)")
