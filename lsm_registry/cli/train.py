@@ -22,7 +22,8 @@ from .common import output_console, registry_with_warnings, set_option, user_err
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @set_option
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: runs/<run.name>).")
+              help="Run folder, new or empty (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: "
+                   "runs/<run.name>).")
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its newest checkpoint.")
 @click.option("--keep", default=None, type=click.IntRange(min=1),
               help="Epoch checkpoints to keep (default 1; with --resume: the run's own count).")
