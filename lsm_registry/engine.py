@@ -29,7 +29,7 @@ from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_chec
 from .data.augment import augment_with_crops, stats_tensor, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import DataError, LSMError
-from .files import FolderLock, FolderLocked
+from .files import FolderLock
 from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure, Views
 from .metrics import summarise_counts
 from .mixing import MixedBatch, MixingStep, foreground_order
@@ -298,9 +298,6 @@ class Trainer:
         factory = recipe.model.build(registry, self.context)
         try:
             factory.check_input(self.data.image_size)
-        except ValueError as exc:
-            raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
-        try:
             self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
         except ValueError as exc:
             raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
@@ -469,20 +466,26 @@ class Trainer:
         mixer = self.mixer
         if mixer is None or not (loaded.plan.mix if loaded is not None else mixer.active(epoch) and mixer.coin()):
             return None
-        views_f = None
+        crops_b = self.crops[0]
+        xf, yf, crops_f, views_f = self.foreground(epoch, xb, yb, fg, crops_b, views_b,
+                                                   loaded.fg if loaded is not None else None)
+        self.crops = (crops_b, crops_f)
+        return self.mixing(self.module, xb, yb, xf, yf, views_f=views_f, views_b=views_b)
+
+    def foreground(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor], crops_b: Optional[Crops],
+                   views_b: Optional[Views], fetched: Optional[tuple[Tensor, Crops]] = None,
+                   ) -> tuple[Tensor, Tensor, Optional[Crops], Optional[Views]]:
+        """The foreground of a mix, with its crops and (for a saliency provider) views: the batch
+        itself in a drawn order for a single-branch sampler, else the foreground indices ``fg``
+        prepared. One place, so that ``lsm preview`` draws what the training step draws."""
         if fg is None:
             order = foreground_order(xb.shape[0], self.generator)
             perm = order.to(xb.device)
-            xf, yf = xb[perm], yb[perm]
-            crops_b = self.crops[0]
-            self.crops = (crops_b, crops_b.take(order) if crops_b is not None else None)
-            views_f = views_b.take(order) if views_b is not None else None
-        else:
-            xf, yf, crops_f = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
-            self.crops = (self.crops[0], crops_f)
-            if self.saliency is not None:
-                views_f = Views(fg.to(self.device), crops_f, epoch)
-        return self.mixing(self.module, xb, yb, xf, yf, views_f=views_f, views_b=views_b)
+            crops_f = crops_b.take(order) if crops_b is not None else None
+            return xb[perm], yb[perm], crops_f, views_b.take(order) if views_b is not None else None
+        xf, yf, crops_f = self.prepare_with_crops(fg, fetched)
+        views_f = Views(fg.to(self.device), crops_f, epoch) if self.saliency is not None else None
+        return xf, yf, crops_f, views_f
 
     def _observe_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
         """Forward hook on the observed layer: hand one armed forward's output to the provider, once."""
@@ -646,7 +649,6 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
         state = self._checkpoint_state(epoch, step, stats)
         state["saliency"] = saliency
-        previous = list_checkpoints(self.run_dir)
         try:
             save_atomic(state, path)
         except (OSError, RuntimeError) as exc:
@@ -655,6 +657,7 @@ class Trainer:
             if isinstance(exc, RuntimeError) and "inline_container" not in str(exc) and "write" not in str(exc):
                 raise
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            previous = list_checkpoints(self.run_dir)  # the failed write left none of its own
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             raise LSMError(f"{path}: cannot write the checkpoint ({reason}); {kept}; free space and continue with: "
                            f"lsm resume {self.run_dir}") from None
@@ -685,9 +688,8 @@ class Trainer:
         if state is None:
             raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
         folder = self.run_dir / CHECKPOINT_DIR
-        newest = list_checkpoints(self.run_dir)[-1]
-        if not isinstance(state, dict):
-            raise ResumeError(f"{newest}: not a training checkpoint (holds a {type(state).__name__}, not a dict)")
+        if not isinstance(state, dict):  # before state.get below
+            raise ResumeError(f"{folder}: the newest checkpoint is not a training checkpoint ({checkpoint_structure_problem(state)})")
         for value, current, where in ((state.get("format"), CHECKPOINT_FORMAT, f"{folder}"),
                                       (state.get("recipe_format"), RECIPE_FORMAT, f"{folder} (its recipe)")):
             problem = format_problem(value, current, where)
@@ -695,7 +697,7 @@ class Trainer:
                 raise ResumeError(problem)
         problem = checkpoint_structure_problem(state)
         if problem is not None:
-            raise ResumeError(f"{newest}: not a training checkpoint ({problem})")
+            raise ResumeError(f"{folder}: the newest checkpoint is not a training checkpoint ({problem})")
         # An older checkpoint's recipe lacks the keys added since: they take their defaults.
         old_recipe = migrate(state["recipe"], self.registry, where=str(folder))
         # Loggers say where the run is watched: adding or removing one on resume is fine.
@@ -775,17 +777,9 @@ class Trainer:
         The run folder is locked for the whole call (:class:`FolderLock`, on the main process
         only): a second process training into it stops at once, naming the holder.
         """
-        lock = FolderLock(self.run_dir) if self.run_dir is not None and self.dist.is_main else None
-        if lock is not None:
-            try:
-                lock.acquire()
-            except FolderLocked as exc:
-                raise LSMError(str(exc)) from None
-        try:
+        locked = self.run_dir is not None and self.dist.is_main
+        with FolderLock(self.run_dir) if locked else contextlib.nullcontext():
             return self._fit(reporter)
-        finally:
-            if lock is not None:
-                lock.release()
 
     def _fit(self, reporter: Optional["Reporter"]) -> dict[str, Any]:
         reporter = reporter or Reporter()

@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Union
 
+from .errors import LSMError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)
@@ -63,7 +65,7 @@ def atomic_write(path: Path, data: Union[str, bytes, Callable[[BinaryIO], None]]
 LOCK_NAME = ".lock"
 
 
-class FolderLocked(RuntimeError):
+class FolderLocked(LSMError):
     """Another process holds the folder's lock; the message names its PID."""
 
 
@@ -113,5 +115,8 @@ class FolderLock:
 
 
 def holds_anything(folder: Path) -> bool:
-    """Whether ``folder`` exists with any entry besides a (stale or held) ``.lock``."""
-    return folder.is_dir() and any(entry.name != LOCK_NAME for entry in folder.iterdir())
+    """Whether ``folder`` is taken: a file of that name, or a folder with any entry besides a
+    (stale or held) ``.lock``."""
+    if not folder.exists():
+        return False
+    return not folder.is_dir() or any(entry.name != LOCK_NAME for entry in folder.iterdir())

@@ -22,7 +22,7 @@ from .engine import Trainer, epoch_seed
 from .errors import LSMError
 from .files import atomic_write
 from .interfaces import PatchOperator, Views
-from .mixing import MixedBatch, foreground_order
+from .mixing import MixedBatch
 
 COLUMNS = ("foreground", "saliency", "mask", "background", "mixed")
 TILE_MIN = 96  # small images are scaled up (nearest) to at least this side
@@ -56,12 +56,7 @@ def preview_batch(trainer: Trainer, rows: int, epoch: int = 0) -> tuple[MixedBat
     bg, fg = next(iter(trainer.sampler.batches(epoch, trainer.recipe.optim.batch_size)))
     xb, yb, crops_b = trainer.prepare_with_crops(bg)
     views_b = Views(bg.to(trainer.device), crops_b, epoch)
-    if fg is None:
-        order = foreground_order(xb.shape[0], trainer.generator)
-        xf, yf, views_f = xb[order.to(xb.device)], yb[order.to(xb.device)], views_b.take(order)
-    else:
-        xf, yf, crops_f = trainer.prepare_with_crops(fg)
-        views_f = Views(fg.to(trainer.device), crops_f, epoch)
+    xf, yf, _, views_f = trainer.foreground(epoch, xb, yb, fg, crops_b, views_b)
     # A provider that observes training has seen nothing here: it scores afresh, without views.
     views = {} if trainer.observing else {"views_f": views_f, "views_b": views_b}
     try:

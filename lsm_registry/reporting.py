@@ -55,7 +55,7 @@ def fresh_run_dir(base: Path, name: str) -> Path:
     """runs/<name>, or runs/<name>-2, -3, ... when a previous run (or a file) already has the name."""
     candidate = base / name
     n = 2
-    while candidate.exists() and (not candidate.is_dir() or holds_anything(candidate)):  # a file of that name: taken
+    while holds_anything(candidate):
         candidate = base / f"{name}-{n}"
         n += 1
     return candidate
