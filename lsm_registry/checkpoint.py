@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,7 +67,9 @@ def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
     Any other failure (a damaged or truncated file) is raised as torch raised it.
     """
     try:
-        with torch.serialization.safe_globals(_legacy_numpy_globals()):
+        with torch.serialization.safe_globals(_legacy_numpy_globals()), warnings.catch_warnings():
+            # A plain pickle file of another protocol: the failure below says what it is.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
@@ -78,6 +81,25 @@ def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
             f"{path}: refused, the file holds pickled code or objects{what} that a weights-only load refuses; "
             "checkpoints written by lsm-registry never need that, so it was not loaded"
         ) from None
+
+
+def unreadable_checkpoint(path: Path, exc: BaseException) -> str:
+    """One line on why ``path`` did not load: a plain pickle file is named as such, and torch's
+    advice to retry with ``weights_only=False`` is never repeated (that would run the file's code)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        head = b""
+    if len(head) == 2 and head[0] == 0x80 and not isinstance(exc, UnsafeCheckpointError):
+        return (f"{path}: not a checkpoint written by torch.save but a plain pickle file (protocol {head[1]}); "
+                "lsm-registry loads checkpoints weights-only and never unpickles other files")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if any("weights_only" in line for line in lines):
+        lines = [line for line in lines if "weights_only" not in line and "torch.load" not in line
+                 and not line.startswith(("Please file an issue", "Check the documentation"))] or ["refused by the weights-only loader"]
+    reason = lines[0] if lines else ""
+    return f"{path}: cannot read the checkpoint ({type(exc).__name__}: {reason})"
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
@@ -130,7 +152,7 @@ def load_latest(run_dir: Path, map_location: Any = "cpu") -> tuple[Optional[dict
         except UnsafeCheckpointError:
             raise
         except Exception as exc:  # a damaged file: fall back to the previous one
-            notes.append(f"{path}: unreadable ({type(exc).__name__}); using an older checkpoint")
+            notes.append(f"{unreadable_checkpoint(path, exc)}; using an older checkpoint")
     return None, notes
 
 
@@ -207,7 +229,7 @@ def read_model_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise LSMError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise LSMError(unreadable_checkpoint(path, exc)) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         return state["model"], state
     if not isinstance(state, dict):

@@ -637,6 +637,10 @@ class Trainer:
             "parent": self.parent,
             "saliency": self.saliency.state_dict() if self.saliency is not None else {},
             "keep": self.keep,
+            # What the model took from its data, so that evaluate and export need not rebuild it.
+            "data": {"class_counts": list(self.class_counts), "class_names": list(self.data.class_names),
+                     "mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
+                     "image_size": list(self.data.image_size)},
         }
 
     def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:

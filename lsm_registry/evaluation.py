@@ -31,7 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from .checkpoint import CHECKPOINT_DIR, UnsafeCheckpointError, list_checkpoints, load_weights_only
+from .checkpoint import CHECKPOINT_DIR, UnsafeCheckpointError, list_checkpoints, load_weights_only, unreadable_checkpoint
 from .data.augment import stats_tensor
 from .engine import build_data, resolve_device, score_split
 from .errors import LSMError, RecipeError
@@ -120,23 +120,51 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
     return found[-1]
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], Optional[int], int]:
-    """(model state_dict, completed epochs, step) of an engine checkpoint or a bare state_dict, weights only."""
+@attrs.frozen(eq=False)
+class CheckpointFile:
+    """A checkpoint read weights-only: the model's state, its epoch and step, and the training
+    data's facts when the engine stored them (checkpoints of earlier versions have none)."""
+
+    path: Path
+    state: dict[str, Tensor]
+    epoch: Optional[int]  # completed epochs (None for a bare state_dict)
+    step: int
+    facts: Optional[TrainingFacts]
+
+
+def _stored_facts(path: Path, stored: Any) -> Optional[TrainingFacts]:
+    if stored is None:
+        return None
+    try:
+        counts, names = stored["class_counts"], stored["class_names"]
+        mean, std, size = stored["mean"], stored["std"], stored["image_size"]
+        if not (len(counts) == len(names) and len(mean) == len(std) and len(size) == 3):
+            raise ValueError("lengths disagree")
+        return TrainingFacts(tuple(int(n) for n in counts), tuple(str(n) for n in names),
+                             tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(int(v) for v in size))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LSMError(f"{path}: its 'data' entry is not what lsm-registry writes ({exc})") from None
+
+
+def read_checkpoint(path: Path) -> CheckpointFile:
+    """An engine checkpoint or a bare state_dict, weights only."""
     try:
         state = load_weights_only(path, map_location="cpu")
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise LSMError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {first})") from None
+        raise LSMError(unreadable_checkpoint(path, exc)) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         problem = format_problem(state.get("format"), CHECKPOINT_FORMAT, str(path))
         if problem is not None:
             raise LSMError(problem)
-        return state["model"], state.get("epoch"), int(state.get("step") or 0)
+        epoch = state.get("epoch")
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
+            raise LSMError(f"{path}: its 'epoch' is {epoch!r}, not a count of epochs")
+        return CheckpointFile(path, state["model"], epoch, int(state.get("step") or 0), _stored_facts(path, state.get("data")))
     if not isinstance(state, dict):
         raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
-    return state, None, 0
+    return CheckpointFile(path, state, None, 0, None)
 
 
 # ------------------------------------------------------------------------------ recipes
@@ -189,13 +217,16 @@ def evaluation_recipes(run_dir: Path, overrides: Sequence[str], registry: Regist
 
 
 def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated: Recipe,
-                   evaluated_data: LTData, notes: list[str]) -> TrainingFacts:
-    """The training set's facts: from the evaluated data when it is the training data, else rebuilt.
+                   evaluated_data: LTData, notes: list[str], stored: Optional[TrainingFacts] = None) -> TrainingFacts:
+    """The training set's facts: those the checkpoint stored, else from the evaluated data when it
+    is the training data, else rebuilt (checkpoints of earlier versions store none).
 
     When the run's own data set cannot be built any more (its files moved: the usual
     reason to override data.root), the class counts and names come from the run's
     summary.json and the normalisation from the evaluated data, with a note.
     """
+    if stored is not None:
+        return stored
     if trained.data == evaluated.data:
         return TrainingFacts.of(evaluated_data)
     try:
@@ -220,10 +251,10 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
-def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: TrainingFacts, checkpoint: Path,
+def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: TrainingFacts, read: CheckpointFile,
                 device: torch.device) -> TrainedModel:
     """The run's model (and loss, for its test-time logits) with the checkpoint's weights."""
-    state, epoch, step = read_checkpoint(checkpoint)
+    state, checkpoint = read.state, read.path
     context = Context(class_counts=facts.class_counts, image_size=facts.image_size, device=device,
                       generator=torch.Generator().manual_seed(recipe.run.seed), epochs=recipe.run.epochs, seed=recipe.run.seed)
     loss = recipe.loss.build(registry, context)
@@ -239,17 +270,17 @@ def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: Traini
         first = " ".join(str(exc).splitlines()[:2])
         raise LSMError(f"{checkpoint}: does not fit the model of {run_dir / 'recipe.toml'} ({first})") from None
     module = module.to(device).eval()
-    return TrainedModel(run_dir, recipe, checkpoint, epoch, step, module, loss, facts, device)
+    return TrainedModel(run_dir, recipe, checkpoint, read.epoch, read.step, module, loss, facts, device)
 
 
 def load_trained(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None,
-                 device: Optional[torch.device] = None) -> tuple[TrainedModel, LTData]:
-    """The run's model on its own data (``lsm export``): on ``device``, or the recipe's."""
+                 device: Optional[torch.device] = None) -> TrainedModel:
+    """The run's model (``lsm export``) on ``device``, or the recipe's. No data is built when the
+    checkpoint stores the training data's facts; older checkpoints rebuild the data for them."""
     recipe, _ = evaluation_recipes(run_dir, (), registry)
-    path = find_checkpoint(run_dir, checkpoint)
-    data = build_data(recipe, registry)
-    model = build_model(run_dir, recipe, registry, TrainingFacts.of(data), path, device or resolve_device(recipe.run.device))
-    return model, data
+    read = read_checkpoint(find_checkpoint(run_dir, checkpoint))
+    facts = read.facts or TrainingFacts.of(build_data(recipe, registry))
+    return build_model(run_dir, recipe, registry, facts, read, device or resolve_device(recipe.run.device))
 
 
 # ------------------------------------------------------------------------------ evaluating
@@ -301,7 +332,8 @@ def prepare_evaluation(run_dir: Path, registry: Registry, checkpoint: Optional[P
     if scored is None:
         raise LSMError(f"[data] {evaluated.data.name}: no validation split; add --set data.val_per_class=N")
     notes: list[str] = []
-    facts = training_facts(run_dir, trained, registry, evaluated, data, notes)
+    read = read_checkpoint(path)
+    facts = training_facts(run_dir, trained, registry, evaluated, data, notes, read.facts)
     if data.num_classes != len(facts.class_counts):
         raise LSMError(f"[data] {evaluated.data.name}: {data.num_classes} classes, but the model of {run_dir} was "
                        f"trained on {len(facts.class_counts)}; it can only score data with the same classes")
@@ -311,7 +343,7 @@ def prepare_evaluation(run_dir: Path, registry: Registry, checkpoint: Optional[P
     if tuple(data.class_names) != facts.class_names:
         notes.append(f"[data] {evaluated.data.name}: its class names differ from the training set's; class c is "
                      "scored as the model's class c")
-    model = build_model(run_dir, trained, registry, facts, path, device)
+    model = build_model(run_dir, trained, registry, facts, read, device)
     return PreparedEvaluation(run_dir, trained, evaluated, path, split, tuple(overrides), data, scored, facts, model, tuple(notes))
 
 

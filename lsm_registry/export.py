@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .checkpoint import CHECKPOINT_DIR
 from .errors import LSMError
 from .evaluation import TrainedModel, load_trained
-from .files import atomic_write
+from .files import atomic_write, check_writable
 from .interfaces import Loss
 from .registry import Registry
 from .version import __version__
@@ -156,7 +156,8 @@ def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optiona
     if fmt not in FORMATS:
         raise LSMError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     check_out(out, force)
-    model, data = load_trained(run_dir, registry, checkpoint, device=torch.device("cpu"))
+    check_writable(out)
+    model = load_trained(run_dir, registry, checkpoint, device=torch.device("cpu"))
     traced = trace(model) if fmt == "torchscript" else None
     files: dict[str, str] = {}
     written: list[Path] = []
@@ -170,7 +171,7 @@ def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optiona
     atomic_write(out / STATE_DICT_FILE, lambda fh: torch.save(state, fh))
     files["state_dict"] = STATE_DICT_FILE
     written.append(out / STATE_DICT_FILE)
-    meta = model_meta(model, tuple(data.class_names), files)
+    meta = model_meta(model, model.facts.class_names, files)
     atomic_write(out / META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     written.append(out / META_FILE)
     return Exported(out, tuple(written), meta)

@@ -114,6 +114,27 @@ class FolderLock:
         self.release()
 
 
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written: the folder itself or,
+    when it does not exist yet, the nearest folder above it that does (a read-only disk, no
+    permission). Nothing is created here, so a refused command leaves no trace."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LSMError(f"{folder}: cannot be created ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only_mount(probe) else "permission denied"
+        raise LSMError(f"{folder}: cannot be written ({probe}: {reason}); choose another --out")
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
 def holds_anything(folder: Path) -> bool:
     """Whether ``folder`` is taken: a file of that name, or a folder with any entry besides a
     (stale or held) ``.lock``."""

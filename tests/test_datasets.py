@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import gzip
 import pickle
 import struct
@@ -415,3 +416,57 @@ def test_a_class_folder_name_that_is_not_utf8_is_one_line(tmp_path):
         png(tmp_path / split / bad / "0.png", (9, 9, 9))
     msg = one_line_error(ValueError, ImageFolderLT, root=str(tmp_path), workers=0)
     assert "b'caf\\xe9'" in msg and "not valid UTF-8" in msg
+
+
+SHARED_CIFAR_RUN = """
+[run]
+name = "shared"
+epochs = 1
+eval_every = 1
+
+[data]
+name = "cifar10-lt"
+root = "{root}"
+imbalance_factor = 1.0
+profile = "none"
+
+[model]
+name = "resnet32"
+width = 4
+
+[optim]
+batch_size = 8
+warmup_epochs = 0
+
+[loss]
+name = "ce"
+"""
+
+
+def test_a_shared_run_folder_whose_data_would_run_code_runs_none(tmp_path):
+    """A run folder handed on with crafted CIFAR batches beside it: evaluate, export and resume
+    never run the batches' code (export reads the training facts from the checkpoint and builds no
+    data at all; evaluate and resume refuse the batch in one line)."""
+    from click.testing import CliRunner
+
+    from lsm_registry.cli import cli
+
+    run = tmp_path / "shared-run"
+    data = tmp_path / "data"  # where the shared recipe.toml points
+    cifar_tree(data, "cifar10")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(SHARED_CIFAR_RUN.format(root=data))
+    runner = CliRunner()
+    trained = runner.invoke(cli, ["run", str(recipe), "--out", str(run), "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    marker = tmp_path / "ran"
+    batch = data / "cifar-10-batches-py" / "data_batch_2"
+    write_pickle(batch, {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2], b"x": _Payload(marker)})
+    for args in (["evaluate", str(run)], ["resume", str(run), "--set", "run.epochs=2", "--no-progress"]):
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert str(batch) in result.output and "refused global pathlib" in result.output, result.output
+    exported = runner.invoke(cli, ["export", str(run), "--out", str(tmp_path / "export")])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["classes"][:2] == ["class0", "class1"]
+    assert not marker.exists()

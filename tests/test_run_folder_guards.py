@@ -188,3 +188,77 @@ def test_what_cannot_fit_in_memory_is_refused_before_it_is_allocated(tiny_recipe
     with pytest.raises(LSMError) as info:
         Trainer(recipe, registry, run_dir=tmp_path / "run")
     assert words in str(info.value) and not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def finished_run(tiny_recipe, tmp_path) -> Path:
+    folder = tmp_path / "finished"
+    result = invoke("run", tiny_recipe, "--out", folder, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_resume_of_a_folder_another_process_holds_is_one_line_naming_it(finished_run):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(finished_run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = sorted(p.name for p in (finished_run / "checkpoints").iterdir())
+        result = invoke("resume", finished_run, "--set", "run.epochs=2", "--no-progress")
+        assert result.exit_code == 2, result.output
+        assert f"PID {holder.pid}" in result.output and len(result.output.strip().splitlines()) == 1
+        assert sorted(p.name for p in (finished_run / "checkpoints").iterdir()) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "tau-norm"])
+def test_an_unwritable_out_is_refused_before_the_work(finished_run, tmp_path, monkeypatch, command):
+    import os
+
+    import lsm_registry.evaluation as evaluation
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == readonly else real_access(p, mode, **kw))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(evaluation, "find_checkpoint", no_work)
+    extra = ["--tau", "1"] if command == "tau-norm" else []
+    result = invoke(command, finished_run, *extra, "--out", readonly / "new")
+    assert result.exit_code == 2, result.output
+    assert f"{readonly / 'new'}: cannot be written" in result.output and "choose another --out" in result.output
+    assert not (readonly / "new").exists()
+
+
+def test_a_plain_pickle_checkpoint_is_named_and_never_loaded_with_code(finished_run, tmp_path):
+    import pickle
+
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    result = invoke("evaluate", finished_run, "--checkpoint", plain, "--out", tmp_path / "ev")
+    assert result.exit_code == 2, result.output
+    assert "plain pickle file (protocol 4)" in result.output
+    assert "weights_only" not in result.output and "damaged" not in result.output
+
+
+def test_evaluate_and_export_take_the_training_facts_from_the_checkpoint(finished_run, tmp_path, monkeypatch):
+    """Scoring another seed of the data, or exporting, builds no training data."""
+    import json
+
+    import lsm_registry.evaluation as evaluation
+
+    built = []
+    real_build = evaluation.build_data
+    monkeypatch.setattr(evaluation, "build_data", lambda recipe, registry: built.append(recipe.data) or real_build(recipe, registry))
+    result = invoke("export", finished_run, "--out", tmp_path / "export", "--format", "state-dict")
+    assert result.exit_code == 0, result.output
+    assert built == []
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert json.loads((tmp_path / "export" / "model.json").read_text())["class_counts"] == summary["class_counts"]
+    result = invoke("evaluate", finished_run, "--set", "data.seed=9", "--out", tmp_path / "ev")
+    assert result.exit_code == 0, result.output
+    assert len(built) == 1 and built[0].params.seed == 9  # the scored data only

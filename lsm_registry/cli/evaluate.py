@@ -10,9 +10,9 @@ from rich.console import Console
 
 from ..errors import LSMError
 from ..evaluation import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
-                          tau_norm_table, write_evaluation)
+                          check_out, tau_norm_table, write_evaluation)
 from ..export import FORMATS, export_run
-from ..files import atomic_write
+from ..files import atomic_write, check_writable
 from .common import registry_with_warnings, set_option, user_errors
 
 CHECKPOINT_HELP = "Checkpoint to use: an engine checkpoint or a state_dict (default: the run's newest)."
@@ -41,10 +41,12 @@ def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str
     goes to its own folder (an earlier evaluation of the same name is replaced).
     """
     registry = registry_with_warnings()
+    folder = out if out is not None else run_dir / EVALUATIONS_DIR / evaluation_name(split, overrides, checkpoint, tau)
+    check_out(folder)  # before the work, so a bad --out costs nothing
+    check_writable(folder)
     evaluation = evaluate_run(run_dir, registry, checkpoint, overrides, split, tau=tau)
     for note in evaluation.notes:
         click.echo(f"warning: {note}", err=True)
-    folder = out if out is not None else run_dir / EVALUATIONS_DIR / evaluation_name(split, overrides, checkpoint, tau)
     write_evaluation(evaluation, folder)
     summary = evaluation.summary
     changed = f", {' '.join(overrides)}" if overrides else ""
@@ -89,12 +91,13 @@ def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides
     """
     values = parse_taus(taus)
     registry = registry_with_warnings()
-    evaluations = tau_norm_run(run_dir, registry, values, checkpoint, overrides, split)
-    for note in evaluations[0].notes:
-        click.echo(f"warning: {note}", err=True)
     base = out if out is not None else run_dir / EVALUATIONS_DIR
     if out is not None and ((out / "recipe.toml").exists() or (out / "checkpoints").exists()):
         raise LSMError(f"{out}: is a run folder; the tau-norm evaluations go into a folder of their own")
+    check_writable(base)
+    evaluations = tau_norm_run(run_dir, registry, values, checkpoint, overrides, split)
+    for note in evaluations[0].notes:
+        click.echo(f"warning: {note}", err=True)
     for tau, evaluation in zip(values, evaluations):
         write_evaluation(evaluation, base / evaluation_name(split, overrides, checkpoint, tau))
     table_name = ",".join(["tau-norm", *evaluation_name(split, overrides, checkpoint).split(",")]) + ".csv"
