@@ -10,9 +10,6 @@ generator (no device sync).
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-import random
 import signal
 import threading
 import time
@@ -20,48 +17,30 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import attrs
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
                          rng_state, save_atomic, set_rng_state)
-from .data.augment import augment_with_crops, stats_tensor, normalise
+# Re-exported: these were the engine's before building a run got a module of its own.
+from .assembly import (DistInfo, RunParts, build_data, build_run, check_feature_api, dist_info,  # noqa: F401
+                       resolve_device, seed_everything)
+from .components.callbacks import SaliencyObserver, learning_rate, legacy_observer
+from .data.augment import augment_with_crops, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
-from .errors import DataError, LSMError
+from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from .files import FolderLock
-from .interfaces import Context, Crops, Head, Loss, LTData, Optimizer, Split, StepClosure, Views
-from .metrics import summarise_counts
-from .mixing import MixedBatch, MixingStep, foreground_order
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
+from .interfaces import Callback, Crops, Head, Loss, Split, StepBatch, StepClosure, Views
+from .metrics import summarise_counts
+from .mixing import MixedBatch, foreground_order
 from .recipe import Recipe, migrate, without_loggers
 from .registry import Registry
-from .stages import batch_norms, load_parent, set_train_mode, trainable_parameters
+from .stages import set_train_mode
 
 LOG_EVERY = 10
 PICTURE_ROWS = 8  # rows of the last mixed batch kept for mixed_samples.png
 MAX_CONFUSION_CLASSES = 1000  # beyond this the confusion matrix is not kept
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LSMError(f'[run].device = "{spec}" but CUDA is not available here; use "cpu" or "auto"')
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise LSMError(f'[run].device = "{spec}" but this machine has {torch.cuda.device_count()} GPU(s)')
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -89,17 +68,6 @@ def checkpoint_structure_problem(state: Any) -> Optional[str]:
     if len(state["best"]) != 2:
         return "'best' is not (top-1, epoch)"
     return None
-
-
-def build_data(recipe: Recipe, registry: Registry) -> LTData:
-    """The recipe's data set; a missing file or a bad value becomes one line naming the data set."""
-    spec = recipe.data
-    factory = spec.build(registry, Context(class_counts=(), image_size=(0, 0, 0), seed=recipe.run.seed))
-    try:
-        return factory.build()
-    except (FileNotFoundError, ValueError, OSError) as exc:
-        message = str(exc) if not isinstance(exc, FileNotFoundError) or str(exc) else f"missing file {exc.filename}"
-        raise DataError(f"[data] {spec.name}: {message}") from None
 
 
 @torch.no_grad()
@@ -155,12 +123,6 @@ class _Closure(StepClosure):
         return loss.detach()
 
 
-class TrainingError(LSMError):
-    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
-
-    exit_code = 3
-
-
 class Interrupted(LSMError):
     """SIGINT / SIGTERM: a checkpoint was written and the run stopped cleanly."""
 
@@ -174,14 +136,13 @@ class StepStats:
     loss_sum: Tensor
     mixed: Tensor
     fg_weight_sum: Tensor
-    bad_step: Tensor
     steps: int = 0
     images: int = 0
 
     @classmethod
     def zeros(cls, device: torch.device) -> "StepStats":
         zero = torch.zeros((), device=device)
-        return cls(zero.clone(), zero.clone(), zero.clone(), torch.full((), -1, device=device, dtype=torch.int64))
+        return cls(zero.clone(), zero.clone(), zero.clone())
 
     def to_state(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum.cpu(), "mixed": self.mixed.cpu(), "fg_weight_sum": self.fg_weight_sum.cpu(),
@@ -193,27 +154,6 @@ class StepStats:
         stats.loss_sum, stats.mixed, stats.fg_weight_sum = (state[k].to(device) for k in ("loss_sum", "mixed", "fg_weight_sum"))
         stats.steps, stats.images = state["steps"], state["images"]
         return stats
-
-
-@attrs.frozen
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_info() -> DistInfo:
-    """Rank and world size from torchrun's environment (one process when absent)."""
-    env = os.environ
-    return DistInfo(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
 class Reporter:
@@ -262,99 +202,14 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, keep: Optional[int] = None,
-                 resume: bool = False):
-        self.recipe = recipe
-        self.registry = registry
-        self.run_dir = run_dir
+                 resume: bool = False, parts: Optional[RunParts] = None):
+        # The built run's parts become the loop's attributes of the same names (trainer.module, ...).
+        self.__dict__.update(attrs.asdict(parts or build_run(recipe, registry, resume), recurse=False))
+        self.recipe, self.registry, self.run_dir, self.resume = recipe, registry, run_dir, resume
         # None: the run's own count (stored in its checkpoints) on resume, else 1.
         self.keep_asked = keep
         self.keep = keep if keep is not None else 1
-        self.resume = resume
-        self.dist = dist_info()
-        run = recipe.run
-        self.device = resolve_device(run.device)
-        if self.device.type == "cuda" and self.dist.enabled:
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        if run.amp != "none" and self.device.type != "cuda":
-            raise LSMError(f'[run].amp = "{run.amp}" needs a CUDA device (device is {self.device})')
-        seed_everything(run.seed)
-        self.data = self._build_data()
-        self.class_counts = self.data.class_counts()
-        if min(self.class_counts) == 0:
-            empty = [self.data.class_names[c] for c, n in enumerate(self.class_counts) if n == 0]
-            raise DataError(f"[data] {recipe.data.name}: no training image left for class(es) {', '.join(empty[:5])}")
-        self._check_batch_size()
-        self.generator = torch.Generator().manual_seed(run.seed)
-        self.context = Context(
-            class_counts=self.class_counts,
-            image_size=self.data.image_size,
-            device=self.device,
-            generator=self.generator,
-            epochs=run.epochs,
-            seed=run.seed,
-        )
-        self.loss = recipe.loss.build(registry, self.context)
-        factory = recipe.model.build(registry, self.context)
-        try:
-            factory.check_input(self.data.image_size)
-            self.module = factory.build(self.data.num_classes, self.data.image_size[0], self.loss.needs_normed_head)
-        except ValueError as exc:
-            raise LSMError(f"[model] {recipe.model.name}: {exc}") from None
-        self.memory_format = torch.channels_last if run.channels_last else torch.contiguous_format
-        self.module = self.module.to(self.device).to(memory_format=self.memory_format)
-        # A stage's parent weights are loaded only on a fresh start; a resume loads the
-        # run's own checkpoint, which already holds them (the parent may be gone by then).
-        self.parent: Optional[dict[str, Any]] = None
-        if recipe.stage.init_from is not None and not resume:
-            self.parent = load_parent(recipe, self.module, self.data.num_classes)
-        trainable_parameters(self.module, recipe)
-        self.sampler = recipe.sampler.build(registry, self.context, self.data.train.labels, self.dist.rank, self.dist.world_size)
-        self.mixer = recipe.mixer.build(registry, self.context) if recipe.mixer else None
-        self.patch = recipe.patch.build(registry, self.context) if recipe.patch else None
-        self.saliency = recipe.saliency.build(registry, self.context) if recipe.saliency else None
-        self.fuser = recipe.label_fuser.build(registry, self.context) if recipe.label_fuser else None
-        self.mixing = MixingStep(self.mixer, self.fuser, self.patch, self.saliency) if self.mixer is not None else None
         self.last_mixed: Optional[MixedBatch] = None
-        if self.mixer is not None and self.patch is not None and (self.mixer.uses_patch or self.saliency is not None):
-            _, h, w = self.data.image_size
-            try:
-                self.patch.grid(h, w)
-            except ValueError as exc:
-                raise LSMError(f"[patch] {recipe.patch.name}: {exc}") from None
-        if self.saliency is not None:
-            try:
-                self.saliency.check_model(self.module)
-            except ValueError as exc:
-                raise LSMError(f"{recipe.path} [saliency]: {exc}") from None
-        self.model: nn.Module = self._wrap_distributed(self.module)
-        # A provider that observes training forwards gets the observed layer's output of the
-        # first forward of every unmixed step (_observe_output), armed by train_step only.
-        self.observing = self.saliency is not None and self.saliency.observes_training
-        self._armed: Optional[tuple[Tensor, Views]] = None
-        if self.observing:
-            self.saliency.observed_layer(self.module).register_forward_hook(self._observe_output)
-        opt = recipe.optim
-        base = torch.optim.SGD(
-            [p for p in self.module.parameters() if p.requires_grad], lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0
-        )
-        # The optimizer component owns the step's passes; its update is always the SGD above.
-        spec = recipe.optimizer
-        self.optimizer: Optimizer = registry.get("optimizer", spec.name)(spec.params, self.context, base)
-        self.needs_features = self.loss.needs_features or self.optimizer.needs_features
-        if self.needs_features:
-            self._check_feature_api()
-        try:
-            self.optimizer.attach(self.module)
-        except ValueError as exc:
-            raise LSMError(f"{recipe.path} [optim] {spec.name}: {exc}") from None
-        self._batch_norms = batch_norms(self.module)
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=run.amp == "fp16")
-        self.labels_on_device = self.data.train.labels.to(self.device)
-        # Normalisation constants live on the device once, not one host copy per batch.
-        self.mean = stats_tensor(self.data.mean, self.device)
-        self.std = stats_tensor(self.data.std, self.device)
         self.history: list[dict[str, Any]] = []
         self.best_top1, self.best_epoch = -1.0, -1
         self._stop_signal: Optional[int] = None
@@ -363,43 +218,42 @@ class Trainer:
         # foreground's is None when it is the background permuted or there is none).
         self.crops: tuple[Optional[Crops], Optional[Crops]] = (None, None)
         self._loader: Optional[PlannedLoader] = None
+        self._batch: Optional[StepBatch] = None  # the step the optimizer is running, for on_forward
+        self.callbacks: list[Callback] = self._build_callbacks()
 
     def _check_feature_api(self) -> None:
-        """A loss or optimizer that reads the features needs the model's documented feature API."""
-        who = " and ".join(w for w, needs in ((f"loss {self.recipe.loss.name!r}", self.loss.needs_features),
-                                               (f"optimizer {self.recipe.optimizer.name!r}", self.optimizer.needs_features)) if needs)
-        if not (callable(getattr(self.module, "forward_features", None)) and isinstance(getattr(self.module, "classifier", None), nn.Module)):
-            raise LSMError(f"{self.recipe.path} [model] {self.recipe.model.name}: {who} reads the features the classifier "
-                           "sees, and this model has no forward_features(x) and classifier (docs/plugins.md, the model contract)")
-        if self.dist.enabled:
-            raise LSMError(f"{self.recipe.path}: {who} reads the model's features, which bypasses DistributedDataParallel's "
-                           "gradient synchronisation; run it in one process")
+        check_feature_api(self.recipe, self.module, self.loss, self.optimizer, self.dist)
 
-    def _check_batch_size(self) -> None:
-        """A batch larger than the training shard would train on a short batch every step, silently."""
-        batch_size, shard = self.recipe.optim.batch_size, len(self.data.train) // self.dist.world_size
-        if batch_size > shard:
-            where = f"{shard} images per process" if self.dist.enabled else f"{shard} images"
-            raise LSMError(f"{self.recipe.path} [optim].batch_size = {batch_size} is larger than the training set of "
-                           f"{self.recipe.data.name} ({where}); lower optim.batch_size")
+    def _build_callbacks(self) -> list[Callback]:
+        """The engine's own callbacks, then the components', then the recipe's (the documented order)."""
+        def own(cls: type[Callback]) -> Callback:
+            return cls(cls.Params(), self.context)
 
-    def _build_data(self) -> LTData:
-        return build_data(self.recipe, self.registry)
+        callbacks: list[Callback] = [own(self.registry.get("callback", "lr-schedule")), own(self.registry.get("callback", "nan-guard"))]
+        components = (self.sampler, self.saliency, self.patch, self.mixer, self.fuser, self.loss, self.optimizer)
+        for component in components:
+            if component is not None:
+                callbacks.extend(component.configure_callbacks())
+        legacy = legacy_observer(self.saliency, self.context) if self.saliency is not None else None
+        if legacy is not None:
+            callbacks.append(legacy)
+        callbacks.extend(spec.build(self.registry, self.context) for spec in self.recipe.callbacks)
+        return callbacks
 
-    def _wrap_distributed(self, module: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
-            return module
-        import torch.distributed as dist
+    def fire(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on every callback, in order."""
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        if self.device.type == "cuda":
-            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-            self.module = module
-            return nn.parallel.DistributedDataParallel(module, device_ids=[self.device.index])
-        # CPU: SyncBatchNorm needs CUDA; DDP broadcasts rank 0's batch-norm buffers every
-        # forward instead, so every process evaluates with the same statistics.
-        return nn.parallel.DistributedDataParallel(module)
+    @property
+    def observing(self) -> bool:
+        """Whether a callback hands the saliency provider the training forwards."""
+        return any(isinstance(c, SaliencyObserver) for c in self.callbacks)
+
+    def last_checkpoint(self) -> Optional[Path]:
+        """The newest checkpoint in the run folder (None without one)."""
+        kept = list_checkpoints(self.run_dir) if self.run_dir is not None else []
+        return kept[-1] if kept else None
 
     def _close_distributed(self) -> None:
         if self.dist.enabled:
@@ -408,6 +262,10 @@ class Trainer:
             if dist.is_initialized():
                 dist.barrier()
                 dist.destroy_process_group()
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """Sum (or max) ``tensor`` over the processes in place; the tensor itself in one process."""
+        return self._all_reduce(tensor, op)
 
     def _all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
         if not self.dist.enabled:
@@ -420,15 +278,8 @@ class Trainer:
     # -------------------------------------------------------------- schedule
 
     def lr_at(self, epoch: int) -> float:
-        """Linear warm-up over ``warmup_epochs`` then step milestones or cosine (per epoch)."""
-        opt = self.recipe.optim
-        if epoch < opt.warmup_epochs:
-            return opt.lr * (epoch + 1) / opt.warmup_epochs
-        if opt.schedule == "cosine":
-            span = max(1, self.recipe.run.epochs - opt.warmup_epochs)
-            return 0.5 * opt.lr * (1 + math.cos(math.pi * (epoch - opt.warmup_epochs) / span))
-        passed = sum(1 for m in opt.milestones if epoch >= m)
-        return opt.lr * opt.gamma**passed
+        """The ``lr-schedule`` callback's learning rate at 0-based ``epoch``."""
+        return learning_rate(self.recipe.optim, self.recipe.run.epochs, epoch)
 
     # -------------------------------------------------------------- step
 
@@ -487,14 +338,6 @@ class Trainer:
         views_f = Views(fg.to(self.device), crops_f, epoch) if self.saliency is not None else None
         return xf, yf, crops_f, views_f
 
-    def _observe_output(self, module: nn.Module, inputs: Any, output: Tensor) -> None:
-        """Forward hook on the observed layer: hand one armed forward's output to the provider, once."""
-        armed, self._armed = self._armed, None
-        if armed is not None:
-            labels, views = armed
-            with torch.autocast(self.device.type, enabled=False):
-                self.saliency.observe(self.module, output.detach(), labels, views)
-
     def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats,
                    loaded: Optional[LoadedStep] = None) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
@@ -503,22 +346,20 @@ class Trainer:
         mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
         if mixed is None:
             x, target = xb, yb
-            if self.observing and views_b is not None:
-                self._armed = (yb, views_b)  # the optimizer's first forward only (SAM makes two)
         else:
             x, target = mixed.images.contiguous(memory_format=self.memory_format), mixed.target
             stats.mixed += 1
             stats.fg_weight_sum += mixed.lam.detach().mean()
             self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
+        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed)
+        self.fire("on_batch", batch)
         set_train_mode(self.model, self.recipe, self._batch_norms)
         loss = self.optimizer.step(_Closure(self, x, target, mixed), self.scaler).detach()
-        self._armed = None
+        self._batch = None
         stats.steps += 1
         stats.images += x.shape[0]
-        # Remember the first non-finite step without a host sync.
-        bad = ~torch.isfinite(loss) & (stats.bad_step < 0)
-        stats.bad_step = torch.where(bad, torch.full_like(stats.bad_step, stats.steps), stats.bad_step)
         stats.loss_sum += loss
+        self.fire("on_step_end", batch, loss)
 
     def forward_loss(self, x: Tensor, target: Tensor, mixed: Optional[MixedBatch], head: Optional[Head] = None) -> Tensor:
         """The step's loss at the current weights (what the optimizer's closure backpropagates).
@@ -534,6 +375,8 @@ class Trainer:
                 h, logits = None, self.model(x)
         logits = logits.float()
         features = h.float() if h is not None else None
+        if self._batch is not None:
+            self.fire("on_forward", self._batch, logits, features)
         extra = {"features": features} if self.loss.needs_features else {}
 
         def loss_of(z: Tensor) -> Tensor:
@@ -637,6 +480,7 @@ class Trainer:
             "parent": self.parent,
             "saliency": self.saliency.state_dict() if self.saliency is not None else {},
             "keep": self.keep,
+            "callbacks": {f"{i}:{c.name}": c.state_dict() for i, c in enumerate(self.callbacks) if c.state_dict()},
             # What the model took from its data, so that evaluate and export need not rebuild it.
             "data": {"class_counts": list(self.class_counts), "class_names": list(self.data.class_names),
                      "mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
@@ -719,6 +563,11 @@ class Trainer:
         self.parent = state.get("parent")
         if self.keep_asked is None:
             self.keep = max(1, int(state.get("keep", 1)))  # the run's own --keep, unless told otherwise
+        for key, saved_state in (state.get("callbacks") or {}).items():
+            index, _, name = key.partition(":")
+            if not (index.isdigit() and int(index) < len(self.callbacks) and self.callbacks[int(index)].name == name):
+                raise ResumeError(f"{folder}: the checkpoint holds the state of callback {name!r}, which this run does not have at that place")
+            self.callbacks[int(index)].load_state_dict(saved_state)
         saved = state.get("saliency")
         if self.saliency is not None and saved:
             own = saved[self.dist.rank] if isinstance(saved, list) else saved
@@ -746,13 +595,6 @@ class Trainer:
         flag = torch.tensor([1 if self._stop_signal is not None else 0], device=self.device)
         return bool(self._all_reduce(flag, "max").item())
 
-    def _check_finite(self, epoch: int, stats: StepStats) -> None:
-        bad = int(stats.bad_step)
-        if bad >= 0:
-            kept = list_checkpoints(self.run_dir) if self.run_dir is not None else []
-            where = f"; the last good checkpoint is {kept[-1]}" if kept else ""
-            raise TrainingError(f"the loss is not finite at epoch {epoch + 1}, step {bad}; training stopped{where}")
-
     def _running(self, stats: StepStats, lr: float, t0: float) -> dict[str, Optional[float]]:
         loss_sum, mixed, fg_sum = torch.stack([stats.loss_sum.float(), stats.mixed.float(), stats.fg_weight_sum.float()]).tolist()
         return {
@@ -762,18 +604,6 @@ class Trainer:
             "mixed_fraction": mixed / stats.steps,
             "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
         }
-
-    def _saliency_fractions(self) -> dict[str, Optional[float]]:
-        """The saliency provider's per-epoch fractions (e.g. fresh Grad-CAM calls), summed over processes."""
-        if self.saliency is None:
-            return {}
-        fractions = self.saliency.epoch_fractions()
-        out: dict[str, Optional[float]] = {}
-        for name, (num, den) in fractions.items():
-            if self.dist.enabled:
-                num, den = self._all_reduce(torch.tensor([num, den], dtype=torch.float64, device=self.device)).tolist()
-            out[name] = num / den if den > 0 else None
-        return out
 
     def fit(self, reporter: Optional["Reporter"] = None) -> dict[str, Any]:
         """Train to ``run.epochs`` and return the summary; ``reporter`` shows and writes what happens.
@@ -787,83 +617,18 @@ class Trainer:
 
     def _fit(self, reporter: Optional["Reporter"]) -> dict[str, Any]:
         reporter = reporter or Reporter()
-        run = self.recipe.run
-        batch_size = self.recipe.optim.batch_size
-        start_epoch, start_step, state = self.load_checkpoint(reporter) if self.resume else (0, 0, None)
-        if start_epoch >= run.epochs and start_step == 0:
-            raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
+        start_epoch, start_step, state = self._starting_point(reporter)
         previous_handlers = self._install_signal_handlers()
         completed = False
         try:
             reporter.start(self)
+            self.fire("on_fit_start")
             try:
-                    for epoch in range(start_epoch, run.epochs):
-                        skip = start_step if epoch == start_epoch else 0
-                        self.generator.manual_seed(epoch_seed(run.seed, epoch))
-                        plan = self.plan(epoch, batch_size)
-                        if skip:
-                            self.generator.set_state(state["generator"])
-                            stats = StepStats.from_state(state["stats"], self.device)
-                        else:
-                            stats = StepStats.zeros(self.device)
-                        lr = self.lr_at(epoch)
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = lr
-                        self.loss.set_epoch(epoch)
-                        steps = self.sampler.steps_per_epoch(batch_size)
-                        reporter.start_epoch(epoch, steps)
-                        t0 = time.perf_counter()
-                        for bg, fg, loaded in self._steps(epoch, batch_size, plan, skip):
-                            self.train_step(epoch, bg, fg, stats, loaded)
-                            at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
-                            if at_log:
-                                self._check_finite(epoch, stats)
-                                reporter.advance(stats.steps, self._running(stats, lr, t0))
-                            if stats.steps < steps and self._should_stop(at_log):
-                                self._check_finite(epoch, stats)
-                                path = self.save_checkpoint(epoch, stats.steps, stats)
-                                raise Interrupted(
-                                    f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
-                                    f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
-                                )
-                        self._check_finite(epoch, stats)
-                        if self.saliency is not None:
-                            self.saliency.end_epoch(epoch)
-                        elapsed = time.perf_counter() - t0
-                        totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
-                        loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
-                        record: dict[str, Any] = {
-                            "epoch": epoch + 1,
-                            "lr": lr,
-                            "train_loss": loss_sum / max(n_steps, 1),
-                            "mixed_fraction": mixed / max(n_steps, 1),
-                            "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
-                            "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
-                            "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
-                            **self._saliency_fractions(),
-                        }
-                        if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
-                            result = self.evaluate()
-                            record.update({k: v for k, v in result.items() if k != "per_class"})
-                            record["per_class"] = result["per_class"]
-                            score = result["top1"]
-                            if self.data.val is not None:
-                                val = self.evaluate(split="val")
-                                record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
-                                score = val["top1"]
-                            if run.score_train:
-                                fit = self.evaluate(split="train")
-                                record.update({f"train_{k}": v for k, v in fit.items() if k != "per_class"})
-                                record["train_per_class"] = fit["per_class"]
-                            if score is not None and score > self.best_top1:
-                                self.best_top1, self.best_epoch = score, epoch + 1
-                            reporter.evaluated(record)
-                        self.history.append(record)
-                        reporter.log(record)
-                        self.save_checkpoint(epoch + 1)
-                        if self._stop_signal is not None and epoch + 1 < run.epochs:
-                            raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
-                    completed = True
+                for epoch in range(start_epoch, self.recipe.run.epochs):
+                    resumed = (start_step, state) if epoch == start_epoch and start_step else None
+                    record = self.train_epoch(epoch, reporter, resumed)
+                    self.finish_epoch(epoch, record, reporter)
+                completed = True
             finally:
                 self.close_loader()
                 reporter.stop(completed)
@@ -871,16 +636,109 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
             self._close_distributed()
+        summary = self.summary()
+        self.fire("on_fit_end", summary)
+        reporter.finish(summary)
+        return summary
+
+    def _starting_point(self, reporter: "Reporter") -> tuple[int, int, Optional[dict[str, Any]]]:
+        """(epoch, step inside it, checkpoint state) to start from: the newest checkpoint on resume."""
+        start_epoch, start_step, state = self.load_checkpoint(reporter) if self.resume else (0, 0, None)
+        if start_epoch >= self.recipe.run.epochs and start_step == 0:
+            raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
+        return start_epoch, start_step, state
+
+    def train_epoch(self, epoch: int, reporter: "Reporter", resumed: Optional[tuple[int, dict[str, Any]]] = None) -> dict[str, Any]:
+        """One epoch's steps (from step ``resumed[0]`` of a mid-epoch checkpoint); returns its record."""
+        batch_size = self.recipe.optim.batch_size
+        self.generator.manual_seed(epoch_seed(self.recipe.run.seed, epoch))
+        plan = self.plan(epoch, batch_size)
+        skip = resumed[0] if resumed else 0
+        if resumed:
+            self.generator.set_state(resumed[1]["generator"])
+        stats = StepStats.from_state(resumed[1]["stats"], self.device) if resumed else StepStats.zeros(self.device)
+        self.fire("on_epoch_start", epoch)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.loss.set_epoch(epoch)
+        steps = self.sampler.steps_per_epoch(batch_size)
+        reporter.start_epoch(epoch, steps)
+        t0 = time.perf_counter()
+        for bg, fg, loaded in self._steps(epoch, batch_size, plan, skip):
+            self.train_step(epoch, bg, fg, stats, loaded)
+            at_log = stats.steps % LOG_EVERY == 0 or stats.steps == steps
+            if at_log:
+                self.fire("on_check", epoch)
+                reporter.advance(stats.steps, self._running(stats, lr, t0))
+            if stats.steps < steps and self._should_stop(at_log):
+                self._interrupt(epoch, stats)
+        self.fire("on_check", epoch)
+        return self._epoch_record(epoch, lr, stats, time.perf_counter() - t0)
+
+    def _interrupt(self, epoch: int, stats: StepStats) -> None:
+        self.fire("on_check", epoch)
+        path = self.save_checkpoint(epoch, stats.steps, stats)
+        raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
+                          f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}")
+
+    def _epoch_record(self, epoch: int, lr: float, stats: StepStats, elapsed: float) -> dict[str, Any]:
+        """What metrics.jsonl gets for the epoch's training (summed over processes); callbacks may add keys."""
+        totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
+        loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / max(n_steps, 1),
+            "mixed_fraction": mixed / max(n_steps, 1),
+            "fg_label_weight": fg_sum / mixed if mixed > 0 else None,
+            "images_per_s": stats.images * self.dist.world_size / max(elapsed, 1e-9),
+            "wall_s": (self.history[-1]["wall_s"] if self.history else 0.0) + elapsed,
+        }
+        self.fire("on_epoch_end", epoch, record)
+        return record
+
+    def finish_epoch(self, epoch: int, record: dict[str, Any], reporter: "Reporter") -> None:
+        """Evaluate when due, log the record, write the checkpoint; stop here after a signal."""
+        run = self.recipe.run
+        if (epoch + 1) % run.eval_every == 0 or epoch + 1 == run.epochs:
+            self.evaluate_epoch(epoch, record)
+            reporter.evaluated(record)
+        self.history.append(record)
+        reporter.log(record)
+        self.save_checkpoint(epoch + 1)
+        if self._stop_signal is not None and epoch + 1 < run.epochs:
+            raise Interrupted(f"stopped by signal after epoch {epoch + 1}; continue with: lsm resume {self.run_dir}")
+
+    def evaluate_epoch(self, epoch: int, record: dict[str, Any]) -> None:
+        """Test (and val, train) metrics into ``record``; the best epoch is chosen on val when there is one."""
+        result = self.evaluate()
+        record.update({k: v for k, v in result.items() if k != "per_class"})
+        record["per_class"] = result["per_class"]
+        score = result["top1"]
+        if self.data.val is not None:
+            val = self.evaluate(split="val")
+            record.update({f"val_{k}": v for k, v in val.items() if k != "per_class"})
+            score = val["top1"]
+        if self.recipe.run.score_train:
+            fit = self.evaluate(split="train")
+            record.update({f"train_{k}": v for k, v in fit.items() if k != "per_class"})
+            record["train_per_class"] = fit["per_class"]
+        if score is not None and score > self.best_top1:
+            self.best_top1, self.best_epoch = score, epoch + 1
+        self.fire("on_evaluate", epoch, record)
+
+    def summary(self) -> dict[str, Any]:
+        """What summary.json gets: the last evaluation, the best epoch, the run's facts."""
+        run = self.recipe.run
         last_eval = next(r for r in reversed(self.history) if "top1" in r)
-        summary = {
-            **{k: last_eval[k] for k in ("top1", "many", "medium", "few", "rare3", "per_class")},
+        groups = ("top1", "many", "medium", "few", "rare3")
+        return {
+            **{k: last_eval[k] for k in (*groups, "per_class")},
             "epochs": run.epochs,
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "best_on": "val" if self.data.val is not None else "test",
-            **({f"val_{k}": last_eval.get(f"val_{k}") for k in ("top1", "many", "medium", "few", "rare3")} if self.data.val is not None else {}),
-            **({f"train_{k}": last_eval.get(f"train_{k}") for k in ("top1", "many", "medium", "few", "rare3", "per_class")}
-               if run.score_train else {}),
+            **({f"val_{k}": last_eval.get(f"val_{k}") for k in groups} if self.data.val is not None else {}),
+            **({f"train_{k}": last_eval.get(f"train_{k}") for k in (*groups, "per_class")} if run.score_train else {}),
             "final_loss": self.history[-1]["train_loss"],
             "wall_time_s": self.history[-1]["wall_s"],
             "class_counts": list(self.class_counts),
@@ -891,5 +749,3 @@ class Trainer:
             "world_size": self.dist.world_size,
             **({"parent": self.parent} if self.parent is not None else {}),
         }
-        reporter.finish(summary)
-        return summary

@@ -21,3 +21,9 @@ class RegistryError(LSMError):
 
 class DataError(LSMError):
     """A data set could not be found or read; the message names the file or folder."""
+
+
+class TrainingError(LSMError):
+    """Training cannot go on (non-finite loss); the last good checkpoint is kept."""
+
+    exit_code = 3

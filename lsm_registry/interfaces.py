@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import importlib.util
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import attrs
 import torch
@@ -47,6 +47,8 @@ __all__ = [
     "RunInfo",
     "Optimizer",
     "StepClosure",
+    "Callback",
+    "StepBatch",
 ]
 
 KINDS: tuple[str, ...] = (
@@ -60,6 +62,7 @@ KINDS: tuple[str, ...] = (
     "dataset",
     "logger",
     "optimizer",
+    "callback",
 )
 
 
@@ -114,6 +117,13 @@ class Component(abc.ABC):
     def summary(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
+
+    def configure_callbacks(self) -> Sequence["Callback"]:
+        """Callbacks this component needs in the training loop (:class:`Callback`), fired after
+        the engine's own and before the recipe's ``[run] callbacks``. A component that must see
+        the training forwards, or act at an epoch's end, brings a callback here instead of
+        asking the engine for a new method."""
+        return ()
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -179,18 +189,21 @@ class SaliencyProvider(Component):
         """Raise ValueError before training when this provider cannot explain ``model``."""
         return None
 
-    # -- optional capability: observing the training forwards --------------------------
+    # Inside the engine every provider is called through ``scores_of_views`` with the
+    # images' :class:`Views` (indices, crops, epoch), so it can mask the crops' padding or
+    # reuse what it saw. Outside the engine (``lsm preview``, ``mix_batches`` without
+    # views) ``__call__`` is used, so it must still work on its own. A provider with state
+    # keeps it in ``state_dict`` (saved in every checkpoint, so a resumed run is
+    # bit-identical). A provider that watches the training forwards (``cached-gradcam``)
+    # does so through a callback it brings (``configure_callbacks`` returning the
+    # ``saliency-observer`` callback, :mod:`lsm_registry.components.callbacks`), which
+    # calls ``observed_layer``, ``observe``, ``end_epoch`` and ``epoch_fractions`` below.
     #
-    # A provider that sets ``observes_training`` is handed, after the first forward of
-    # every unmixed training step, the output of ``observed_layer(model)`` for that batch
-    # (train mode, before the update), with the batch's labels and :class:`Views`. When it
-    # scores a foreground inside the engine it is called through ``scores_of_views`` with
-    # the foreground's views, so it can reuse what it saw instead of a second forward.
-    # Outside the engine (``lsm preview``, ``mix_batches`` without views) ``__call__``
-    # is used, so it must still work on its own. A provider with state keeps it in
-    # ``state_dict`` (saved in every checkpoint, so a resumed run is bit-identical).
+    # Deprecated: ``observes_training = True`` without such a callback. The engine then
+    # attaches the observer itself and warns (DeprecationWarning); nothing of the 0.x ABI
+    # is removed before 1.0.
 
-    #: The engine calls ``observe`` on unmixed steps and ``scores_of_views`` for foregrounds.
+    #: Deprecated; bring the ``saliency-observer`` callback from ``configure_callbacks`` instead.
     observes_training: ClassVar[bool] = False
 
     def observed_layer(self, model: nn.Module) -> nn.Module:
@@ -198,7 +211,9 @@ class SaliencyProvider(Component):
         raise NotImplementedError(f"saliency {self.name!r} sets observes_training but has no observed_layer()")
 
     def observe(self, model: nn.Module, features: Tensor, labels: Tensor, views: "Views") -> None:
-        """One training forward's ``features`` (the observed layer's output, detached) of the images ``views``."""
+        """One training forward's ``features`` (the observed layer's output, detached) of the images
+        ``views``: what the ``saliency-observer`` callback hands on, after the first forward of every
+        unmixed training step (train mode, before the update)."""
 
     def scores_of_views(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator", views: "Views") -> Tensor:
         """``__call__``'s contract, for training images whose indices and crops are known: what the
@@ -207,11 +222,12 @@ class SaliencyProvider(Component):
         return self(model, x, y, patch)
 
     def end_epoch(self, epoch: int) -> None:
-        """A training epoch ended; called on every process, so collectives are allowed here."""
+        """A training epoch ended (called by the ``saliency-observer`` callback, on every process,
+        so collectives are allowed here)."""
 
     def epoch_fractions(self) -> dict[str, tuple[float, float]]:
-        """Per-epoch (numerator, denominator) pairs for metrics.jsonl, then reset; the engine sums
-        them over processes and writes ``name = numerator / denominator``."""
+        """Per-epoch (numerator, denominator) pairs for metrics.jsonl, then reset; the
+        ``saliency-observer`` callback sums them over processes and writes ``name = numerator / denominator``."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -756,3 +772,90 @@ class Optimizer(Component):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.base.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+@attrs.frozen(eq=False)
+class StepBatch:
+    """One training step as the callbacks see it, before the optimizer's passes.
+
+    ``images`` (B, ch, H, W) and ``target`` (labels (B,) or soft targets (B, C)) are what
+    the model trains on; ``labels`` (B,) and ``views`` are the background batch's (``views``
+    None unless a saliency provider is configured); ``mixed`` is the step's
+    :class:`lsm_registry.mixing.MixedBatch` or None when the step did not mix. ``step`` counts
+    the epoch's steps from 1, a resumed epoch included.
+    """
+
+    epoch: int
+    step: int
+    images: Tensor
+    target: Tensor
+    labels: Tensor
+    views: Optional["Views"]
+    mixed: Any
+
+
+class Callback(Component):
+    """Code that runs at the training loop's fixed points; every hook does nothing by default.
+
+    ``loop`` is the running :class:`lsm_registry.engine.Trainer`. A callback may read
+    ``loop.recipe``, ``loop.module`` (the bare model), ``loop.optimizer`` (its
+    ``param_groups``), ``loop.saliency``, ``loop.device``, ``loop.history``,
+    ``loop.run_dir`` (None without a run folder), ``loop.last_checkpoint()`` and
+    ``loop.all_reduce(tensor, op)`` (a no-op in one process); it changes the run only
+    through what it is documented to own (the learning rate, a provider's state) or by
+    raising. Keep device work asynchronous: only ``on_check`` runs where the loop reads
+    the device anyway.
+
+    Order within one point: the engine's own callbacks (``lr-schedule``, ``nan-guard``),
+    then those the components bring (``configure_callbacks``: sampler, saliency, patch,
+    mixer, label fuser, loss, optimizer), then the recipe's ``[run] callbacks`` in the
+    order listed; the run reporter (progress, run folder, trackers) comes after all of
+    them. Order of points in one epoch: ``on_epoch_start``; per step ``on_batch``, one
+    ``on_forward`` per forward pass, ``on_step_end``; ``on_check`` every 10 steps, before a
+    checkpoint and at the epoch's end; ``on_epoch_end``; ``on_evaluate`` when the epoch
+    evaluates; then the checkpoint (``state_dict``). ``on_fit_start`` comes once before the
+    first epoch (after a resume has loaded the checkpoint and ``load_state_dict``),
+    ``on_fit_end`` once after the last with the summary.
+    """
+
+    kind = "callback"
+
+    def on_fit_start(self, loop: Any) -> None:
+        """Training starts or resumes (``loop.history`` holds the epochs already done)."""
+
+    def on_epoch_start(self, loop: Any, epoch: int) -> None:
+        """0-based ``epoch`` starts (after the epoch's re-seed)."""
+
+    def on_batch(self, loop: Any, batch: StepBatch) -> None:
+        """A step's batch is ready and the optimizer is about to run its passes."""
+
+    def on_forward(self, loop: Any, batch: StepBatch, logits: Tensor, features: Optional[Tensor]) -> None:
+        """One forward pass of the step (SAM makes two): its logits and, when the loss or the
+        optimizer reads them, the pooled features."""
+
+    def on_step_end(self, loop: Any, batch: StepBatch, loss: Tensor) -> None:
+        """The optimizer updated the weights; ``loss`` is the step's loss on the device."""
+
+    def on_check(self, loop: Any, epoch: int) -> None:
+        """The loop reads the device here (every 10 steps, before any checkpoint, at the epoch's
+        end): the place for checks that need a host sync; raise to stop the run."""
+
+    def on_epoch_end(self, loop: Any, epoch: int, record: dict[str, Any]) -> None:
+        """The epoch's steps are done; ``record`` (what metrics.jsonl gets) may gain keys."""
+
+    def on_evaluate(self, loop: Any, epoch: int, record: dict[str, Any]) -> None:
+        """The epoch was evaluated; ``record`` holds the test (and val, train) metrics."""
+
+    def on_fit_end(self, loop: Any, summary: dict[str, Any]) -> None:
+        """Every epoch ran; ``summary`` is what summary.json gets."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this callback (saved in every checkpoint; tensors, numbers,
+        strings, lists and dicts only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None

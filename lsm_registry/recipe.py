@@ -53,6 +53,8 @@ class RunParams:
     amp: Literal["none", "bf16", "fp16"] = param("none", help="mixed precision (fp16 uses a grad scaler; CUDA only)")
     loggers: tuple[str, ...] = param((), help='trackers that also get the run, e.g. ["tensorboard", "mlflow"]; '
                                      "parameters in [loggers.NAME] (the run folder is always written)")
+    callbacks: tuple[str, ...] = param((), help="callbacks (kind callback) added to the training loop after the "
+                                       "engine's and the components' own, in this order; parameters in [callbacks.NAME]")
 
     def __attrs_post_init__(self):
         dev = self.device
@@ -123,9 +125,16 @@ class StageParams:
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams, "stage": StageParams}
 #: The top-level key (before the first table) that holds the recipe format.
 FORMAT_KEY = "format"
-ALL_TABLES = ("run", "data", "model", "optim", "stage", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers")
+ALL_TABLES = ("run", "data", "model", "optim", "stage", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers",
+              "callbacks")
 #: The table of the loggers' parameters, one sub-table per logger: [loggers.mlflow].
 LOGGERS_TABLE = "loggers"
+#: The table of the recipe's callbacks' parameters: [callbacks.NAME].
+CALLBACKS_TABLE = "callbacks"
+#: Tables of named sub-tables, each listed in [run] under the same key: (table, kind).
+LISTED_TABLES = {LOGGERS_TABLE: "logger", CALLBACKS_TABLE: "callback"}
+#: Callbacks the engine always adds: listing them in [run] callbacks would run them twice.
+ENGINE_CALLBACKS = ("lr-schedule", "nan-guard")
 
 
 @attrs.frozen
@@ -154,6 +163,7 @@ class Recipe:
     mixer: Optional[ComponentSpec] = None
     label_fuser: Optional[ComponentSpec] = None
     loggers: tuple[ComponentSpec, ...] = ()
+    callbacks: tuple[ComponentSpec, ...] = ()
     stage: StageParams = StageParams()
     #: The optimizer named by [optim].name, its parameters taken from the same table.
     optimizer: Optional[ComponentSpec] = None
@@ -165,7 +175,7 @@ class Recipe:
             value = getattr(self, table)
             if value is None or value == ():
                 continue
-            if table == LOGGERS_TABLE:
+            if table in LISTED_TABLES:
                 out[table] = {spec.name: _params_dict(spec.params) for spec in value}
             elif isinstance(value, ComponentSpec):
                 out[table] = {"name": value.name, **_params_dict(value.params)}
@@ -281,7 +291,7 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[
         except RecipeError as exc:
             errors.extend(exc.lines)
             continue
-        if table == LOGGERS_TABLE and "." in key:  # --set loggers.mlflow.tracking_uri=...
+        if table in LISTED_TABLES and "." in key:  # --set loggers.mlflow.tracking_uri=...
             sub, key = key.split(".", 1)
             parent = raw.setdefault(table, {})
             section = parent.setdefault(sub, {}) if isinstance(parent, dict) else None
@@ -358,11 +368,12 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
     _check_stage(fixed["stage"], specs.get("model"), where, errors)
     optimizer = _optimizer(registry, fixed["optim"], fixed["run"], optimizer_keys, where, errors)
-    loggers = _loggers(registry, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
+    loggers = _listed(registry, LOGGERS_TABLE, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
+    callbacks = _listed(registry, CALLBACKS_TABLE, fixed["run"], raw.get(CALLBACKS_TABLE), where, errors)
     if errors:
         raise RecipeError(errors)
     return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], stage=fixed["stage"], loggers=loggers,
-                  optimizer=optimizer, **specs)
+                  callbacks=callbacks, optimizer=optimizer, **specs)
 
 
 def _optimizer(registry: Registry, optim: Optional[OptimParams], run: Optional[RunParams], keys: dict[str, Any],
@@ -410,29 +421,34 @@ def _check_stage(stage: Optional[StageParams], model: Optional[ComponentSpec], w
                       f"{model.name!r} has none; set model.lws = true (LWS)")
 
 
-def _loggers(registry: Registry, run: Optional[RunParams], body: Any, where: str, errors: list[str]) -> tuple[ComponentSpec, ...]:
-    """[run].loggers names the trackers; [loggers.NAME] holds a tracker's parameters."""
+def _listed(registry: Registry, table: str, run: Optional[RunParams], body: Any, where: str,
+            errors: list[str]) -> tuple[ComponentSpec, ...]:
+    """[run].loggers / [run].callbacks name the components; [TABLE.NAME] holds one's parameters."""
+    kind = LISTED_TABLES[table]
     if body is not None and not isinstance(body, dict):
         return ()  # reported with the other tables
     body = body or {}
-    names = run.loggers if run is not None else ()
+    names = getattr(run, table) if run is not None else ()
     for name, params in body.items():
         if not isinstance(params, dict):
-            errors.append(f"{where} [{LOGGERS_TABLE}].{name}: expected a table [{LOGGERS_TABLE}.{name}] of that logger's parameters (got {params!r})")
+            errors.append(f"{where} [{table}].{name}: expected a table [{table}.{name}] of that {kind}'s parameters (got {params!r})")
         elif name not in names:
-            errors.append(f"{where} [{LOGGERS_TABLE}.{name}]: logger {name!r} is not in [run].loggers ({list(names)}), "
+            errors.append(f"{where} [{table}.{name}]: {kind} {name!r} is not in [run].{table} ({list(names)}), "
                           "so this table is never used; add it there or remove the table")
     specs = []
     for name in dict.fromkeys(names):
         if names.count(name) > 1:
-            errors.append(f"{where} [run].loggers: {name!r} is listed {names.count(name)} times")
+            errors.append(f"{where} [run].{table}: {name!r} is listed {names.count(name)} times")
+        if kind == "callback" and name in ENGINE_CALLBACKS:
+            errors.append(f"{where} [run].{table}: {name!r} is always on (the engine adds it); remove it from the list")
+            continue
         try:
-            registry.entry("logger", name)
+            registry.entry(kind, name)
         except RegistryError as exc:
-            errors.append(f"{where} [run].loggers: {exc}")
+            errors.append(f"{where} [run].{table}: {exc}")
             continue
         params = body.get(name, {})
-        spec = _component(registry, "logger", name, params if isinstance(params, dict) else {}, where, f"{LOGGERS_TABLE}.{name}", errors)
+        spec = _component(registry, kind, name, params if isinstance(params, dict) else {}, where, f"{table}.{name}", errors)
         if spec is not None:
             specs.append(spec)
     return tuple(specs)

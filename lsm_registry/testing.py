@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from .checkpoint import list_checkpoints, load_weights_only
 from .components.models import CifarResNet
 from .components.fusers import AreaFuser
 from .components.patches import PixelUnshuffle
@@ -53,7 +54,8 @@ from .interfaces import KINDS, Context, Loss, Mixer, MixResult, RunInfo, Sampler
 from .mixing import MixingStep
 from .params import ParamError
 from .plugins import build_registry
-from .recipe import _params_dict, build_params, dumps_toml
+from .engine import Trainer
+from .recipe import ENGINE_CALLBACKS, _params_dict, build_params, dumps_toml, validate
 from .registry import Owner, Registry, class_problem
 
 __all__ = ["check_component", "check_params", "tiny_context", "tiny_model", "ReferencePatch", "TEST_OWNER"]
@@ -671,6 +673,56 @@ def _check_logger(c: _Checker, cls: type, params: Any) -> None:
             logger.close()
 
 
+_CALLBACK_RUN = """
+[run]
+name = "conformance"
+epochs = 2
+eval_every = 1
+callbacks = ["{name}"]
+
+[data]
+name = "synthetic-lt"
+num_classes = 4
+n_max = 24
+imbalance_factor = 4.0
+test_per_class = 4
+
+[model]
+name = "resnet32"
+width = 4
+
+[optim]
+batch_size = 16
+warmup_epochs = 0
+
+[loss]
+name = "ce"
+"""
+
+
+def _check_callback(c: _Checker, cls: type, params: Any) -> None:
+    """Drives the callback through a short run (2 epochs of a tiny synthetic set, a run folder and a
+    resume): no hook raises, and its state survives the weights-only checkpoint."""
+    registry = build_registry(entry_points=False)
+    if (cls.kind, cls.name) not in registry:
+        registry.register(cls, Owner("conformance", "conformance", "0"))
+    raw = tomllib.loads(_CALLBACK_RUN.replace("{name}", cls.name))
+    raw["callbacks"] = {cls.name: _params_dict(params)}
+    if cls.name in ENGINE_CALLBACKS:  # always on: listing them would be refused
+        raw["run"]["callbacks"], raw["callbacks"] = [], {}
+    if cls.name == "saliency-observer":  # it needs a provider to observe for, and cached-gradcam brings it
+        raw["run"]["callbacks"], raw["callbacks"] = [], {}
+        raw.update(saliency={"name": "cached-gradcam"}, mixer={"name": "lsm", "start_epoch": 1, "end_epoch": 3})
+    recipe = validate(raw, "conformance.toml", registry)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        Trainer(recipe, registry, run_dir=run_dir).fit()
+        saved = load_weights_only(list_checkpoints(run_dir)[-1]).get("callbacks") or {}
+        c.check(all(isinstance(v, dict) for v in saved.values()), "state_dict() must return a dict")
+        longer = attrs.evolve(recipe, run=attrs.evolve(recipe.run, epochs=3))
+        Trainer(longer, registry, run_dir=run_dir, resume=True).fit()
+
+
 _KIND_CHECKS: dict[str, Callable[[_Checker, type, Any], None]] = {
     "saliency": _check_saliency,
     "mixer": _check_mixer,
@@ -682,6 +734,7 @@ _KIND_CHECKS: dict[str, Callable[[_Checker, type, Any], None]] = {
     "dataset": _check_dataset,
     "logger": _check_logger,
     "optimizer": _check_optimizer,
+    "callback": _check_callback,
 }
 assert set(_KIND_CHECKS) == set(KINDS)
 

@@ -375,7 +375,8 @@ def test_engine_observes_only_unmixed_steps_and_records_the_fresh_fraction(write
         for labels, views, _ in s["observed"]:
             assert torch.equal(views.indices.cpu(), s["bg"]) and views.epoch == s["epoch"]
             assert torch.equal(labels, trainer.labels_on_device[s["bg"]]) and len(views.crops) == len(s["bg"])
-    assert trainer._armed is None
+    observer = next(c for c in trainer.callbacks if c.name == "saliency-observer")
+    assert observer._armed is None and observer._hook is None  # disarmed, and the hook removed at the end
     stamps = trainer.saliency.stamps
     assert stamps.shape == (sum(trainer.class_counts),) and bool((stamps >= 0).all())  # epoch 0 saw every image
     assert int(stamps.max()) == 2
@@ -578,7 +579,9 @@ def test_fresh_fraction_is_summed_over_processes_before_dividing(write_recipe, r
         return t + torch.tensor([15.0, 48.0], dtype=t.dtype)
 
     trainer._all_reduce = all_reduce
-    assert trainer._saliency_fractions() == {"saliency_fresh_fraction": 16 / 64}
+    from lsm_registry.components.callbacks import SaliencyObserver
+
+    assert SaliencyObserver.fractions(trainer, trainer.saliency) == {"saliency_fresh_fraction": 16 / 64}
     assert reduced[0].tolist() == [1.0, 16.0] and trainer.saliency.scored_rows == 0
 
 

@@ -12,7 +12,7 @@ LAYERS = [
     {"version", "errors", "params", "interfaces", "hookspecs", "ops", "formats", "files", "memory"},
     {"registry", "components", "data", "plugins", "recipe"},
     {"mixing"},
-    {"metrics", "checkpoint", "stages", "engine"},
+    {"metrics", "checkpoint", "stages", "assembly", "engine"},
     {"pictures", "plots", "report", "tracking", "reporting", "runs", "testing", "evaluation", "export"},
     {"cli", "__main__"},
 ]

@@ -19,6 +19,7 @@ MODULES = (
     "datasets",
     "loggers",
     "optimizers",
+    "callbacks",
 )
 
 

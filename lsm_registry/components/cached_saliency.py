@@ -4,7 +4,7 @@ Fresh Grad-CAM costs LSM a second forward of the foreground batch. For a global-
 head the class activation map is ``sum_k alpha_k A_k`` with ``alpha`` in closed form
 from the head (:func:`head_gradient`), so the map of an image's true class can be
 read off the features of any forward that saw it. This provider watches the engine's
-unmixed training forwards (the ``observes_training`` capability of the ABI), stores
+unmixed training forwards (through the ``saliency-observer`` callback it brings), stores
 each image's map at feature resolution in the image's own coordinates (the crop box
 it covered, un-flipped), and when that image is drawn as a foreground later, warps
 the stored map into the new crop and flip instead of running the model again. Images
@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..interfaces import Crops, PatchOperator, SaliencyProvider, Views
+from ..interfaces import Callback, Crops, PatchOperator, SaliencyProvider, Views
 from ..params import non_negative, one_of, param
+from .callbacks import SaliencyObserver
 from .models import NormedLinear
 from .saliency import (GradCAM, class_activation_of, head_gradient, image_pixels,  # noqa: F401 (re-exported)
                        normalise_to_units, source_grid)
@@ -85,7 +86,6 @@ class CachedGradCAM(SaliencyProvider):
     """Grad-CAM from the training forward: maps stored when an image is seen unmixed, warped when it is a foreground."""
 
     name = "cached-gradcam"
-    observes_training = True
 
     @attrs.frozen
     class Params:
@@ -109,6 +109,10 @@ class CachedGradCAM(SaliencyProvider):
         self.stamps: Optional[Tensor] = None  # (N,) int32, epoch stored; -1 never
         self.fresh_rows = 0
         self.scored_rows = 0
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The observer that hands this provider the unmixed training forwards."""
+        return [SaliencyObserver(SaliencyObserver.Params(), self.context)]
 
     # -------------------------------------------------------------- checks
 
