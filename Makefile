@@ -47,4 +47,4 @@ test: install
 	$(BIN)/python -m pytest -q tests $(foreach d,$(PLUGIN_DIRS),$(d)/tests)
 
 bench: install
-	$(BIN)/python bench/step_cost.py
+	$(BIN)/python -m bench.step_cost

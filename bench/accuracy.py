@@ -1,7 +1,7 @@
 """Accuracy benchmark: recipes x seeds at one budget, paired differences to a base -> docs/results.md.
 
-    python bench/accuracy.py --epochs 4 --seeds 0,1,2 --base ce --tag e4
-    python bench/accuracy.py --epochs 4 --seeds 0,1,2 --tag e4-val --set data.val_per_class=20
+    python -m bench.accuracy --epochs 4 --seeds 0,1,2 --base ce --tag e4
+    python -m bench.accuracy --epochs 4 --seeds 0,1,2 --tag e4-val --set data.val_per_class=20
 
 Protocol: every recipe trains on the same --seeds, so each other recipe is compared to
 the base (--base, default the first of --recipes) seed by seed: the paired difference
@@ -30,21 +30,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import platform
 import re
 import shlex
-import shutil
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.store import ROOT, collect, run_one
 
 DEFAULT_RECIPES = "ce,ce_drw,ldam_drw,cmo,remix,lsm_ce,lsm_ce_drw,lsm_ldam_drw"
 
@@ -54,8 +50,6 @@ METRICS = (("top1", "top-1"), ("many", "Many"), ("medium", "Medium"), ("few", "F
 VAL_METRIC = ("val_top1", "val top-1")
 #: The training split scored in eval mode (run.score_train): did the method fit what it trained on?
 TRAIN_METRICS = (("train_top1", "train top-1"), ("train_few", "train Few"))
-#: The keys of each evaluated epoch kept in a stored run's curve.jsonl (learning curves).
-CURVE_KEYS = ("epoch", "train_loss", "top1", "many", "medium", "few", "val_top1", "train_top1", "train_few")
 
 #: Two-sided 95 % quantiles t_{0.975, df} of Student's t distribution for df = 1..30, as
 #: printed in any table of Student's t (e.g. NIST/SEMATECH e-Handbook of Statistical
@@ -66,12 +60,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-#: Recipe keys that do not change what a run measures: a stored run may differ in them.
-SETTING_IGNORED = ("run.device", "run.channels_last", "data.root")
 
-#: Keys added to the library that change what a run measures, with the behaviour a stored
-#: recipe without the key had: such a run counts as trained with that value.
-BEFORE_THE_KEY = {"saliency.mask_padding": False}
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9._]+(-[A-Za-z0-9._]+)*")
 MISSING = "—"
@@ -235,154 +224,6 @@ the method from {base} (read the other columns' intervals the same way).
 {difference_table(runs, base)}"""
 
 
-# ------------------------------------------------------------------------------ runs
-
-
-def scaled_overrides(recipe, epochs: int) -> list[str]:
-    """--set lines that move the recipe's epoch-valued keys to an ``epochs`` budget."""
-    base = recipe.run.epochs
-    if base == epochs:
-        return []
-    scale = epochs / base
-
-    def at(e: int) -> int:
-        return max(0, min(epochs, round(e * scale)))
-
-    out = [f"optim.milestones=[{', '.join(str(at(m)) for m in recipe.optim.milestones)}]",
-           f"optim.warmup_epochs={min(max(at(recipe.optim.warmup_epochs), 1 if recipe.optim.warmup_epochs else 0), max(epochs - 1, 0))}"]
-    if hasattr(recipe.loss.params, "reweight_epoch"):
-        out.append(f"loss.reweight_epoch={at(recipe.loss.params.reweight_epoch)}")
-    if recipe.mixer is not None:
-        params = recipe.mixer.params  # MixerParams: start_epoch and end_epoch always exist
-        out.append(f"mixer.start_epoch={at(params.start_epoch)}")
-        end = params.end_epoch
-        if end is not None and 0 <= end < 10**6:
-            out.append(f"mixer.end_epoch={max(at(end), at(params.start_epoch) + 1)}")
-    return out
-
-
-def folder_name(stem: str, epochs: int, seed: int, tag: str = "") -> str:
-    """<recipe>[-<tag>]-e<epochs>-s<seed>: without a tag the names of earlier benchmarks."""
-    return f"{stem}{'-' + tag if tag else ''}-e{epochs}-s{seed}"
-
-
-def train_run(recipe, registry, folder: Path, resume: bool) -> None:
-    """Train one run into ``folder`` (the only place the benchmark trains; tests replace it)."""
-    from lsm_registry.engine import Trainer
-    from lsm_registry.reporting import RunReporter
-
-    trainer = Trainer(recipe, registry, run_dir=folder, resume=resume)
-    trainer.fit(RunReporter(show_progress=sys.stderr.isatty()))
-
-
-def setting_differences(folder: Path, recipe) -> list[str]:
-    """Keys whose value in ``folder``/recipe.toml differs from ``recipe`` (seed, name and SETTING_IGNORED aside).
-
-    A key only one side has (added to the library since) does not count, unless BEFORE_THE_KEY says
-    what a stored run without it did; no recipe.toml, no check.
-    """
-    from lsm_registry.runs import flatten
-
-    path = folder / "recipe.toml"
-    if not path.is_file():
-        return []
-    stored = flatten(tomllib.loads(path.read_text(encoding="utf-8")))
-    wanted = flatten(tomllib.loads(recipe.to_toml()))
-    stored = {**{k: v for k, v in BEFORE_THE_KEY.items() if k in wanted}, **stored}
-    return [f"{k}: stored {stored[k]!r}, now {wanted[k]!r}" for k in sorted(set(stored) & set(wanted))
-            if k not in SETTING_IGNORED and stored[k] != wanted[k]]
-
-
-#: What a stored recipe says instead of the data set's folder: where the images lie on the
-#: machine that trained is not part of the setting, and must not land in the repository.
-ROOT_PLACEHOLDER = "<data root>"
-
-
-def without_data_root(recipe_text: str) -> str:
-    """``recipe_text`` with ``root`` of its [data] table replaced by :data:`ROOT_PLACEHOLDER`."""
-    out, table = [], ""
-    for line in recipe_text.splitlines(keepends=True):
-        stripped = line.strip()
-        if stripped.startswith("[") and stripped.endswith("]"):
-            table = stripped.strip("[]").strip()
-        elif table == "data" and re.match(r"root\s*=", stripped):
-            line = f'root = "{ROOT_PLACEHOLDER}"\n'
-        out.append(line)
-    return "".join(out)
-
-
-def write_curve(metrics: Path, target: Path) -> None:
-    """The evaluated epochs of a run's metrics.jsonl, :data:`CURVE_KEYS` only: a few hundred
-    bytes that keep the learning curves (Medium and Few over the epochs) in the store."""
-    lines = []
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if record.get("top1") is not None:
-            lines.append(json.dumps({k: record.get(k) for k in CURVE_KEYS}))
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
-
-
-def store_run(folder: Path, store: Path) -> Path:
-    """Copy the run's recipe.toml (data.root replaced), its curve.jsonl and summary.json (last: it marks
-    the run finished) into store/<name>."""
-    target = store / folder.name
-    target.mkdir(parents=True, exist_ok=True)
-    if (folder / "recipe.toml").is_file():
-        text = without_data_root((folder / "recipe.toml").read_text(encoding="utf-8"))
-        (target / "recipe.toml").write_text(text, encoding="utf-8")
-    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
-    recipe = summary.get("recipe")
-    if isinstance(recipe, str) and Path(recipe).is_absolute():
-        try:  # no paths of this machine in committed files
-            summary["recipe"] = Path(recipe).resolve().relative_to(ROOT).as_posix()
-        except ValueError:
-            pass
-    if (folder / "metrics.jsonl").is_file():
-        write_curve(folder / "metrics.jsonl", target / "curve.jsonl")
-    tmp = target / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target / "summary.json")
-    return target
-
-
-def run_one(path: Path, seed: int, epochs: int, out: Path, extra: list[str], registry,
-            store: Path, tag: str = "") -> tuple[Path, bool]:
-    """The store folder of (recipe, seed), trained first unless it is there; and whether it was trained now."""
-    from lsm_registry.checkpoint import list_checkpoints
-    from lsm_registry.recipe import load_recipe
-
-    name = folder_name(path.stem, epochs, seed, tag)
-    base = load_recipe(path, extra, registry)
-    overrides = [*extra, f"run.epochs={epochs}", f"run.seed={seed}", f"run.name={path.stem}", *scaled_overrides(base, epochs)]
-    recipe = load_recipe(path, overrides, registry)
-    stored, folder = store / name, out / name
-    reused = next((w for w in (stored, folder) if (w / "summary.json").is_file()), None)
-    if reused is not None:
-        differ = setting_differences(reused, recipe)
-        if differ:
-            raise RuntimeError(f"{reused} was trained with another setting ({'; '.join(differ)}); "
-                               "give this protocol its own --tag")
-    if (stored / "summary.json").is_file():
-        print(f"[stored]  {stored}")
-        return stored, False
-    if (folder / "summary.json").is_file():  # finished before the store existed: store it now
-        print(f"[done]    {folder}")
-        return store_run(folder, store), False
-    resume = bool(list_checkpoints(folder))
-    print(f"[{'resume' if resume else 'train'}]   {folder}  ({' '.join(overrides)})", flush=True)
-    train_run(recipe, registry, folder, resume)
-    return store_run(folder, store), True
-
-
-def collect(folders: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict[str, Any]]]:
-    """{method: {seed: summary}} read from the store folders."""
-    from lsm_registry.runs import load_run
-
-    return {method: {seed: load_run(f).summary for seed, f in seeds.items()} for method, seeds in folders.items()}
-
-
 # ------------------------------------------------------------------------------ docs
 
 
@@ -510,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             folders.setdefault(path.stem, {})[seed] = folder
             trained += new
-    command = "python bench/accuracy.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.accuracy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if folders:
         found = collect(folders)
         runs = {name: found.get(name, {}) for name in names}

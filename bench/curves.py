@@ -1,6 +1,6 @@
 """Learning curves of stored benchmark runs as a markdown table: one metric, methods x epochs.
 
-    python bench/curves.py --recipes ce,lsm_ce --tag nat --epochs 60 --seeds 0,1,2 --metric medium
+    python -m bench.curves --recipes ce,lsm_ce --tag nat --epochs 60 --seeds 0,1,2 --metric medium
 
 Reads the ``curve.jsonl`` that bench/accuracy.py keeps beside each stored run
 (results/runs/<recipe>-<tag>-e<epochs>-s<seed>/) and prints, per method, the metric's mean
@@ -14,13 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-from accuracy import folder_name  # noqa: E402  (bench/ is not a package)
+from bench.store import ROOT, folder_name
 
 TITLES = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few", "val_top1": "val top-1",
           "train_top1": "train top-1", "train_few": "train Few", "train_loss": "train loss"}

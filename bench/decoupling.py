@@ -1,6 +1,6 @@
 """Decoupling on Fashion-MNIST-LT: CE, then its cRT, LWS and tau-norm stages, on paired seeds -> docs/results.md.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/decoupling.py --seeds 0,1,2
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.decoupling --seeds 0,1,2
 
 Run it from anywhere; it works in the repository root. Stage 1 is bench/accuracy.py's
 `fmnist-e10` CE run (recipes/fashion_mnist_lt/ce.toml, 10 epochs, a validation split of 20
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-import importlib.util
 import json
 import os
 import shlex
@@ -43,8 +42,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 #: The stage-1 protocol: bench/accuracy.py's fmnist-e10 CE run.
 TAG = "fmnist-e10"
@@ -56,14 +53,9 @@ DEFAULT_TAUS = "0.25,0.5,0.75,1.0"
 BEGIN, END = "<!-- bench/decoupling.py: begin -->", "<!-- bench/decoupling.py: end -->"
 
 
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-accuracy = _accuracy_module()
+from bench import accuracy  # noqa: E402
+from bench import store as run_store  # noqa: E402
+from bench.store import ROOT  # noqa: E402
 
 
 def shown(path: Path) -> str:
@@ -86,20 +78,20 @@ def ensure_parent(seed: int, recipe_dir: Path, out: Path, store: Path, registry)
     from lsm_registry.checkpoint import list_checkpoints
 
     recipe = parent_recipe(seed, recipe_dir, registry)
-    folder = out / accuracy.folder_name("ce", PARENT_EPOCHS, seed, TAG)
+    folder = out / run_store.folder_name("ce", PARENT_EPOCHS, seed, TAG)
     trained = False
     if not (folder / "summary.json").is_file():
         resume = bool(list_checkpoints(folder))
         print(f"[{'resume' if resume else 'train'}]   {shown(folder)}  (stage 1)", flush=True)
-        accuracy.train_run(recipe, registry, folder, resume)
+        run_store.train_run(recipe, registry, folder, resume)
         trained = True
-    differ = accuracy.setting_differences(folder, recipe)
+    differ = run_store.setting_differences(folder, recipe)
     if differ:
         raise RuntimeError(f"{folder} was trained with another setting ({'; '.join(differ)})")
     if not list_checkpoints(folder):
         raise RuntimeError(f"{folder}: no checkpoint left to start the stages from")
     if not (store / folder.name / "summary.json").is_file():
-        accuracy.store_run(folder, store)
+        run_store.store_run(folder, store)
     return folder, trained
 
 
@@ -117,22 +109,22 @@ def run_stage(stem: str, seed: int, parent: Path, recipe_dir: Path, out: Path, s
     path = recipe_dir / f"{stem}.toml"
     overrides = stage_overrides(parent, seed, stem)
     recipe = load_recipe(path, overrides, registry)
-    name = accuracy.folder_name(stem, recipe.run.epochs, seed, TAG)
+    name = run_store.folder_name(stem, recipe.run.epochs, seed, TAG)
     stored, folder = store / name, out / name
     reused = next((w for w in (stored, folder) if (w / "summary.json").is_file()), None)
     if reused is not None:
-        differ = accuracy.setting_differences(reused, recipe)
+        differ = run_store.setting_differences(reused, recipe)
         if differ:
             raise RuntimeError(f"{reused} was trained with another setting ({'; '.join(differ)})")
     if (stored / "summary.json").is_file():
         print(f"[stored]  {shown(stored)}")
         return stored, False
     if (folder / "summary.json").is_file():
-        return accuracy.store_run(folder, store), False
+        return run_store.store_run(folder, store), False
     resume = bool(list_checkpoints(folder))
     print(f"[{'resume' if resume else 'train'}]   {shown(folder)}  ({' '.join(overrides)})", flush=True)
-    accuracy.train_run(recipe, registry, folder, resume)
-    return accuracy.store_run(folder, store), True
+    run_store.train_run(recipe, registry, folder, resume)
+    return run_store.store_run(folder, store), True
 
 
 def read_tau_csv(path: Path) -> dict[float, dict[str, Optional[float]]]:
@@ -157,7 +149,7 @@ def lsm_tau_norm(parent: Path, taus: str, split: str, out: Path) -> None:
 
 def run_tau_norm(seed: int, parent: Path, taus: str, out: Path, store: Path) -> tuple[Path, bool]:
     """The store folder of the tau-norm scores of ``parent``, scored first unless stored."""
-    name = accuracy.folder_name("tau_norm", PARENT_EPOCHS, seed, TAG)
+    name = run_store.folder_name("tau_norm", PARENT_EPOCHS, seed, TAG)
     stored = store / name
     if (stored / "summary.json").is_file():
         grid = sorted(read_tau_csv(stored / "tau-norm,val.csv"))
@@ -273,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # report and go on with the other seeds
             failed.append(f"seed {seed}: {type(exc).__name__}: {exc}")
             print(f"[failed]  {failed[-1]}", file=sys.stderr)
-    command = "OMP_NUM_THREADS=1 .venv/bin/python bench/decoupling.py " + " ".join(
+    command = "OMP_NUM_THREADS=1 .venv/bin/python -m bench.decoupling " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     if runs["ce"]:
         write_results(results, block_text(runs, chosen, command.strip(), seeds, shown(store), trained,

@@ -16,7 +16,7 @@ sets (``FileSplit`` and ``PlannedLoader``, training view: RandomResizedCrop + fl
    per batch in that same pass (1.0: loading fully hidden, or the loader itself the
    bottleneck and never idle). The ratio against L is printed beside it.
 
-    python bench/loader.py --images 3000 --batch-size 32 --batches 50
+    python -m bench.loader --images 3000 --batch-size 32 --batches 50
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def main() -> None:
     made = time.perf_counter() - t
     paths = [str(root / r) for r in rel]
     workers = [int(w) for w in args.workers.split(",")]
-    command = "python bench/loader.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.loader " + " ".join(sys.argv[1:])
     print(f"# loader, {datetime.date.today()}: {platform.node()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, device {device}")
     print(f"# {len(paths)} JPEGs (long side 300-500 px; tree ready in {made:.0f} s), batch {args.batch_size}, "

@@ -7,9 +7,9 @@ the recipe keys in which its stored recipe.toml differs from the base's, and wri
 paired tables of bench/accuracy.py, base first. The criterion for choosing is the
 validation top-1 (``val top-1``); the test columns are only reported.
 
-    python bench/accuracy.py --recipe-dir recipes/synthetic_lt --recipes lsm_ce_cached \\
+    python -m bench.accuracy --recipe-dir recipes/synthetic_lt --recipes lsm_ce_cached \\
         --epochs 40 --seeds 0,1 --tag syn-e40-p8 --set patch.size=8
-    python bench/one_factor.py --recipe lsm_ce_cached --epochs 40 --seeds 0,1 \\
+    python -m bench.one_factor --recipe lsm_ce_cached --epochs 40 --seeds 0,1 \\
         --base-tag syn-e40 --variants syn-e40-p8,syn-e40-prob1 --tag syn-e40-sweep
 """
 
@@ -22,11 +22,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import accuracy as acc
+from bench import accuracy as acc
+from bench import store as run_store
 
 from lsm_registry.runs import flatten
 
-IGNORED = {"run.name", "run.seed", *acc.SETTING_IGNORED}
+IGNORED = {"run.name", "run.seed", *run_store.SETTING_IGNORED}
 
 
 def differing(base: Path, other: Path) -> str:
@@ -45,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-tag", required=True)
     ap.add_argument("--variants", required=True, help="comma-separated tags, one per variant")
     ap.add_argument("--tag", required=True, help="marker name of the block in --results")
-    ap.add_argument("--store", default=str(acc.ROOT / "results" / "runs"))
-    ap.add_argument("--results", default=str(acc.ROOT / "docs" / "results.md"))
+    ap.add_argument("--store", default=str(run_store.ROOT / "results" / "runs"))
+    ap.add_argument("--results", default=str(run_store.ROOT / "docs" / "results.md"))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     store = Path(args.store)
 
     def folders(tag: str) -> dict[int, Path]:
-        found = {s: store / acc.folder_name(args.recipe, args.epochs, s, tag) for s in seeds}
+        found = {s: store / run_store.folder_name(args.recipe, args.epochs, s, tag) for s in seeds}
         return {s: f for s, f in found.items() if (f / "summary.json").is_file()}
 
     base_folders = folders(args.base_tag)
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(tag)
             continue
         by_label[f"{differing(reference, next(iter(found.values())))} ({tag})"] = found
-    runs: dict[str, dict[int, dict[str, Any]]] = acc.collect(by_label)
+    runs: dict[str, dict[int, dict[str, Any]]] = run_store.collect(by_label)
 
     def val(label: str) -> float:
         values = [r["val_top1"] for r in runs[label].values() if r.get("val_top1") is not None]
         return statistics.fmean(values) if values else float("-inf")
 
     best = max(runs, key=val)
-    command = "python bench/one_factor.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.one_factor " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"""Written on {acc.dt.date.today().isoformat()} on {acc.machine()} from the stored runs, with
 
 ```sh

@@ -1,7 +1,7 @@
 """How much of what LSM pastes is padding: fresh Grad-CAM with and without ``mask_padding``.
 
-    python bench/padding_share.py                      # the quick start, model after 4 epochs
-    python bench/padding_share.py --epochs 10 --batches 40
+    python -m bench.padding_share                      # the quick start, model after 4 epochs
+    python -m bench.padding_share --epochs 10 --batches 40
 
 Trains the CE quick start (recipes/quickstart.toml) for ``--epochs`` epochs (the point
 where the LSM quick start starts mixing is epoch 4), then draws ``--batches`` training
@@ -17,14 +17,13 @@ pastes blocks of nothing with a high tail weight.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.store import ROOT
+
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Paired-seed tables of finished run folders, such as the output of `lsm sweep`.
 
-    python bench/paired_table.py .bench/sel-ce .bench/sel-fuser --base quickstart --name-by label_fuser.name
+    python -m bench.paired_table .bench/sel-ce .bench/sel-fuser --base quickstart --name-by label_fuser.name
 
 Runs are grouped into settings as `lsm compare` groups them (same resolved recipe up to
 seed and name); each setting is named by its `lsm compare` label, and every other setting
@@ -12,19 +12,10 @@ Validation top-1 comes first when the runs have a validation split: choose on it
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def _accuracy_module():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench import accuracy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(base) != 1:
         print(f"error: --base {args.base!r} matches {len(base)} settings: {', '.join(runs)}", file=sys.stderr)
         return 2
-    print(_accuracy_module().tables(runs, base[0]), end="")
+    print(accuracy.tables(runs, base[0]), end="")
     return 0
 
 

@@ -1,7 +1,7 @@
 """How close cached-gradcam's maps are to a fresh Grad-CAM of the same augmented images.
 
-    python bench/saliency_fidelity.py --epochs 8 --images 1024
-    python bench/saliency_fidelity.py --epochs 8 --images 1024 --set loss.name=ldam   # LDAM's normalised head
+    python -m bench.saliency_fidelity --epochs 8 --images 1024
+    python -m bench.saliency_fidelity --epochs 8 --images 1024 --set loss.name=ldam   # LDAM's normalised head
 
 Trains a recipe with the ``cached-gradcam`` provider through the engine (maps are
 stored from the unmixed steps, as in any run), then draws a new augmentation of
@@ -27,12 +27,11 @@ from typing import Optional
 import attrs
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.store import ROOT
 
-from lsm_registry.components.cached_saliency import class_activation_of, unit_agreement  # noqa: E402
-from lsm_registry.components.saliency import normalise_to_units  # noqa: E402
-from lsm_registry.engine import Trainer  # noqa: E402
+from lsm_registry.components.cached_saliency import class_activation_of, unit_agreement
+from lsm_registry.components.saliency import normalise_to_units
+from lsm_registry.engine import Trainer
 from lsm_registry.interfaces import Views  # noqa: E402
 from lsm_registry.plugins import default_registry  # noqa: E402
 from lsm_registry.recipe import load_recipe  # noqa: E402
@@ -78,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     lines = [f"# saliency fidelity, {datetime.date.today().isoformat()}: {platform.node() or 'host'}, torch {torch.__version__}, "
              f"{torch.get_num_threads()} threads",
-             f"# command: python {' '.join(['bench/saliency_fidelity.py', *sys.argv[1:]])}",
+             f"# command: python -m bench.saliency_fidelity {' '.join(sys.argv[1:])}",
              f"# recipe {args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe}, "
              f"{args.epochs} epochs (top-1 {100 * summary['top1']:.1f}), {n} training images, "
              f"{patch.grid(height, width)[0] * patch.grid(height, width)[1]} units (k = half), "

@@ -9,8 +9,8 @@ figures are medians over rounds. The LSM steps are also taken apart stage by sta
 pass over the whole pool stores every image's map first (what the unmixed steps of a
 run do), then its mixed steps are timed like the others.
 
-    python bench/step_cost.py --device cuda --repeats 30
-    python bench/step_cost.py --device cpu --repeats 3 --warmup 1
+    python -m bench.step_cost --device cuda --repeats 30
+    python -m bench.step_cost --device cpu --repeats 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           + f", torch {torch.__version__}")
     print(f"# ResNet-32, 32x32x3, 100 classes, batch {args.batch_size}, channels_last {not args.no_channels_last}, "
           f"{repeats} rounds after {warmup} warm-up, medians")
-    print(f"# command: python {' '.join(['bench/step_cost.py', *sys.argv[1:]])}")
+    print(f"# command: python -m bench.step_cost {' '.join(sys.argv[1:])}")
     ce = statistics.median(step_times["CE"])
     print()
     # Medians are the figures; minima are printed beside them because on a shared

@@ -8,10 +8,12 @@ from .errors import DataError, LSMError, RecipeError, RegistryError
 from .hookspecs import hookimpl
 from .interfaces import (
     KINDS,
+    Callback,
     Component,
     Context,
     Crops,
     DatasetFactory,
+    DecodingSplit,
     LabelFuser,
     Logger,
     Loss,
@@ -26,6 +28,7 @@ from .interfaces import (
     SaliencyProvider,
     Sampler,
     Split,
+    StepBatch,
     TensorSplit,
     Views,
     mix_end,
@@ -42,6 +45,6 @@ __all__ = [
     "KINDS", "Component", "Context", "Crops", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
     "MixerParams", "mix_prob", "mix_start", "mix_end",
     "MixResult", "ModelFactory", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
-    "TensorSplit", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
+    "TensorSplit", "DecodingSplit", "Callback", "StepBatch", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
     "RegistryError", "DataError", "__version__",
 ]

@@ -21,11 +21,15 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import attrs
 import numpy as np
 import torch
+from torch import Tensor
 
 from .errors import LSMError
 from .files import atomic_write
+from .formats import CHECKPOINT_FORMAT, format_problem
+from .interfaces import LTData
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?\.pt$")
@@ -217,24 +221,74 @@ def recipe_diff(old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], 
     return changes
 
 
-def read_model_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model state_dict, the rest of the engine checkpoint or {} for a bare state_dict), weights only.
+@attrs.frozen
+class TrainingFacts:
+    """What the model took from its training set: class counts (the groups), names, normalisation, input size."""
 
-    One reader for every place that takes weights from a file a user names (``lsm preview
-    --checkpoint``, a stage-2 recipe's ``init_from``), so none of them unpickles objects.
-    """
+    class_counts: tuple[int, ...]
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: tuple[int, int, int]
+
+    @classmethod
+    def of(cls, data: LTData) -> "TrainingFacts":
+        return cls(data.class_counts(), tuple(data.class_names), tuple(data.mean), tuple(data.std), tuple(data.image_size))
+
+
+@attrs.frozen(eq=False)
+class CheckpointFile:
+    """A checkpoint read weights-only: the model's state, its epoch and step, and the training
+    data's facts when the engine stored them (checkpoints of earlier versions have none)."""
+
+    path: Path
+    state: dict[str, Tensor]
+    epoch: Optional[int]  # completed epochs (None for a bare state_dict)
+    step: int
+    facts: Optional[TrainingFacts]
+    raw: dict[str, Any]  # the whole engine checkpoint ({} for a bare state_dict)
+
+
+def _stored_facts(path: Path, stored: Any) -> Optional[TrainingFacts]:
+    if stored is None:
+        return None
     try:
-        # Weights only, always: a file holding pickled code or objects is refused, never run.
+        counts, names = stored["class_counts"], stored["class_names"]
+        mean, std, size = stored["mean"], stored["std"], stored["image_size"]
+        if not (len(counts) == len(names) and len(mean) == len(std) and len(size) == 3):
+            raise ValueError("lengths disagree")
+        return TrainingFacts(tuple(int(n) for n in counts), tuple(str(n) for n in names),
+                             tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(int(v) for v in size))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LSMError(f"{path}: its 'data' entry is not what lsm-registry writes ({exc})") from None
+
+
+def read_checkpoint(path: Path) -> CheckpointFile:
+    """An engine checkpoint or a bare state_dict, weights only."""
+    try:
         state = load_weights_only(path, map_location="cpu")
     except UnsafeCheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
         raise LSMError(unreadable_checkpoint(path, exc)) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        return state["model"], state
+        problem = format_problem(state.get("format"), CHECKPOINT_FORMAT, str(path))
+        if problem is not None:
+            raise LSMError(problem)
+        epoch = state.get("epoch")
+        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
+            raise LSMError(f"{path}: its 'epoch' is {epoch!r}, not a count of epochs")
+        return CheckpointFile(path, state["model"], epoch, int(state.get("step") or 0), _stored_facts(path, state.get("data")), state)
     if not isinstance(state, dict):
         raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
-    return state, {}
+    return CheckpointFile(path, state, None, 0, None, {})
+
+
+def read_model_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state_dict, the rest of the engine checkpoint or {} for a bare state_dict), weights only:
+    what a stage-2 recipe's ``init_from`` reads (:func:`read_checkpoint` is the one reader)."""
+    read = read_checkpoint(path)
+    return read.state, read.raw
 
 
 def load_model_weights(model: torch.nn.Module, path: Path) -> None:

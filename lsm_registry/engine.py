@@ -31,7 +31,7 @@ from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from .files import FolderLock
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
-from .interfaces import Callback, Crops, Head, Loss, Split, StepBatch, StepClosure, Views
+from .interfaces import Callback, Crops, DecodingSplit, Head, Loss, Split, StepBatch, StepClosure, Views
 from .metrics import summarise_counts
 from .mixing import MixedBatch, foreground_order
 from .recipe import Recipe, migrate, without_loggers
@@ -291,13 +291,14 @@ class Trainer:
         """Augmented, normalised images, labels and per-image crops of the training indices ``idx``.
 
         ``fetched``: uint8 crops the split already cut while decoding (the planned loader's);
-        without them a split that crops while decoding (``augment = "decoded"``) is asked
+        without them a split that crops while decoding (a :class:`DecodingSplit`) is asked
         for its crops with a seed drawn from the engine generator, and any other is
         fetched and augmented on the device.
         """
-        if fetched is None and self.data.augment == "decoded":
+        train = self.data.train
+        if fetched is None and isinstance(train, DecodingSplit):
             seed = int(torch.randint(0, 2**62, (), generator=self.generator))
-            fetched = self.data.train.fetch_train(idx, seed)  # type: ignore[attr-defined]
+            fetched = train.fetch_train(idx, seed)
         if fetched is not None:
             raw, crops = fetched
             x = normalise(raw.to(self.device, non_blocking=True), self.mean, self.std)
@@ -408,7 +409,7 @@ class Trainer:
         restores the generator) repeats exactly, and only the steps that mix fetch a
         foreground.
         """
-        if self.data.augment != "decoded":
+        if not self.data.decodes_training_view:
             return None
         batches = list(self.sampler.batches(epoch, batch_size))
         mixer = self.mixer
@@ -425,9 +426,9 @@ class Trainer:
             return
         if self._loader is None:
             split = self.data.train
+            assert isinstance(split, DecodingSplit)  # plan() returns None otherwise
             # views: prepare_with_crops turns each step's images into a new tensor at once
-            self._loader = PlannedLoader(split, split.workers, split.prefetch,  # type: ignore[attr-defined]
-                                         pin_memory=self.device.type == "cuda", views=True)
+            self._loader = PlannedLoader(split, split.workers, split.prefetch, pin_memory=self.device.type == "cuda", views=True)
         for loaded in self._loader.run(plan[skip:]):
             yield loaded.plan.bg, loaded.plan.fg, loaded
 

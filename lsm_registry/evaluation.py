@@ -31,15 +31,15 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from .checkpoint import CHECKPOINT_DIR, UnsafeCheckpointError, list_checkpoints, load_weights_only, unreadable_checkpoint
+from .checkpoint import CHECKPOINT_DIR, CheckpointFile, TrainingFacts, list_checkpoints, read_checkpoint  # noqa: F401 (re-exported)
 from .data.augment import stats_tensor
 from .engine import build_data, resolve_device, score_split
 from .errors import LSMError, RecipeError
-from .files import atomic_write
-from .formats import CHECKPOINT_FORMAT, SUMMARY_FORMAT, format_problem
+from .files import atomic_write, check_output_folder
+from .formats import SUMMARY_FORMAT
 from .interfaces import Context, LTData, Loss
 from .metrics import summarise_counts
-from .recipe import Recipe, parse_override, read_toml, validate
+from .recipe import Recipe, apply_overrides, parse_overrides, read_toml, validate
 from .registry import Registry
 from .reporting import fmt_pct
 from .tracking import per_class_csv
@@ -52,21 +52,6 @@ EVALUATION_KIND = "evaluation"
 SPLITS = ("test", "val")
 #: The keys ``--set`` may change when scoring trained weights: the data, and where to compute.
 ALLOWED_DEVICE_KEY = "run.device"
-
-
-@attrs.frozen
-class TrainingFacts:
-    """What the model took from its training set: class counts (the groups), names, normalisation, input size."""
-
-    class_counts: tuple[int, ...]
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    image_size: tuple[int, int, int]
-
-    @classmethod
-    def of(cls, data: LTData) -> "TrainingFacts":
-        return cls(data.class_counts(), tuple(data.class_names), tuple(data.mean), tuple(data.std), tuple(data.image_size))
 
 
 @attrs.frozen(eq=False)
@@ -120,71 +105,20 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
     return found[-1]
 
 
-@attrs.frozen(eq=False)
-class CheckpointFile:
-    """A checkpoint read weights-only: the model's state, its epoch and step, and the training
-    data's facts when the engine stored them (checkpoints of earlier versions have none)."""
-
-    path: Path
-    state: dict[str, Tensor]
-    epoch: Optional[int]  # completed epochs (None for a bare state_dict)
-    step: int
-    facts: Optional[TrainingFacts]
-
-
-def _stored_facts(path: Path, stored: Any) -> Optional[TrainingFacts]:
-    if stored is None:
-        return None
-    try:
-        counts, names = stored["class_counts"], stored["class_names"]
-        mean, std, size = stored["mean"], stored["std"], stored["image_size"]
-        if not (len(counts) == len(names) and len(mean) == len(std) and len(size) == 3):
-            raise ValueError("lengths disagree")
-        return TrainingFacts(tuple(int(n) for n in counts), tuple(str(n) for n in names),
-                             tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(int(v) for v in size))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise LSMError(f"{path}: its 'data' entry is not what lsm-registry writes ({exc})") from None
-
-
-def read_checkpoint(path: Path) -> CheckpointFile:
-    """An engine checkpoint or a bare state_dict, weights only."""
-    try:
-        state = load_weights_only(path, map_location="cpu")
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error here
-        raise LSMError(unreadable_checkpoint(path, exc)) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        problem = format_problem(state.get("format"), CHECKPOINT_FORMAT, str(path))
-        if problem is not None:
-            raise LSMError(problem)
-        epoch = state.get("epoch")
-        if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
-            raise LSMError(f"{path}: its 'epoch' is {epoch!r}, not a count of epochs")
-        return CheckpointFile(path, state["model"], epoch, int(state.get("step") or 0), _stored_facts(path, state.get("data")))
-    if not isinstance(state, dict):
-        raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
-    return CheckpointFile(path, state, None, 0, None)
-
-
 # ------------------------------------------------------------------------------ recipes
 
 
-def check_overrides(overrides: Sequence[str]) -> list[tuple[str, str, Any]]:
+def check_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str, Any]]:
     """Parsed ``--set`` overrides; any outside [data] and run.device is refused, naming the key."""
-    parsed, errors = [], []
-    for text in overrides:
-        try:
-            table, key, value = parse_override(text)
-        except RecipeError as exc:
-            errors.extend(exc.lines)
-            continue
+    errors: list[str] = []
+    parsed = []
+    for text, table, key, value in parse_overrides(overrides, errors):
         dotted = f"{table}.{key}"
         if table != "data" and dotted != ALLOWED_DEVICE_KEY:
             errors.append(f"--set {text}: {dotted} cannot change when scoring trained weights; only data.* and "
                           f"{ALLOWED_DEVICE_KEY} may (the model and loss must stay those the weights were trained with)")
             continue
-        parsed.append((table, key, value))
+        parsed.append((text, table, key, value))
     if errors:
         raise RecipeError(errors)
     return parsed
@@ -200,15 +134,14 @@ def evaluation_recipes(run_dir: Path, overrides: Sequence[str], registry: Regist
     parsed = check_overrides(overrides)
     trained_raw, evaluated_raw = read_toml(path), read_toml(path)
     old_name = (trained_raw.get("data") or {}).get("name")
-    new_name = next((v for t, k, v in parsed if t == "data" and k == "name"), old_name)
+    new_name = next((v for _, t, k, v in parsed if t == "data" and k == "name"), old_name)
     if new_name != old_name and isinstance(evaluated_raw.get("data"), dict):
         evaluated_raw["data"] = {}
-    for table, key, value in parsed:
-        targets = (trained_raw, evaluated_raw) if table == "run" else (evaluated_raw,)
-        for raw in targets:
-            section = raw.setdefault(table, {})
-            if isinstance(section, dict):
-                section[key] = value
+    errors: list[str] = []
+    apply_overrides(trained_raw, [p for p in parsed if p[1] == "run"], errors)
+    apply_overrides(evaluated_raw, parsed, errors)
+    if errors:
+        raise RecipeError(errors)
     where = str(path)
     return validate(trained_raw, where, registry), validate(evaluated_raw, where, registry)
 
@@ -415,14 +348,8 @@ def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[P
 
 def check_out(folder: Path) -> None:
     """An evaluation may replace an earlier evaluation, never anything else (a run folder least of all)."""
-    if folder.exists() and not folder.is_dir():
-        raise LSMError(f"{folder}: is a file, not a folder")
-    if not folder.is_dir() or not any(folder.iterdir()):
-        return
-    if (folder / "recipe.toml").exists() or (folder / CHECKPOINT_DIR).exists():
-        raise LSMError(f"{folder}: is a run folder; an evaluation goes into a folder of its own")
-    if _read_summary(folder).get("kind") != EVALUATION_KIND:
-        raise LSMError(f"{folder}: holds other files; choose an empty folder or one with an earlier evaluation")
+    check_output_folder(folder, "an evaluation", lambda f: _read_summary(f).get("kind") == EVALUATION_KIND,
+                        "choose an empty folder or one with an earlier evaluation")
 
 
 def predictions_csv(evaluation: Evaluation) -> str:

@@ -26,10 +26,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CHECKPOINT_DIR
 from .errors import LSMError
 from .evaluation import TrainedModel, load_trained
-from .files import atomic_write, check_writable
+from .files import atomic_write, check_output_folder
 from .interfaces import Loss
 from .registry import Registry
 from .version import __version__
@@ -81,14 +80,7 @@ def maps_logits(loss: Loss) -> bool:
 
 
 def check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LSMError(f"{out}: is a file, not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if (out / "recipe.toml").exists() or (out / CHECKPOINT_DIR).exists():
-        raise LSMError(f"{out}: is a run folder; export into a folder of its own")
-    if not force:
-        raise LSMError(f"{out}: not empty; choose another --out or pass --force to write into it")
+    check_output_folder(out, "an export", lambda _: force, "choose another --out or pass --force to write into it")
 
 
 def _example(model: TrainedModel, batch: int, seed: int) -> Tensor:
@@ -156,7 +148,6 @@ def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optiona
     if fmt not in FORMATS:
         raise LSMError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     check_out(out, force)
-    check_writable(out)
     model = load_trained(run_dir, registry, checkpoint, device=torch.device("cpu"))
     traced = trace(model) if fmt == "torchscript" else None
     files: dict[str, str] = {}

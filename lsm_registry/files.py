@@ -114,6 +114,24 @@ class FolderLock:
         self.release()
 
 
+#: What makes a folder a run folder: an output of evaluate, tau-norm or export never goes into one.
+RUN_FOLDER_MARKS = ("recipe.toml", "checkpoints")
+
+
+def check_output_folder(folder: Path, what: str, may_replace: Optional[Callable[[Path], bool]] = None,
+                        otherwise: str = "choose an empty folder") -> None:
+    """The one guard of a command's output folder, before any work: not a file, never a run folder,
+    empty or one that ``may_replace`` accepts (an earlier output of the same command); writable."""
+    if folder.exists() and not folder.is_dir():
+        raise LSMError(f"{folder}: is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if any((folder / mark).exists() for mark in RUN_FOLDER_MARKS):
+            raise LSMError(f"{folder}: is a run folder; {what} goes into a folder of its own")
+        if may_replace is None or not may_replace(folder):
+            raise LSMError(f"{folder}: holds other files; {otherwise}")
+    check_writable(folder)
+
+
 def check_writable(folder: Path) -> None:
     """Refuse, before any work, an output folder that cannot be written: the folder itself or,
     when it does not exist yet, the nearest folder above it that does (a read-only disk, no

@@ -40,6 +40,7 @@ __all__ = [
     "DatasetFactory",
     "LTData",
     "Split",
+    "DecodingSplit",
     "TensorSplit",
     "Crops",
     "Views",
@@ -553,6 +554,24 @@ class Split(abc.ABC):
         return int(self.labels.numel())
 
 
+class DecodingSplit(Split):
+    """A split that cuts its training view while it decodes (file-backed sets, random-resized crops).
+
+    ``fetch`` is the test-time view; ``fetch_train(idx, seed)`` returns uint8 training crops
+    (B, ch, H, W) on the CPU with their :class:`Crops`, drawn from ``seed`` alone, so a step
+    repeats exactly. ``workers`` decoding processes and ``prefetch`` batches decoded ahead
+    per worker tell the engine's planned loader how far ahead to decode. The engine only
+    normalises what it returns.
+    """
+
+    workers: int = 0
+    prefetch: int = 2
+
+    @abc.abstractmethod
+    def fetch_train(self, idx: Tensor, seed: int) -> tuple[Tensor, "Crops"]:
+        ...
+
+
 class TensorSplit(Split):
     """A split decoded once into a uint8 tensor (small sets: CIFAR, Fashion-MNIST, synthetic)."""
 
@@ -580,9 +599,10 @@ class LTData:
     ``train`` / ``test`` splits, ``class_names`` (C,), ``mean`` / ``std`` per channel
     for normalisation, ``image_size`` (ch, H, W) of what ``fetch`` returns and
     ``augment`` = "crop32" (pad-4 random crop + flip) | "rrc" (random resized crop +
-    flip) | "none", applied by the engine on the device, or "decoded": the training
-    split crops and flips while it decodes (a ``FileSplit``: ``fetch_train(idx, seed)``
-    returns the uint8 crops and their :class:`Crops`), so the engine only normalises. ``val`` is an optional balanced validation split (``val_per_class``
+    flip) | "none", applied by the engine on the device. A training split that is a
+    :class:`DecodingSplit` crops and flips while it decodes instead, and the engine only
+    normalises (its ``augment`` then says "decoded", kept for 0.x readers; the split's
+    type decides). ``val`` is an optional balanced validation split (``val_per_class``
     of the sets that support it; docs/data.md); the engine then picks ``best_*`` on it.
     """
 
@@ -598,6 +618,15 @@ class LTData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def decodes_training_view(self) -> bool:
+        """Whether the training split cuts its own crops while decoding (a :class:`DecodingSplit`)."""
+        return isinstance(self.train, DecodingSplit)
+
+    def __attrs_post_init__(self) -> None:
+        if self.augment == "decoded" and not self.decodes_training_view:
+            raise ValueError(f'augment = "decoded" needs a DecodingSplit as the training split (got {type(self.train).__name__})')
 
     def class_counts(self) -> tuple[int, ...]:
         counts = torch.bincount(self.train.labels, minlength=self.num_classes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import attrs
 
@@ -285,12 +285,25 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[
     path = Path(path)
     raw = read_toml(path)
     errors: list[str] = []
+    apply_overrides(raw, parse_overrides(overrides, errors), errors)
+    return validate(raw, str(path), registry, errors)
+
+
+def parse_overrides(overrides: Sequence[str], errors: list[str]) -> list[tuple[str, str, str, Any]]:
+    """``--set`` lines as (text, table, key, value); a line that does not parse adds its error."""
+    parsed = []
     for text in overrides:
         try:
-            table, key, value = parse_override(text)
+            parsed.append((text, *parse_override(text)))
         except RecipeError as exc:
             errors.extend(exc.lines)
-            continue
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], parsed: Sequence[tuple[str, str, str, Any]], errors: list[str]) -> None:
+    """Write parsed overrides into a raw recipe dict; ``loggers.NAME.KEY`` and ``callbacks.NAME.KEY``
+    reach the named sub-table."""
+    for text, table, key, value in parsed:
         if table in LISTED_TABLES and "." in key:  # --set loggers.mlflow.tracking_uri=...
             sub, key = key.split(".", 1)
             parent = raw.setdefault(table, {})
@@ -302,10 +315,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[
             errors.append(f"--set {text}: [{table}] is not a table")
             continue
         section[key] = value
-    return validate(raw, str(path), registry, errors)
 
 
 def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = None, errors: Optional[list[str]] = None) -> Recipe:
+    """A parsed recipe as a frozen :class:`Recipe`; every problem is collected, then raised at once."""
     if registry is None:
         registry = default_registry()
     errors = list(errors or [])
@@ -314,6 +327,22 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     problem = format_problem(raw.get(FORMAT_KEY), RECIPE_FORMAT, where)
     if problem is not None:
         raise RecipeError([problem])
+    _check_tables(raw, where, errors)
+    fixed, optimizer_keys = _fixed_tables(raw, where, errors)
+    specs = {table: _component_table(registry, raw, table, kind, where, errors) for table, kind in COMPONENT_TABLES.items()}
+    _fill_mixing_defaults(registry, specs, where, errors)
+    _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
+    _check_stage(fixed["stage"], specs.get("model"), where, errors)
+    optimizer = _optimizer(registry, fixed["optim"], fixed["run"], optimizer_keys, where, errors)
+    loggers = _listed(registry, LOGGERS_TABLE, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
+    callbacks = _listed(registry, CALLBACKS_TABLE, fixed["run"], raw.get(CALLBACKS_TABLE), where, errors)
+    if errors:
+        raise RecipeError(errors)
+    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], stage=fixed["stage"], loggers=loggers,
+                  callbacks=callbacks, optimizer=optimizer, **specs)
+
+
+def _check_tables(raw: dict[str, Any], where: str, errors: list[str]) -> None:
     for table, value in raw.items():
         if table == FORMAT_KEY:
             continue
@@ -326,54 +355,45 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
         elif not isinstance(value, dict):
             errors.append(f"{where} [{table}]: must be a table (got {value!r})")
 
-    def section(table: str) -> Optional[dict[str, Any]]:
-        value = raw.get(table)
-        return value if isinstance(value, dict) else None
 
+def _section(raw: dict[str, Any], table: str) -> Optional[dict[str, Any]]:
+    value = raw.get(table)
+    return value if isinstance(value, dict) else None
+
+
+def _fixed_tables(raw: dict[str, Any], where: str, errors: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """[run], [optim], [stage] built (None where invalid), and the [optim] keys left to the optimizer component."""
     fixed: dict[str, Any] = {}
     optimizer_keys: dict[str, Any] = {}
     for table, cls in FIXED_TABLES.items():
-        body = section(table) or {}
+        body = _section(raw, table) or {}
         if table == "optim":
             own = {f.name for f in attrs.fields(cls)}
             optimizer_keys = {k: v for k, v in body.items() if k not in own}
             body = {k: v for k, v in body.items() if k in own}
         fixed[table] = build_params(cls, body, where, table, errors, owner=f"table [{table}]")
-
     if fixed["run"] is not None and not fixed["run"].name:
         fixed["run"] = attrs.evolve(fixed["run"], name=Path(where).stem)
+    return fixed, optimizer_keys
 
-    specs: dict[str, Optional[ComponentSpec]] = {}
-    for table, kind in COMPONENT_TABLES.items():
-        body = section(table)
-        if body is None:
-            if table == "data":
-                errors.append(f"{where} [data]: missing; a recipe must say which data set to train on (e.g. name = \"synthetic-lt\")")
-            default = DEFAULT_COMPONENTS.get(table)
-            specs[table] = _component(registry, kind, default, {}, where, table, errors) if default else None
-            continue
-        name = body.get("name", TABLE_DEFAULT_NAMES.get(table))
-        if name is None:
-            errors.append(f"{where} [{table}].name: missing; choose one of {', '.join(registry.names(kind))}")
-            specs[table] = None
-            continue
-        if not isinstance(name, str):
-            errors.append(f"{where} [{table}].name: expected a string (got {name!r})")
-            specs[table] = None
-            continue
-        params = {k: v for k, v in body.items() if k != "name"}
-        specs[table] = _component(registry, kind, name, params, where, table, errors)
 
-    _fill_mixing_defaults(registry, specs, where, errors)
-    _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
-    _check_stage(fixed["stage"], specs.get("model"), where, errors)
-    optimizer = _optimizer(registry, fixed["optim"], fixed["run"], optimizer_keys, where, errors)
-    loggers = _listed(registry, LOGGERS_TABLE, fixed["run"], raw.get(LOGGERS_TABLE), where, errors)
-    callbacks = _listed(registry, CALLBACKS_TABLE, fixed["run"], raw.get(CALLBACKS_TABLE), where, errors)
-    if errors:
-        raise RecipeError(errors)
-    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], stage=fixed["stage"], loggers=loggers,
-                  callbacks=callbacks, optimizer=optimizer, **specs)
+def _component_table(registry: Registry, raw: dict[str, Any], table: str, kind: str, where: str,
+                     errors: list[str]) -> Optional[ComponentSpec]:
+    body = _section(raw, table)
+    if body is None:
+        if table == "data":
+            errors.append(f"{where} [data]: missing; a recipe must say which data set to train on (e.g. name = \"synthetic-lt\")")
+        default = DEFAULT_COMPONENTS.get(table)
+        return _component(registry, kind, default, {}, where, table, errors) if default else None
+    name = body.get("name", TABLE_DEFAULT_NAMES.get(table))
+    if name is None:
+        errors.append(f"{where} [{table}].name: missing; choose one of {', '.join(registry.names(kind))}")
+        return None
+    if not isinstance(name, str):
+        errors.append(f"{where} [{table}].name: expected a string (got {name!r})")
+        return None
+    params = {k: v for k, v in body.items() if k != "name"}
+    return _component(registry, kind, name, params, where, table, errors)
 
 
 def _optimizer(registry: Registry, optim: Optional[OptimParams], run: Optional[RunParams], keys: dict[str, Any],

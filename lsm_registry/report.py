@@ -21,7 +21,6 @@ import html
 import io
 import json
 import math
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -30,7 +29,6 @@ import attrs
 
 from . import runs
 from .errors import LSMError
-from .formats import RECIPE_FORMAT, format_problem
 from .metrics import group_of
 from .pictures import MIXED_SAMPLES
 from .plots import GROUP_COLOURS, PlotUnavailable, plot_compare, plot_per_class, png_bytes, pyplot
@@ -117,20 +115,6 @@ class ReportRun:
         return isinstance(self.recipe.get("mixer"), dict) and self.recipe["mixer"].get("name") is not None
 
 
-def _read_recipe(path: Path) -> tuple[dict[str, Any], Optional[str]]:
-    if not path.is_file():
-        return {}, None
-    try:
-        text = path.read_text(encoding="utf-8")
-        recipe = tomllib.loads(text)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise LSMError(f"{path}: cannot read the resolved recipe ({exc})") from None
-    problem = format_problem(recipe.get("format"), RECIPE_FORMAT, str(path))
-    if problem is not None:
-        raise LSMError(problem)
-    return recipe, text
-
-
 def _read_metrics(path: Path) -> tuple[dict[str, Any], ...]:
     if not path.is_file():
         return ()
@@ -164,7 +148,7 @@ def load_report_run(folder: Path) -> ReportRun:
     if not runs.is_run_dir(folder):
         raise LSMError(f"{folder}: not a run folder (it holds neither recipe.toml nor summary.json)")
     record = runs.load_run(folder) if (folder / "summary.json").is_file() else None
-    recipe, text = _read_recipe(folder / "recipe.toml")
+    recipe, text = runs.read_run_recipe(folder / "recipe.toml")
     return ReportRun(path=folder, recipe=recipe, recipe_text=text, metrics=_read_metrics(folder / "metrics.jsonl"),
                      record=record)
 

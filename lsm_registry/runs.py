@@ -198,17 +198,23 @@ def load_run(folder: Path) -> RunRecord:
     if problem is not None:
         raise LSMError(problem)
     check_summary_types(summary, summary_path)
-    recipe: dict[str, Any] = {}
-    recipe_path = folder / "recipe.toml"
-    if recipe_path.is_file():
-        try:
-            recipe = tomllib.loads(recipe_path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise LSMError(f"{recipe_path}: cannot read the resolved recipe ({exc})") from None
-        problem = format_problem(recipe.get("format"), RECIPE_FORMAT, str(recipe_path))
-        if problem is not None:
-            raise LSMError(problem)
+    recipe, _ = read_run_recipe(folder / "recipe.toml")
     return RunRecord(path=folder, summary=summary, recipe=recipe)
+
+
+def read_run_recipe(path: Path) -> tuple[dict[str, Any], Optional[str]]:
+    """A run folder's resolved recipe.toml as a dict and its text; ({}, None) when there is none."""
+    if not path.is_file():
+        return {}, None
+    try:
+        text = path.read_text(encoding="utf-8")
+        recipe = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise LSMError(f"{path}: cannot read the resolved recipe ({exc})") from None
+    problem = format_problem(recipe.get("format"), RECIPE_FORMAT, str(path))
+    if problem is not None:
+        raise LSMError(problem)
+    return recipe, text
 
 
 def load_runs(paths: list[Path]) -> list[RunRecord]:

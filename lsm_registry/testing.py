@@ -382,6 +382,43 @@ def _check_label_fuser(c: _Checker, cls: type, params: Any) -> None:
     c.same("soft targets", a, b)
 
 
+def _takes_mixed(c: _Checker, cls: type, loss: Loss) -> bool:
+    """The engine's call on a mixed batch is loss(logits, target, mixed), mixed with y_f, y_b, lam (a MixedBatch)."""
+    try:
+        inspect.signature(loss).bind(None, None, None, **({"features": None} if cls.needs_features else {}))
+        takes_mixed = True
+    except TypeError:
+        takes_mixed = False
+    except ValueError:  # no signature to read
+        takes_mixed = True
+    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None" + (", *, features=None" if cls.needs_features else "")
+            + "): the engine passes the mixed batch's labels" + (" and, as needs_features says, the features" if cls.needs_features else ""))
+    return takes_mixed
+
+
+def _check_mixed_loss(c: _Checker, loss: Loss, data: dict[str, Tensor], logits: Tensor, feats: dict[str, Tensor]) -> None:
+    num_classes = len(CLASS_COUNTS)
+    y_f, y_b = data["y"], data["y2"]
+    lam = torch.linspace(0.1, 0.9, BATCH)
+    mixed = SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
+    target = lam[:, None] * F.one_hot(y_f, num_classes) + (1 - lam[:, None]) * F.one_hot(y_b, num_classes)
+    whole = SimpleNamespace(y_f=y_f, y_b=y_b, lam=torch.ones(BATCH))
+    for epoch in (0, EPOCHS - 1):
+        loss.set_epoch(epoch)
+        z = logits.detach().clone().requires_grad_(True)
+        value = loss(z, target, mixed, **feats)
+        what = f"loss on a mixed batch (epoch {epoch})"
+        c.tensor(what, value, (), "float")
+        value.backward()
+        c.tensor(f"gradient of the {what}", z.grad, (BATCH, num_classes), "float")
+        hard = loss(logits, y_f, **feats)
+        one = loss(logits, F.one_hot(y_f, num_classes).float(), whole, **feats)
+        c.check(
+            torch.allclose(hard, one, rtol=1e-4, atol=1e-5),
+            f"a mixed batch with lam = 1 must give the hard-target loss of y_f (epoch {epoch}: {float(one):.6g} != {float(hard):.6g})",
+        )
+
+
 def _check_loss(c: _Checker, cls: type, params: Any) -> None:
     data = _inputs()
     num_classes = len(CLASS_COUNTS)
@@ -413,37 +450,8 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
         )
     c.tensor("eval_logits", loss.eval_logits(logits.detach()), (BATCH, num_classes), "float")
 
-    # The engine's call on a mixed batch: loss(logits, target, mixed), mixed with y_f, y_b,
-    # lam (a MixedBatch).
-    try:
-        inspect.signature(loss).bind(None, None, None, **({"features": None} if cls.needs_features else {}))
-        takes_mixed = True
-    except TypeError:
-        takes_mixed = False
-    except ValueError:  # no signature to read
-        takes_mixed = True
-    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None" + (", *, features=None" if cls.needs_features else "")
-            + "): the engine passes the mixed batch's labels" + (" and, as needs_features says, the features" if cls.needs_features else ""))
-    if takes_mixed:
-        y_f, y_b = data["y"], data["y2"]
-        lam = torch.linspace(0.1, 0.9, BATCH)
-        mixed = SimpleNamespace(y_f=y_f, y_b=y_b, lam=lam)
-        target = lam[:, None] * F.one_hot(y_f, num_classes) + (1 - lam[:, None]) * F.one_hot(y_b, num_classes)
-        whole = SimpleNamespace(y_f=y_f, y_b=y_b, lam=torch.ones(BATCH))
-        for epoch in (0, EPOCHS - 1):
-            loss.set_epoch(epoch)
-            z = logits.detach().clone().requires_grad_(True)
-            value = loss(z, target, mixed, **feats)
-            what = f"loss on a mixed batch (epoch {epoch})"
-            c.tensor(what, value, (), "float")
-            value.backward()
-            c.tensor(f"gradient of the {what}", z.grad, (BATCH, num_classes), "float")
-            hard = loss(logits, y_f, **feats)
-            one = loss(logits, F.one_hot(y_f, num_classes).float(), whole, **feats)
-            c.check(
-                torch.allclose(hard, one, rtol=1e-4, atol=1e-5),
-                f"a mixed batch with lam = 1 must give the hard-target loss of y_f (epoch {epoch}: {float(one):.6g} != {float(hard):.6g})",
-            )
+    if _takes_mixed(c, cls, loss):
+        _check_mixed_loss(c, loss, data, logits, feats)
 
     def run(l: Loss) -> list[Tensor]:
         l.set_epoch(EPOCHS - 1)

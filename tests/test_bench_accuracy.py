@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from bench import accuracy as bench
+from bench import store as run_store
 
 
 def _summary(seed: int, top1: float, many: float, medium: float, rare3: float, **extra) -> dict:
@@ -86,13 +77,13 @@ def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
     def no_training(*args, **kwargs):
         raise AssertionError("a stored run was trained again")
 
-    monkeypatch.setattr(bench, "train_run", no_training)
+    monkeypatch.setattr(run_store, "train_run", no_training)
     monkeypatch.setattr(bench, "machine", lambda: "test machine")
     store, results = tmp_path / "store", tmp_path / "results.md"
     registry = default_registry()
     for seed in (0, 1):
         recipe = load_recipe(tiny_recipe, ["run.epochs=1", f"run.seed={seed}", "run.name=tiny"], registry)
-        folder = store / bench.folder_name("tiny", 1, seed, "t")
+        folder = store / run_store.folder_name("tiny", 1, seed, "t")
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(_summary(seed, 0.5 + seed / 10, 0.8, 0.5, 0.2)))
         (folder / "recipe.toml").write_text(recipe.to_toml())
@@ -103,7 +94,7 @@ def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
     assert "<!-- bench/accuracy.py t: begin -->" in text and "| tiny (base) | 0,1 | 55.0 ± 7.1 |" in text
     assert "0 trained now, 2 taken from the store" in text and "no paired differences" in text
     # a stored run of another setting is refused, not mixed in (and not retrained)
-    other = store / bench.folder_name("tiny", 1, 0, "t") / "recipe.toml"
+    other = store / run_store.folder_name("tiny", 1, 0, "t") / "recipe.toml"
     other.write_text(other.read_text().replace("lr = 0.05", "lr = 0.5"))
     assert bench.main(argv) == 1
 
@@ -113,7 +104,7 @@ def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypat
     from lsm_registry.recipe import load_recipe
 
     trained = []
-    monkeypatch.setattr(bench, "train_run", lambda recipe, registry, folder, resume: trained.append(folder.name))
+    monkeypatch.setattr(run_store, "train_run", lambda recipe, registry, folder, resume: trained.append(folder.name))
     monkeypatch.setattr(bench, "machine", lambda: "test machine")
     variant = tiny_recipe.parent / "tiny2.toml"
     variant.write_text(tiny_recipe.read_text().replace("lr = 0.05", "lr = 0.5"))
@@ -122,7 +113,7 @@ def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypat
     for stem, path, tag, top1 in (("tiny", tiny_recipe, "old", 0.5), ("tiny2", variant, "new", 0.6)):
         for seed in (0, 1):
             recipe = load_recipe(path, ["run.epochs=1", f"run.seed={seed}", f"run.name={stem}"], registry)
-            folder = store / bench.folder_name(stem, 1, seed, tag)
+            folder = store / run_store.folder_name(stem, 1, seed, tag)
             folder.mkdir(parents=True)
             (folder / "summary.json").write_text(json.dumps(_summary(seed, top1 + seed / 10, 0.8, 0.5, 0.2)))
             (folder / "recipe.toml").write_text(recipe.to_toml())
@@ -133,7 +124,7 @@ def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypat
     assert "<!-- bench/accuracy.py new: begin -->" in text and "| tiny2 | 2 | +10.0 [+10.0, +10.0] |" in text
     # without --base-tag the base would be looked for under the new tag, and trained there
     argv.remove("--base-tag"), argv.remove("old")
-    monkeypatch.setattr(bench, "store_run", lambda folder, store: store / "x")
+    monkeypatch.setattr(run_store, "store_run", lambda folder, store: store / "x")
     monkeypatch.setattr(bench, "collect", lambda folders: {})
     bench.main(argv)
     assert trained == ["tiny-new-e1-s0", "tiny-new-e1-s1"]
@@ -146,9 +137,9 @@ def test_stored_recipe_names_no_data_folder(tmp_path):
     (run / "summary.json").write_text(json.dumps({"top1": 0.5}))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 2.0}) + "\n"
                                        + json.dumps({"epoch": 2, "top1": 0.5, "few": 0.1, "per_class": [0.9, 0.1]}) + "\n")
-    stored = bench.store_run(run, tmp_path / "store")
+    stored = run_store.store_run(run, tmp_path / "store")
     text = (stored / "recipe.toml").read_text()
-    assert "/home/me/images" not in text and f'root = "{bench.ROOT_PLACEHOLDER}"' in text
+    assert "/home/me/images" not in text and f'root = "{run_store.ROOT_PLACEHOLDER}"' in text
     curve = [json.loads(line) for line in (stored / "curve.jsonl").read_text().splitlines()]
     assert [c["epoch"] for c in curve] == [2] and curve[0]["few"] == 0.1 and "per_class" not in curve[0]
 
@@ -162,6 +153,6 @@ def test_a_run_stored_before_a_measuring_key_counts_as_its_old_value(tmp_path, r
     folder = tmp_path / "old"
     folder.mkdir()
     (folder / "recipe.toml").write_text(recipe.to_toml().replace("mask_padding = true\n", ""))
-    assert any("saliency.mask_padding" in d for d in bench.setting_differences(folder, recipe))
+    assert any("saliency.mask_padding" in d for d in run_store.setting_differences(folder, recipe))
     (folder / "recipe.toml").write_text(recipe.to_toml())
-    assert bench.setting_differences(folder, recipe) == []
+    assert run_store.setting_differences(folder, recipe) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,8 @@ from lsm_registry.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_decoupling", ROOT / "bench" / "decoupling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+from bench import decoupling as bench
+from bench import store as run_store
 TAU_CSV = "tau,top1,many,medium,few,rare3\n0.5,{a},0.8,0.6,,0.5\n1,{b},0.7,0.8,,0.9\n"
 
 
@@ -40,7 +33,7 @@ def test_stored_runs_are_reused_and_the_block_is_written(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished or stored run was trained again")
 
-    monkeypatch.setattr(bench.accuracy, "train_run", no_training)
+    monkeypatch.setattr(run_store, "train_run", no_training)
     monkeypatch.setattr(bench, "lsm_tau_norm", no_training)
     monkeypatch.setattr(bench.accuracy, "machine", lambda: "test machine")
     registry = default_registry()
@@ -48,7 +41,7 @@ def test_stored_runs_are_reused_and_the_block_is_written(tmp_path, monkeypatch):
     results.write_text("# Results\n\nbefore\n")
     recipe_dir = ROOT / "recipes" / "fashion_mnist_lt"
     for seed in (0, 1):
-        parent = out / bench.accuracy.folder_name("ce", 10, seed, bench.TAG)
+        parent = out / run_store.folder_name("ce", 10, seed, bench.TAG)
         (parent / "checkpoints").mkdir(parents=True)
         (parent / "checkpoints" / "epoch-0010.pt").write_bytes(b"")
         (parent / "recipe.toml").write_text(bench.parent_recipe(seed, recipe_dir, registry).to_toml())
@@ -56,11 +49,11 @@ def test_stored_runs_are_reused_and_the_block_is_written(tmp_path, monkeypatch):
         for stem, top1, rare3 in (("crt", 0.78, 0.90), ("lws", 0.79, 0.85)):
             recipe = load_recipe(recipe_dir / f"{stem}.toml", bench.stage_overrides(parent, seed, stem), registry)
             assert recipe.stage.init_from == bench.shown(parent) and recipe.data.params.val_per_class == 20
-            folder = store / bench.accuracy.folder_name(stem, recipe.run.epochs, seed, bench.TAG)
+            folder = store / run_store.folder_name(stem, recipe.run.epochs, seed, bench.TAG)
             folder.mkdir(parents=True)
             (folder / "recipe.toml").write_text(recipe.to_toml())
             (folder / "summary.json").write_text(json.dumps(_summary(seed, top1 + seed / 100, rare3)))
-        tau = store / bench.accuracy.folder_name("tau_norm", 10, seed, bench.TAG)
+        tau = store / run_store.folder_name("tau_norm", 10, seed, bench.TAG)
         tau.mkdir(parents=True)
         (tau / "tau-norm,val.csv").write_text(TAU_CSV.format(a=0.9, b=0.8))
         (tau / "tau-norm,test.csv").write_text(TAU_CSV.format(a=0.81, b=0.79))

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import attrs
+import pytest
 import torch
 
 from lsm_registry.recipe import FIXED_TABLES
@@ -77,3 +78,18 @@ def test_plugins_md_example_mixer_conforms():
     cls = run_block(code, "docs/plugins.md: A component")["MyMixer"]
     check_component(cls)
     check_component(cls, params=cls.Params(alpha=0.2))  # the call section 7 shows
+
+
+def test_plugins_md_example_callback_runs_and_conforms():
+    from lsm_registry.testing import check_component
+
+    code = python_block("plugins.md", "The tensor contracts", containing="class StopOnPlateau(Callback)")
+    cls = run_block(code, "docs/plugins.md: Callbacks")["StopOnPlateau"]
+    check_component(cls)
+    from lsm_registry import LSMError
+
+    callback = cls(cls.Params(patience=2), None)
+    for epoch, loss in enumerate([1.0, 0.9, 0.95]):
+        callback.on_epoch_end(None, epoch, {"train_loss": loss})
+    with pytest.raises(LSMError, match="for 2 epochs"):
+        callback.on_epoch_end(None, 3, {"train_loss": 0.92})

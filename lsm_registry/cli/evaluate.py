@@ -12,18 +12,28 @@ from ..errors import LSMError
 from ..evaluation import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
                           check_out, tau_norm_table, write_evaluation)
 from ..export import FORMATS, export_run
-from ..files import atomic_write, check_writable
+from ..files import atomic_write, check_output_folder
 from .common import registry_with_warnings, set_option, user_errors
 
 CHECKPOINT_HELP = "Checkpoint to use: an engine checkpoint or a state_dict (default: the run's newest)."
 
 
+def scoring_options(split_help: str):
+    """RUN_DIR, --checkpoint, --set / --unset and --split: what every command that re-scores a run takes."""
+    def decorate(command):
+        for option in reversed((
+            click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path)),
+            click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP),
+            set_option,
+            click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True, help=split_help),
+        )):
+            command = option(command)
+        return command
+    return decorate
+
+
 @click.command("evaluate")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP)
-@set_option
-@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
-              help="Split to score; val needs a validation split ([data] val_per_class).")
+@scoring_options("Split to score; val needs a validation split ([data] val_per_class).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Folder for summary.json, per_class.csv, predictions.csv (default: RUN_DIR/{EVALUATIONS_DIR}/<split,overrides>).")
 @click.option("--tau-norm", "tau", type=click.FloatRange(min=0), default=None,
@@ -43,7 +53,6 @@ def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str
     registry = registry_with_warnings()
     folder = out if out is not None else run_dir / EVALUATIONS_DIR / evaluation_name(split, overrides, checkpoint, tau)
     check_out(folder)  # before the work, so a bad --out costs nothing
-    check_writable(folder)
     evaluation = evaluate_run(run_dir, registry, checkpoint, overrides, split, tau=tau)
     for note in evaluation.notes:
         click.echo(f"warning: {note}", err=True)
@@ -70,12 +79,8 @@ def parse_taus(text: str) -> list[float]:
 
 
 @click.command("tau-norm")
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@scoring_options("Split to score; choose tau on val (needs [data] val_per_class), report test.")
 @click.option("--tau", "taus", required=True, metavar="T1,T2,...", help="Comma-separated powers, e.g. 0,0.5,0.7,1.0 (0: the trained weights, bias dropped).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP)
-@set_option
-@click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True,
-              help="Split to score; choose tau on val (needs [data] val_per_class), report test.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Folder for one evaluation folder per tau and tau-norm.csv (default: RUN_DIR/{EVALUATIONS_DIR}).")
 @user_errors
@@ -92,9 +97,7 @@ def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides
     values = parse_taus(taus)
     registry = registry_with_warnings()
     base = out if out is not None else run_dir / EVALUATIONS_DIR
-    if out is not None and ((out / "recipe.toml").exists() or (out / "checkpoints").exists()):
-        raise LSMError(f"{out}: is a run folder; the tau-norm evaluations go into a folder of their own")
-    check_writable(base)
+    check_output_folder(base, "the tau-norm evaluations", lambda _: True)
     evaluations = tau_norm_run(run_dir, registry, values, checkpoint, overrides, split)
     for note in evaluations[0].notes:
         click.echo(f"warning: {note}", err=True)

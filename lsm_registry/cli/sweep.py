@@ -219,9 +219,36 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
 
 
     registry = registry_with_warnings()
+    sets = list(overrides)
+    points = sweep_points(recipe, grids, seeds, sets, registry)
+    parsed = resolve_points(recipe, sets, points, registry)
+    out = sweep_folder(recipe, out, points)
+    click.echo(f"sweep of {recipe}: {len(points)} run(s) into {out}")
+    if dry_run:
+        for i, point in enumerate(points, 1):
+            click.echo(f"  [{i}/{len(points)}] {out / point.folder}")
+        return
+    check_writable(out)
+    console = Console()
+    finished, failures = train_points(points, parsed, registry, out, console, no_progress)
+    if finished:
+        groups = runs.group_runs(runs.load_runs(finished))
+        ranked = any(g.stat("val_top1")[0] is not None for g in groups)
+        if ranked:  # choose on validation; the test set is only reported
+            groups = runs.rank_groups(groups, "val_top1")
+        order = ", ranked by validation top-1" if ranked else ""
+        console.print(runs.rich_table(groups, title=f"sweep {out}: last epoch (mean ± std over seeds{order})"))
+    if failures:
+        click.echo(f"{len(failures)} of {len(points)} run(s) failed:", err=True)
+        for label, message in failures:
+            click.echo(f"  {label}: {message}", err=True)
+        sys.exit(1)
+
+
+def sweep_points(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], sets: list[str], registry) -> list:
+    """The grid's points times the seeds; every bad --grid, --set or key is reported at once."""
     errors: list[str] = []
     axes = parse_grid(list(grids), errors)
-    sets = list(overrides)
     try:
         base = load_recipe(recipe, sets, registry)
     except RecipeError as exc:
@@ -234,22 +261,22 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
     clash = sorted({f for f in folders if folders.count(f) > 1})
     if clash:
         raise LSMError(f"--grid: two grid points would share the folder {clash[0]}; list each value once")
-    parsed = resolve_points(recipe, sets, points, registry)
+    return points
 
+
+def sweep_folder(recipe: Path, out: Optional[Path], points: list) -> Path:
+    """``out``, refused when it already holds one of the points' runs; by default a new runs/sweep-<stem>."""
     if out is None:
-        out = fresh_run_dir(Path("runs"), f"sweep-{recipe.stem}")
-    else:
-        taken = [p.folder for p in points if holds_anything(out / p.folder)]
-        if taken:
-            raise LSMError(f"{out}: already holds runs ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); choose another --out")
-    console = Console()
-    click.echo(f"sweep of {recipe}: {len(points)} run(s) into {out}")
-    if dry_run:
-        for i, point in enumerate(points, 1):
-            click.echo(f"  [{i}/{len(points)}] {out / point.folder}")
-        return
-    check_writable(out)
+        return fresh_run_dir(Path("runs"), f"sweep-{recipe.stem}")
+    taken = [p.folder for p in points if holds_anything(out / p.folder)]
+    if taken:
+        raise LSMError(f"{out}: already holds runs ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); choose another --out")
+    return out
 
+
+def train_points(points: list, parsed: list, registry, out: Path, console: Console,
+                 no_progress: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Train every point; a failed run is reported and the others still run. (finished folders, failures)."""
     failures: list[tuple[str, str]] = []
     finished: list[Path] = []
     for i, (point, spec) in enumerate(zip(points, parsed), 1):
@@ -268,16 +295,4 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
             message = "; ".join(lines) if isinstance(exc, LSMError) else f"{type(exc).__name__}: {'; '.join(lines)}"
             failures.append((point.label, message))
             click.echo(f"error: run {point.label} failed: {message}", err=True)
-
-    if finished:
-        groups = runs.group_runs(runs.load_runs(finished))
-        ranked = any(g.stat("val_top1")[0] is not None for g in groups)
-        if ranked:  # choose on validation; the test set is only reported
-            groups = runs.rank_groups(groups, "val_top1")
-        order = ", ranked by validation top-1" if ranked else ""
-        console.print(runs.rich_table(groups, title=f"sweep {out}: last epoch (mean ± std over seeds{order})"))
-    if failures:
-        click.echo(f"{len(failures)} of {len(points)} run(s) failed:", err=True)
-        for label, message in failures:
-            click.echo(f"  {label}: {message}", err=True)
-        sys.exit(1)
+    return finished, failures

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ..errors import DataError
-from ..interfaces import Crops, Split
+from ..interfaces import Crops, DecodingSplit
 from .transforms import RATIO, SCALE, default_resize, eval_view, train_view
 
 MIN_PARALLEL = 16
@@ -149,7 +149,7 @@ class _Requests:
         return len(self.chunks)
 
 
-class FileSplit(Split):
+class FileSplit(DecodingSplit):
     """Images listed by path, decoded per batch by worker processes.
 
     ``size``: the crop side (training and test); ``resize``: the test view's shorter side
