@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # the stages name their parent by a path relative to the repository
 
     from lsm_registry.plugins import default_registry
-    from lsm_registry.runs import load_run
+    from lsm_registry.runfolder.reader import load_run
 
     registry = default_registry()
     started = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Any
 from bench import accuracy as acc
 from bench import store as run_store
 
-from lsm_registry.runs import flatten
+from lsm_registry.runfolder.reader import flatten
 
 IGNORED = {"run.name", "run.seed", *run_store.SETTING_IGNORED}
 

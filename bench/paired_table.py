@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                              "instead of its lsm compare label")
     args = parser.parse_args(argv)
 
-    from lsm_registry.runs import group_runs, load_runs
+    from lsm_registry.runfolder.reader import group_runs, load_runs
 
     groups = group_runs(load_runs(args.run_dirs))
     def name(group) -> str:

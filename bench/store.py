@@ -61,7 +61,7 @@ def folder_name(stem: str, epochs: int, seed: int, tag: str = "") -> str:
 def train_run(recipe, registry, folder: Path, resume: bool) -> None:
     """Train one run into ``folder`` (the only place the benchmark trains; tests replace it)."""
     from lsm_registry.engine import Trainer
-    from lsm_registry.reporting import RunReporter
+    from lsm_registry.runfolder.reporter import RunReporter
 
     trainer = Trainer(recipe, registry, run_dir=folder, resume=resume)
     trainer.fit(RunReporter(show_progress=sys.stderr.isatty()))
@@ -73,7 +73,7 @@ def setting_differences(folder: Path, recipe) -> list[str]:
     A key only one side has (added to the library since) does not count, unless BEFORE_THE_KEY says
     what a stored run without it did; no recipe.toml, no check.
     """
-    from lsm_registry.runs import flatten
+    from lsm_registry.runfolder.reader import flatten
 
     path = folder / "recipe.toml"
     if not path.is_file():
@@ -170,6 +170,6 @@ def run_one(path: Path, seed: int, epochs: int, out: Path, extra: list[str], reg
 
 def collect(folders: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict[str, Any]]]:
     """{method: {seed: summary}} read from the store folders."""
-    from lsm_registry.runs import load_run
+    from lsm_registry.runfolder.reader import load_run
 
     return {method: {seed: load_run(f).summary for seed, f in seeds.items()} for method, seeds in folders.items()}

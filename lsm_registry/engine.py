@@ -160,7 +160,7 @@ class Reporter:
     """What the engine tells the outside world; this base says nothing and writes nothing.
 
     The engine is handed a reporter instead of knowing the screen or the run folder:
-    :class:`lsm_registry.reporting.RunReporter` draws progress and writes the run
+    :class:`lsm_registry.runfolder.reporter.RunReporter` draws progress and writes the run
     folder; tests and benchmarks train with this silent one. Only rank 0's reporter
     should write.
     """

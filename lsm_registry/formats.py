@@ -17,7 +17,7 @@ Versions
        recipe writes first). A recipe without it, e.g. one a user wrote, is read as
        the current format; keys it lacks take their defaults, as always.
 
-``SUMMARY_FORMAT`` (``summary.json``, written by :class:`lsm_registry.reporting.RunReporter`):
+``SUMMARY_FORMAT`` (``summary.json``, written by :class:`lsm_registry.runfolder.reporter.RunReporter`):
     1. no version.
     2. a ``"format"`` key.
 

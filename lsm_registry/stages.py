@@ -191,7 +191,7 @@ def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str
         "step": checkpoint.get("step"),
         # The parent's resolved recipe (None for a bare state_dict) and, when the parent was
         # itself a stage, its own parent record: what `lsm compare` groups stage-2 runs by,
-        # so that the seeds of a two-stage method form one row (lsm_registry.runs).
+        # so that the seeds of a two-stage method form one row (lsm_registry.runfolder.reader).
         "recipe": parent_recipe if isinstance(parent_recipe, dict) else None,
         "parent": grandparent if isinstance(grandparent, dict) else None,
     }

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from conftest import TINY_RECIPE
 from lsm_registry.cli import cli
 from lsm_registry.engine import build_data
-from lsm_registry.evaluation import EVALUATION_KIND, EVALUATIONS_DIR, evaluate_run
-from lsm_registry.export import META_FILE, REBUILD, STATE_DICT_FILE, TORCHSCRIPT_FILE
+from lsm_registry.runfolder.evaluate import EVALUATION_KIND, EVALUATIONS_DIR, evaluate_run
+from lsm_registry.runfolder.export import META_FILE, REBUILD, STATE_DICT_FILE, TORCHSCRIPT_FILE
 from lsm_registry.recipe import load_recipe
 
 NUM_CLASSES = 4  # the tiny recipe's data

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TINY_RECIPE
-from lsm_registry import runs
+from lsm_registry.runfolder import reader as runs
 from lsm_registry.checkpoint import list_checkpoints, load_weights_only
 from lsm_registry.cli import cli
 from lsm_registry.formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, SUMMARY_FORMAT

@@ -13,7 +13,7 @@ LAYERS = [
     {"registry", "components", "data", "plugins", "recipe"},
     {"mixing"},
     {"metrics", "checkpoint", "stages", "assembly", "engine"},
-    {"pictures", "plots", "report", "tracking", "reporting", "runs", "testing", "evaluation", "export"},
+    {"runfolder", "viz", "testing"},
     {"cli", "__main__"},
 ]
 

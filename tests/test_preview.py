@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from lsm_registry.cli import cli
-from lsm_registry.pictures import COLUMNS, TILE_MIN
+from lsm_registry.viz.pictures import COLUMNS, TILE_MIN
 
 RECIPE = """
 [run]

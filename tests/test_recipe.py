@@ -156,7 +156,7 @@ def test_run_names_and_devices_that_cannot_work_are_refused(tiny_recipe, overrid
 
 
 def test_a_file_with_the_run_name_is_skipped(tmp_path):
-    from lsm_registry.reporting import fresh_run_dir
+    from lsm_registry.runfolder.reporter import fresh_run_dir
 
     (tmp_path / "quick").write_text("not a folder")
     assert fresh_run_dir(tmp_path, "quick") == tmp_path / "quick-2"

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_RECIPE
-from lsm_registry import report, runs
+from lsm_registry.runfolder import page as report
+from lsm_registry.runfolder import reader as runs
 from lsm_registry.cli import cli
 from lsm_registry.errors import LSMError
-from lsm_registry.plots import PlotUnavailable
+from lsm_registry.viz.plots import PlotUnavailable
 from lsm_registry.recipe import dumps_toml
 
 pytest.importorskip("matplotlib")

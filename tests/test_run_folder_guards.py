@@ -108,7 +108,7 @@ def test_resume_keeps_the_runs_own_checkpoint_count(tiny_recipe, registry, tmp_p
 def test_names_with_dollar_signs_are_drawn_as_text(tmp_path):
     """matplotlib would parse "$x^$" as broken mathtext and fail after the run had trained."""
     pytest.importorskip("matplotlib")
-    from lsm_registry.plots import plot_confusion, plot_per_class
+    from lsm_registry.viz.plots import plot_confusion, plot_per_class
 
     summary = {"per_class": [0.5, 0.25], "class_counts": [10, 2], "class_names": ["$x^$", "a$b"], "run_name": "$x^$", "top1": 0.4}
     assert plot_per_class(summary, tmp_path / "per_class.png", title="$x^$").stat().st_size > 0
@@ -145,8 +145,8 @@ def test_pictures_that_cannot_be_written_never_fail_a_finished_run(tiny_recipe, 
     pytest.importorskip("matplotlib")
     import errno
 
-    import lsm_registry.plots as plots
-    from lsm_registry.reporting import RunReporter
+    import lsm_registry.viz.plots as plots
+    from lsm_registry.runfolder.reporter import RunReporter
 
     def full_disk(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -216,7 +216,7 @@ def test_resume_of_a_folder_another_process_holds_is_one_line_naming_it(finished
 def test_an_unwritable_out_is_refused_before_the_work(finished_run, tmp_path, monkeypatch, command):
     import os
 
-    import lsm_registry.evaluation as evaluation
+    import lsm_registry.runfolder.evaluate as evaluation
 
     readonly = tmp_path / "readonly"
     readonly.mkdir()
@@ -249,7 +249,7 @@ def test_evaluate_and_export_take_the_training_facts_from_the_checkpoint(finishe
     """Scoring another seed of the data, or exporting, builds no training data."""
     import json
 
-    import lsm_registry.evaluation as evaluation
+    import lsm_registry.runfolder.evaluate as evaluation
 
     built = []
     real_build = evaluation.build_data

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from lsm_registry import runs
+from lsm_registry.runfolder import reader as runs
 from lsm_registry.checkpoint import list_checkpoints, read_model_state
 from lsm_registry.cli import cli
 from lsm_registry.components.models import NormedLinear

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY_RECIPE
-from lsm_registry import runs
+from lsm_registry.runfolder import reader as runs
 from lsm_registry.cli import cli
 from lsm_registry.cli.sweep import GridAxis, expand, parse_grid, split_values
 from lsm_registry.recipe import dumps_toml

@@ -29,8 +29,8 @@ from lsm_registry.interfaces import Logger
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe, without_loggers
 from lsm_registry.registry import Owner
-from lsm_registry.reporting import RunReporter
-from lsm_registry.tracking import LoggerHub, check_loggers
+from lsm_registry.runfolder.reporter import RunReporter
+from lsm_registry.runfolder.tracking import LoggerHub, check_loggers
 
 from conftest import TINY_RECIPE
 

@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 
 from ..errors import LSMError
-from ..evaluation import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
+from ..runfolder.evaluate import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
                           check_out, tau_norm_table, write_evaluation)
-from ..export import FORMATS, export_run
+from ..runfolder.export import FORMATS, export_run
 from ..files import atomic_write, check_output_folder
 from .common import registry_with_warnings, set_option, user_errors
 

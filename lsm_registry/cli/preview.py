@@ -1,4 +1,4 @@
-"""``lsm preview``: draw one mixed batch of a recipe to a PNG (the drawing lives in lsm_registry.pictures)."""
+"""``lsm preview``: draw one mixed batch of a recipe to a PNG (the drawing lives in lsm_registry.viz.pictures)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import click
 from ..checkpoint import load_model_weights
 from ..engine import Trainer
 from ..errors import LSMError
-from ..pictures import save_preview
+from ..viz.pictures import save_preview
 from ..recipe import load_recipe
 from .common import registry_with_warnings, set_option, user_errors
 

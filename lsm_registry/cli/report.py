@@ -1,4 +1,4 @@
-"""``lsm report RUN_DIR...``: one self-contained HTML page of runs (the page is built in lsm_registry.report)."""
+"""``lsm report RUN_DIR...``: one self-contained HTML page of runs (the page is built in lsm_registry.runfolder.page)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import click
 
-from .. import report
+from ..runfolder import page as report
 from ..errors import LSMError
 from ..files import atomic_write
 from .common import user_errors

@@ -9,12 +9,12 @@ import click
 
 from ..checkpoint import check_free_space, estimate_size
 from ..engine import Trainer, dist_info
-from .. import runs
+from ..runfolder import reader as runs
 from ..errors import LSMError, RecipeError
 from ..files import holds_anything
 from ..recipe import load_recipe
-from ..reporting import RunReporter, check_writable, fresh_run_dir
-from ..tracking import check_loggers
+from ..runfolder.reporter import RunReporter, check_writable, fresh_run_dir
+from ..runfolder.tracking import check_loggers
 from .common import output_console, registry_with_warnings, set_option, user_errors
 
 

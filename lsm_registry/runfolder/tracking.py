@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import LSMError
-from .files import atomic_write
-from .formats import SUMMARY_FORMAT
-from .interfaces import Context, Logger, RunInfo
-from .metrics import group_of
-from .recipe import Recipe
-from .registry import Registry
+from ..errors import LSMError
+from ..files import atomic_write
+from ..formats import SUMMARY_FORMAT
+from ..interfaces import Context, Logger, RunInfo
+from ..metrics import group_of
+from ..recipe import Recipe
+from ..registry import Registry
 
 #: metrics.jsonl / record keys sent to the trackers after an evaluation, as test/<key> and val/<key>.
 EVAL_KEYS = ("top1", "many", "medium", "few", "rare3")

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .engine import Reporter, Trainer
-from .errors import LSMError
-from .pictures import MIXED_SAMPLES, draw_mixed_samples
-from .plots import PlotUnavailable, plot_confusion, plot_per_class
-from .files import holds_anything
+from ..engine import Reporter, Trainer
+from ..errors import LSMError
+from ..viz.pictures import MIXED_SAMPLES, draw_mixed_samples
+from ..viz.plots import PlotUnavailable, plot_confusion, plot_per_class
+from ..files import holds_anything
 from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, run_info
 
 
@@ -74,7 +74,7 @@ def check_writable(folder: Path) -> None:
 class RunReporter(Reporter):
     """Progress bars on stderr, the result table on stdout; on rank 0 the run folder and the recipe's loggers.
 
-    Everything the run writes goes through a :class:`~lsm_registry.tracking.LoggerHub`:
+    Everything the run writes goes through a :class:`~lsm_registry.runfolder.tracking.LoggerHub`:
     the run folder's writer first (its errors stop the run), then each tracker of
     ``[run].loggers`` (its errors are reported and it is dropped).
     """

@@ -18,11 +18,11 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from .engine import Trainer, epoch_seed
-from .errors import LSMError
-from .files import atomic_write
-from .interfaces import PatchOperator, Views
-from .mixing import MixedBatch
+from ..engine import Trainer, epoch_seed
+from ..errors import LSMError
+from ..files import atomic_write
+from ..interfaces import PatchOperator, Views
+from ..mixing import MixedBatch
 
 COLUMNS = ("foreground", "saliency", "mask", "background", "mixed")
 TILE_MIN = 96  # small images are scaled up (nearest) to at least this side

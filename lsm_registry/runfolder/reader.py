@@ -1,6 +1,6 @@
 """Reading finished run folders and comparing them (``lsm compare``, ``lsm sweep``).
 
-A run folder (written by :mod:`lsm_registry.reporting`) holds ``recipe.toml`` (the
+A run folder (written by :mod:`lsm_registry.runfolder.reporter`) holds ``recipe.toml`` (the
 resolved recipe), ``metrics.jsonl``, ``summary.json`` and ``per_class.csv``. Runs
 whose resolved recipes differ only in ``run.seed`` and ``run.name`` are repeats of
 one setting and are grouped as mean +- standard deviation; each group is labelled by
@@ -25,10 +25,10 @@ from typing import Any, Optional
 import attrs
 from rich.table import Table
 
-from .errors import LSMError
-from .formats import RECIPE_FORMAT, SUMMARY_FORMAT, format_problem
-from .plugins import default_registry
-from .recipe import ALL_TABLES, dumps_toml, migrate, without_loggers
+from ..errors import LSMError
+from ..formats import RECIPE_FORMAT, SUMMARY_FORMAT, format_problem
+from ..plugins import default_registry
+from ..recipe import ALL_TABLES, dumps_toml, migrate, without_loggers
 
 #: Recipe keys that do not change what a run measures, ignored when grouping.
 REPEAT_KEYS = (("run", "seed"), ("run", "name"))

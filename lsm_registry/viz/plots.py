@@ -14,9 +14,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .errors import LSMError
-from .files import atomic_write
-from .metrics import group_of
+from ..errors import LSMError
+from ..files import atomic_write
+from ..metrics import group_of
 
 GROUP_COLOURS = {"many": "#1f77b4", "medium": "#ff7f0e", "few": "#d62728"}
 

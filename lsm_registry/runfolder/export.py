@@ -26,12 +26,12 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .errors import LSMError
-from .evaluation import TrainedModel, load_trained
-from .files import atomic_write, check_output_folder
-from .interfaces import Loss
-from .registry import Registry
-from .version import __version__
+from ..errors import LSMError
+from .evaluate import TrainedModel, load_trained
+from ..files import atomic_write, check_output_folder
+from ..interfaces import Loss
+from ..registry import Registry
+from ..version import __version__
 
 #: Version of model.json; raise it when a key changes meaning or goes away (adding keys does not).
 EXPORT_FORMAT = 1

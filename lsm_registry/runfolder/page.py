@@ -27,12 +27,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import attrs
 
-from . import runs
-from .errors import LSMError
-from .metrics import group_of
-from .pictures import MIXED_SAMPLES
-from .plots import GROUP_COLOURS, PlotUnavailable, plot_compare, plot_per_class, png_bytes, pyplot
-from .version import __version__
+from . import reader as runs
+from ..errors import LSMError
+from ..metrics import group_of
+from ..viz.pictures import MIXED_SAMPLES
+from ..viz.plots import GROUP_COLOURS, PlotUnavailable, plot_compare, plot_per_class, png_bytes, pyplot
+from ..version import __version__
 
 #: What ``lsm report`` writes when ``--out`` is not given and one run is reported.
 REPORT_NAME = "report.html"
