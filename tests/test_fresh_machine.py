@@ -47,7 +47,7 @@ def _imports(folder: Path) -> dict[str, Path]:
 
 
 def _local_modules() -> set[str]:
-    return {p.stem for p in ROOT.rglob("*.py") if ".venv" not in p.parts} | {"lsm_registry", "lsm_spectral"}
+    return {p.stem for p in ROOT.rglob("*.py") if ".venv" not in p.parts} | {"lsm_registry", "lsm_spectral", "bench"}
 
 
 PROJECTS = [(ROOT / "pyproject.toml", [ROOT / "lsm_registry", ROOT / "tests", ROOT / "bench"])] + [

@@ -55,8 +55,10 @@ class NanGuard(Callback):
         self.bad_step = torch.full((), -1, dtype=torch.int64, device=loop.device)
 
     def on_step_end(self, loop: Any, batch: StepBatch, loss: Tensor) -> None:
-        # The first non-finite step, remembered on the device: no host sync per step.
-        assert self.bad_step is not None
+        # The first non-finite step, remembered on the device: no host sync per step. A step
+        # called outside fit (a benchmark, a test) starts the record itself.
+        if self.bad_step is None:
+            self.on_epoch_start(loop, batch.epoch)
         bad = ~torch.isfinite(loss) & (self.bad_step < 0)
         self.bad_step = torch.where(bad, torch.full_like(self.bad_step, batch.step), self.bad_step)
 
