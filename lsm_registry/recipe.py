@@ -513,6 +513,16 @@ def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[Componen
         specs["saliency"] = _component(registry, "saliency", "gradcam", {}, where, "saliency", errors)
 
 
+def window_fix(params: Any, epochs: int) -> str:
+    """The flags that give a mixer's window epochs to mix in a run of ``epochs``: the start moved
+    to at most a quarter of the run, the end dropped when it would still close the window."""
+    start = min(params.start_epoch, epochs // 4)
+    flags = [f"--set mixer.start_epoch={start}"] if start != params.start_epoch else []
+    if not attrs.evolve(params, start_epoch=start).window(epochs):
+        flags.append("--unset mixer.end_epoch")
+    return " ".join(flags)
+
+
 def _check_mixing_happens(mixer: Optional[ComponentSpec], run: Optional[RunParams], where: str, errors: list[str]) -> None:
     """A [mixer] that can never mix is refused: the run would silently train without it."""
     if mixer is None or run is None:
@@ -520,7 +530,7 @@ def _check_mixing_happens(mixer: Optional[ComponentSpec], run: Optional[RunParam
     params = mixer.params
     if not params.window(run.epochs):
         errors.append(f"{where} [mixer] {params.describe_window()} is empty for run.epochs = {run.epochs}: "
-                      "no batch would be mixed; set mixer.start_epoch / mixer.end_epoch")
+                      f"no batch would be mixed; for a run this short add {window_fix(params, run.epochs)}")
     if params.prob == 0.0:
         errors.append(f"{where} [mixer].prob: 0 means no batch would be mixed; raise it or remove the [mixer] table")
 

@@ -156,3 +156,15 @@ def test_run_validates_every_recipe_before_training(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["run", str(good), str(bad)])
     assert result.exit_code == 2 and "unknown loss 'cee'" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unknown_pattern_in_list_components_is_an_error_with_the_closest_names():
+    result = CliRunner().invoke(cli, ["list-components", "gradcm"])
+    assert result.exit_code == 2 and "closest: gradcam" in result.output
+    result = CliRunner().invoke(cli, ["list-components", "zzz"])
+    assert result.exit_code == 2 and "no component matches 'zzz'" in result.output
+
+
+def test_the_torchvision_model_listing_tells_the_truth_about_weights():
+    result = CliRunner().invoke(cli, ["list-components", "--kind", "model", "torchvision"])
+    assert result.exit_code == 0 and "no pretrained" not in result.output and "weights" in result.output

@@ -1,5 +1,7 @@
 """Recipe validation: every kind of bad input gets its own one-line message."""
 
+from pathlib import Path
+
 import pytest
 
 from lsm_registry.errors import RecipeError
@@ -160,3 +162,29 @@ def test_a_file_with_the_run_name_is_skipped(tmp_path):
 
     (tmp_path / "quick").write_text("not a folder")
     assert fresh_run_dir(tmp_path, "quick") == tmp_path / "quick-2"
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3])
+def test_the_empty_window_error_prints_flags_that_fix_it(epochs):
+    """Short runs of every mixing recipe: the error names the exact --set / --unset that make it valid."""
+    import re
+    import shlex
+
+    from lsm_registry.plugins import default_registry
+
+    registry = default_registry()
+    tried = 0
+    for path in sorted(Path("recipes").rglob("*.toml")):
+        try:
+            load_recipe(path, [f"run.epochs={epochs}"], registry)
+            continue
+        except RecipeError as exc:
+            lines = [line for line in exc.lines if "is empty for run.epochs" in line]
+            if not lines:
+                continue
+        flags = shlex.split(re.search(r"add (--.*)$", lines[0]).group(1))
+        overrides = [f"run.epochs={epochs}"] + [v for f, v in zip(flags[::2], flags[1::2]) if f == "--set"]
+        unsets = [v for f, v in zip(flags[::2], flags[1::2]) if f == "--unset"]
+        load_recipe(path, overrides + [f"{key}={{ none = true }}" for key in unsets], registry)
+        tried += 1
+    assert tried > 0

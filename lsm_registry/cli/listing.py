@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import LSMError
 from ..interfaces import KINDS
 from ..plugins import default_registry
 from ..recipe import load_recipe
@@ -42,6 +44,7 @@ def _param_text(params_cls: type) -> str:
 @click.option("--kind", type=click.Choice(list(KINDS)),
               default=None, help="Only this kind.")
 @click.argument("pattern", required=False)
+@user_errors
 def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
     """List registered components, optionally only those matching PATTERN.
 
@@ -55,6 +58,12 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
     """
 
     registry = default_registry()
+    entries = registry.list(kind, pattern)
+    if pattern and not entries:
+        names = sorted({e.name for e in registry.list(kind)} | {e.owner.distribution for e in registry.list(kind)})
+        close = difflib.get_close_matches(pattern.lower(), names, n=3, cutoff=0.5)
+        raise LSMError(f"no component matches {pattern!r}" + (f" (kind {kind})" if kind else "")
+                       + (f"; closest: {', '.join(close)}" if close else "; `lsm list-components` lists them all"))
     console = Console()
     table = Table(title="registered components")
     # Names and providers are what users copy into recipes and bug reports: never split them.
@@ -63,7 +72,6 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
     table.add_column("provided by", overflow="fold", min_width=12)
     table.add_column("summary", overflow="fold", ratio=3)
     table.add_column("parameters (defaults)", overflow="fold", ratio=2)
-    entries = registry.list(kind, pattern)
     for entry in entries:
         table.add_row(
             entry.kind,
@@ -73,8 +81,6 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
             _param_text(entry.cls.Params),
         )
     console.print(table)
-    if not entries:
-        console.print("no component matches" + (f" {pattern!r}" if pattern else ""))
     # Plain echo, not rich: one unwrapped line per broken plugin, easy to grep and paste.
     for problem in registry.problems:
         click.echo(f"not loaded: {problem}")

@@ -160,7 +160,7 @@ class TorchvisionClassifier(nn.Module):
 
 
 class Torchvision(ModelFactory):
-    """Any torchvision classification model by name (torchvision.models.get_model), no pretrained weights."""
+    """Any torchvision classification model by name (torchvision.models.get_model), from scratch or from named weights."""
 
     name = "torchvision"
 
