@@ -32,6 +32,8 @@ from .formats import CHECKPOINT_FORMAT, format_problem
 from .interfaces import LTData
 
 CHECKPOINT_DIR = "checkpoints"
+#: The checkpoint of the best epoch on the validation split (runs with one); never pruned.
+BEST_CHECKPOINT = "best.pt"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-step-(\d+))?\.pt$")
 
 

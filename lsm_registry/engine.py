@@ -20,7 +20,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
+from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
                          rng_state, save_atomic, set_rng_state)
 # Re-exported: these were the engine's before building a run got a module of its own.
 from .assembly import (DistInfo, RunParts, build_data, build_run, check_feature_api, dist_info,  # noqa: F401
@@ -498,6 +498,14 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
         state = self._checkpoint_state(epoch, step, stats)
         state["saliency"] = saliency
+        self._write_checkpoint(state, path)
+        if step == 0 and self.data.val is not None and self.best_epoch == epoch:
+            # The best epoch on validation is kept beside the newest, whatever --keep says.
+            self._write_checkpoint(state, self.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT)
+        prune(self.run_dir, self.keep)
+        return path
+
+    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
         try:
             save_atomic(state, path)
         except (OSError, RuntimeError) as exc:
@@ -510,8 +518,6 @@ class Trainer:
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
             raise LSMError(f"{path}: cannot write the checkpoint ({reason}); {kept}; free space and continue with: "
                            f"lsm resume {self.run_dir}") from None
-        prune(self.run_dir, self.keep)
-        return path
 
     def _gather_saliency_state(self) -> Any:
         """The saliency provider's state; under several processes every rank's, as a list, so that

@@ -15,7 +15,8 @@ from ..runfolder.export import FORMATS, export_run
 from ..files import atomic_write, check_output_folder
 from .common import registry_with_warnings, set_option, user_errors
 
-CHECKPOINT_HELP = "Checkpoint to use: an engine checkpoint or a state_dict (default: the run's newest)."
+CHECKPOINT_HELP = ("Checkpoint to use: best (the best epoch on the validation split), last (the newest, the default) "
+                   "or a file, an engine checkpoint or a state_dict.")
 
 
 def scoring_options(split_help: str):
@@ -23,7 +24,7 @@ def scoring_options(split_help: str):
     def decorate(command):
         for option in reversed((
             click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path)),
-            click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP),
+            click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE", help=CHECKPOINT_HELP),
             set_option,
             click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True, help=split_help),
         )):
@@ -114,7 +115,7 @@ def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides
 @click.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the export to.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help=CHECKPOINT_HELP)
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE", help=CHECKPOINT_HELP)
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="torchscript", show_default=True,
               help="torchscript: model.torchscript.pt (loads with torch.jit.load alone) and model.pt; state-dict: model.pt only.")
 @click.option("--force", is_flag=True, help="Write into --out even when it is not empty.")

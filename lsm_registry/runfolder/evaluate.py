@@ -31,7 +31,7 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from ..checkpoint import CHECKPOINT_DIR, CheckpointFile, TrainingFacts, list_checkpoints, read_checkpoint  # noqa: F401 (re-exported)
+from ..checkpoint import BEST_CHECKPOINT, CHECKPOINT_DIR, CheckpointFile, TrainingFacts, list_checkpoints, read_checkpoint  # noqa: F401 (re-exported)
 from ..data.augment import stats_tensor
 from ..engine import build_data, resolve_device, score_split
 from ..errors import LSMError, RecipeError
@@ -93,9 +93,12 @@ def run_recipe_path(run_dir: Path) -> Path:
 
 
 def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
-    """``checkpoint`` when given, else the run's newest one: a damaged newest file is an error, never
-    silently replaced by an older one, since the scores would then describe other weights."""
-    if checkpoint is not None:
+    """``checkpoint`` when given (a file, or ``best`` / ``last``), else the run's newest one: a damaged
+    newest file is an error, never silently replaced by an older one, since the scores would then
+    describe other weights."""
+    if checkpoint is not None and str(checkpoint) == "best" and not checkpoint.is_file():
+        return best_checkpoint(run_dir)
+    if checkpoint is not None and not (str(checkpoint) == "last" and not checkpoint.is_file()):
         if not checkpoint.is_file():
             raise LSMError(f"{checkpoint}: no such checkpoint file")
         return checkpoint
@@ -103,6 +106,19 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
     if not found:
         raise LSMError(f"{run_dir}: no checkpoint in {run_dir / CHECKPOINT_DIR}; name one with --checkpoint FILE")
     return found[-1]
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The run's ``checkpoints/best.pt``: the best epoch on its validation split."""
+    path = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    if path.is_file():
+        return path
+    summary = _read_summary(run_dir)
+    if summary and summary.get("best_on") != "val":
+        raise LSMError(f"{run_dir}: no best checkpoint: the run has no validation split, and choosing on the test set "
+                       "is what one exists to avoid; train with --set data.val_per_class=N, or use --checkpoint last")
+    raise LSMError(f"{path}: not there (runs of earlier versions, and runs stopped before their first evaluation, "
+                   "keep none); use --checkpoint last or a file")
 
 
 # ------------------------------------------------------------------------------ recipes
