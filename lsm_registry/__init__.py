@@ -39,6 +39,17 @@ from .params import param
 from .plugins import default_registry
 from .version import __version__
 
+#: Loaded on first use (PEP 562): the training API pulls in the engine and the run folder.
+_LAZY = {"train": "api", "load_run": "api", "TrainedRun": "api", "RunFolder": "api"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 
 __all__ = [
@@ -46,5 +57,5 @@ __all__ = [
     "MixerParams", "mix_prob", "mix_start", "mix_end",
     "MixResult", "ModelFactory", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
     "TensorSplit", "DecodingSplit", "Callback", "StepBatch", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
-    "RegistryError", "DataError", "__version__",
+    "RegistryError", "DataError", "__version__", "train", "load_run", "TrainedRun", "RunFolder",
 ]

@@ -93,3 +93,16 @@ def test_plugins_md_example_callback_runs_and_conforms():
         callback.on_epoch_end(None, epoch, {"train_loss": loss})
     with pytest.raises(LSMError, match="for 2 epochs"):
         callback.on_epoch_end(None, 3, {"train_loss": 0.92})
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"^## Python\n.*?^```python\n(.*?)^```", text, re.S | re.M).group(1)
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path)
+    ns = run_block(code, "README.md: Python")
+    run, folder = ns["run"], ns["folder"]
+    assert (tmp_path / "runs" / "notebook-demo" / "summary.json").is_file()
+    assert {k: v for k, v in folder.summary.items() if k != "format"} == run.summary and folder.metrics[-1]["epoch"] == 2
+    assert folder.trained.epoch == run.summary["best_epoch"]
+    assert isinstance(folder.model, torch.nn.Module) and not folder.model.training

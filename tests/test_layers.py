@@ -14,7 +14,7 @@ LAYERS = [
     {"mixing"},
     {"metrics", "checkpoint", "stages", "assembly", "engine"},
     {"runfolder", "viz", "testing"},
-    {"cli", "__main__"},
+    {"api", "cli", "__main__"},
 ]
 
 
