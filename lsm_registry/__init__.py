@@ -1,55 +1,40 @@
 """lsm_registry: saliency-guided local semantic mixing for long-tailed classification.
 
-Public API: the interfaces (the plugin ABI), ``hookimpl`` for plugins, the errors
-and ``__version__``. Components are found through :func:`default_registry`.
+Public API: the interfaces (the plugin ABI), ``hookimpl`` for plugins, the errors,
+``__version__``, and :func:`train` / :func:`load_run` for scripts and notebooks.
+Components are found through :func:`default_registry`.
 """
 
 from .errors import DataError, LSMError, RecipeError, RegistryError
-from .hookspecs import hookimpl
-from .interfaces import (
-    KINDS,
-    Callback,
-    Component,
-    Context,
-    Crops,
-    DatasetFactory,
-    DecodingSplit,
-    LabelFuser,
-    Logger,
-    Loss,
-    LTData,
-    Mixer,
-    MixerParams,
-    MixResult,
-    ModelFactory,
-    Optimizer,
-    PatchOperator,
-    RunInfo,
-    SaliencyProvider,
-    Sampler,
-    Split,
-    StepBatch,
-    TensorSplit,
-    Views,
-    mix_end,
-    mix_prob,
-    mix_start,
-)
-from .params import param
-from .plugins import default_registry
 from .version import __version__
 
-#: Loaded on first use (PEP 562): the training API pulls in the engine and the run folder.
-_LAZY = {"train": "api", "load_run": "api", "TrainedRun": "api", "RunFolder": "api"}
+#: Everything else loads on first use (PEP 562), so that `import lsm_registry` and `lsm --help`
+#: do not import torch: name -> the module (of this package) that defines it.
+_LAZY = {
+    **{name: "interfaces" for name in (
+        "KINDS", "Callback", "Component", "Context", "Crops", "DatasetFactory", "DecodingSplit", "LabelFuser",
+        "Logger", "Loss", "LTData", "Mixer", "MixerParams", "MixResult", "ModelFactory", "Optimizer",
+        "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split", "StepBatch", "TensorSplit", "Views",
+        "mix_end", "mix_prob", "mix_start")},
+    "hookimpl": "hookspecs",
+    "param": "params",
+    "default_registry": "plugins",
+    **{name: "api" for name in ("train", "load_run", "TrainedRun", "RunFolder")},
+}
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # looked up once
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

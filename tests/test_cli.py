@@ -28,7 +28,9 @@ def help_commands(output: str) -> list[str]:
 
 
 def test_every_command_is_registered_and_listed_in_help():
-    assert sorted(cli.commands) == list(COMMANDS)
+    import click
+
+    assert cli.list_commands(click.Context(cli)) == list(COMMANDS)
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0, result.output
     assert help_commands(result.output) == list(COMMANDS)
@@ -39,7 +41,9 @@ def test_each_command_has_its_own_help(name):
     result = CliRunner().invoke(cli, [name, "--help"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"Usage: cli {name} ")
-    assert cli.commands[name].help.split("\n")[0].split()[0] in result.output
+    import click
+
+    assert cli.get_command(click.Context(cli), name).help.split("\n")[0].split()[0] in result.output
 
 
 def test_list_components_shows_builtins_with_provider():
@@ -168,3 +172,26 @@ def test_an_unknown_pattern_in_list_components_is_an_error_with_the_closest_name
 def test_the_torchvision_model_listing_tells_the_truth_about_weights():
     result = CliRunner().invoke(cli, ["list-components", "--kind", "model", "torchvision"])
     assert result.exit_code == 0 and "no pretrained" not in result.output and "weights" in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_help_and_version_do_not_import_torch(args):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lsm_registry.cli import cli\ntry:\n    cli(%r, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)" % (args,))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_lazy_command_list_matches_the_commands():
+    import click
+
+    from lsm_registry.cli import COMMANDS as LAZY
+
+    ctx = click.Context(cli)
+    for name, (_, _, help_line) in LAZY.items():
+        command = cli.get_command(ctx, name)
+        assert command.name == name and (command.help or "").strip().splitlines()[0] == help_line, name
