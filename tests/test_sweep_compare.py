@@ -268,3 +268,26 @@ def test_a_summary_with_wrongly_typed_values_is_one_line(tmp_path, key, value):
     (a / "summary.json").write_text(json.dumps(summary))
     result = invoke("compare", str(a))
     assert result.exit_code == 2 and key in result.output and "Traceback" not in result.output
+
+
+def test_every_differing_key_is_shown_and_collisions_get_their_folder(tmp_path):
+    """Two sweep points beside runs that differ in more keys: the key that tells the points apart
+    is never hidden behind "(+N more)"; in a pipe the table is markdown, every cell whole."""
+    base = {f"mixer.k{i}": i for i in range(6)}
+    flats = [{"mixer.name": "lsm", **base, "optim.lr": 0.05}, {"mixer.name": "lsm", **base, "optim.lr": 0.1},
+             {"mixer.name": "lsm", **{k: v + 1 for k, v in base.items()}, "optim.lr": 0.1}]
+    labels = runs.setting_labels(flats)
+    assert all("more)" not in label for label in labels)
+    assert "optim.lr=0.05" in labels[0] and "optim.lr=0.1" in labels[1] and "mixer.k5=6" in labels[2]
+    a = fake_run(tmp_path / "quickstart_lsm", 0, 1.0, 0.40)
+    b = fake_run(tmp_path / "quickstart_lsm-2", 0, 0.5, 0.50)
+    out = invoke("compare", str(a), str(b))
+    assert out.exit_code == 0 and out.output.startswith("| run | setting |")
+
+
+def test_settings_whose_labels_collide_get_their_folder(tmp_path, monkeypatch):
+    a = fake_run(tmp_path / "quickstart_lsm", 0, 1.0, 0.40)
+    b = fake_run(tmp_path / "quickstart_lsm-2", 0, 0.5, 0.50)
+    monkeypatch.setattr(runs, "setting_labels", lambda flats: ["mixer lsm"] * len(flats))
+    groups = runs.group_runs(runs.load_runs([a, b]))
+    assert [g.label for g in groups] == ["mixer lsm, quickstart_lsm", "mixer lsm, quickstart_lsm-2"]

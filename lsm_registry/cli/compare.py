@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -31,7 +32,8 @@ def render(groups, fmt: str, width: Optional[int] = None) -> str:
 @click.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table", show_default=True,
-              help="table (rich, for the terminal), markdown (for docs) or csv (mean and std columns, fractions).")
+              help="table (rich, for the terminal; markdown when the output is not a terminal), markdown (for docs) or csv "
+                   "(mean and std columns, fractions).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the comparison to this file (in --format; a table is written as plain text).")
 @click.option("--rank-by", "rank_by", type=click.Choice(["none", *runs.RANK_KEYS]), default="none", show_default=True,
@@ -57,7 +59,9 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: 
         if not any(g.stat(rank_by)[0] is not None for g in groups):
             raise LSMError(f"--rank-by {rank_by}: no run has it (val_top1 needs [data] val_per_class > 0)")
         groups = runs.rank_groups(groups, rank_by)
-    if fmt == "table":
+    if fmt == "table" and not sys.stdout.isatty():
+        click.echo(render(groups, "markdown"), nl=False)  # a pipe or a file: every cell whole
+    elif fmt == "table":
         output_console().print(runs.rich_table(groups))
     else:
         click.echo(render(groups, fmt), nl=False)

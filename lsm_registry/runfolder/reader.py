@@ -34,8 +34,6 @@ from ..recipe import ALL_TABLES, dumps_toml, migrate, without_loggers
 REPEAT_KEYS = (("run", "seed"), ("run", "name"))
 #: (summary key, column title) of the accuracy columns, in order.
 METRICS = (("top1", "top-1"), ("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("rare3", "rarest 3"))
-#: At most this many differing keys are spelt out in a group label.
-LABEL_KEYS = 4
 
 
 @attrs.frozen
@@ -377,9 +375,7 @@ def setting_labels(flats: list[dict[str, Any]]) -> list[str]:
             short = SHORT_TABLES.get(t, t)
             parts.append(f"{short} {name}" if name is not None else f"no {short}")
         parts += [f"{k}={_fmt_value(flat[k])}" for k in params if k in flat]
-        if len(parts) > LABEL_KEYS:
-            parts = parts[:LABEL_KEYS] + [f"(+{len(parts) - LABEL_KEYS} more)"]
-        labels.append(", ".join(parts))
+        labels.append(", ".join(parts))  # every key that tells the settings apart: none is hidden
     return labels
 
 
@@ -420,6 +416,12 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
         members[key].append(record)
     flats = [first_flat[k] for k in order]
     labels = setting_labels(_label_flats(flats))
+    # Settings the label cannot tell apart (they differ only in keys a label leaves out) get their folder.
+    clashing = {label for label in labels if labels.count(label) > 1}
+    for i, label in enumerate(labels):
+        if label in clashing:
+            folder = members[order[i]][0].path.name
+            labels[i] = f"{label}, {folder}" if label else folder
     groups = [RunGroup(runs=tuple(members[key]), label=label) for key, label in zip(order, labels)]
     return groups
 

@@ -135,7 +135,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
 def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path:
     """Per-class accuracy of several runs against training count, one line per run."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(11, 5), dpi=120)
     for label, summary in runs:
         pairs = sorted((n, 100 * a) for n, a in zip(summary["class_counts"], summary["per_class"]) if a is not None)
         if pairs:
@@ -147,9 +147,10 @@ def plot_compare(runs: Sequence[tuple[str, dict[str, Any]]], path: Path) -> Path
     ax.set_ylim(-3, 103)
     _group_guides(ax)
     ax.set_title("per-class accuracy by run (legend: overall top-1)")
-    ax.legend(fontsize=8, loc="lower right")
+    # Beside the axes, never over the lines.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.68, 1))
     _save(fig, path)
     plt.close(fig)
     return path
