@@ -262,3 +262,16 @@ def test_evaluate_and_export_take_the_training_facts_from_the_checkpoint(finishe
     result = invoke("evaluate", finished_run, "--set", "data.seed=9", "--out", tmp_path / "ev")
     assert result.exit_code == 0, result.output
     assert len(built) == 1 and built[0].params.seed == 9  # the scored data only
+
+
+def test_metrics_jsonl_has_every_epoch_and_a_resume_keeps_them(tiny_recipe, tmp_path):
+    import json
+
+    folder = tmp_path / "run"
+    assert invoke("run", tiny_recipe, "--out", folder, "--no-progress", "--set", "run.epochs=3", "--set", "run.eval_every=3").exit_code == 0
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3] and ["top1" in r for r in lines] == [False, False, True]
+    assert all(r["train_loss"] is not None and r["lr"] > 0 for r in lines)
+    assert invoke("resume", folder, "--set", "run.epochs=4", "--no-progress").exit_code == 0
+    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]

@@ -233,7 +233,8 @@ def learning_curves_png(run: ReportRun) -> Optional[bytes]:
     if any(p.get("val_top1") is not None for p in points):
         acc.plot(epochs, [_value(p, "val_top1") for p in points], marker="s", markersize=3, linestyle="--",
                  color="#555555", label="val top-1")
-    loss.plot(epochs, [_loss(p) for p in points], marker="o", markersize=3, color="#8c564b")
+    every = [m for m in run.metrics if m.get("train_loss") is not None]  # every epoch (runs of earlier versions: evaluated ones)
+    loss.plot([m.get("epoch") for m in every], [_loss(m) for m in every], marker="o", markersize=2, color="#8c564b")
     _style_curves(acc, loss, "test accuracy (%)", "accuracy by epoch", "train loss (mean over the epoch)", "train loss by epoch")
     return _figure_png(fig)
 
@@ -254,7 +255,8 @@ def overlaid_curves_png(reports: Sequence[ReportRun], labels: Sequence[str]) -> 
         acc.plot(epochs, [_value(p, "top1") for p in points], marker="o", markersize=3, color=colour, label=label)
         if any(p.get("val_top1") is not None for p in points):
             acc.plot(epochs, [_value(p, "val_top1") for p in points], linestyle="--", color=colour, label=f"{label} (val)")
-        loss.plot(epochs, [_loss(p) for p in points], marker="o", markersize=3, color=colour, label=label)
+        every = [m for m in run.metrics if m.get("train_loss") is not None]
+        loss.plot([m.get("epoch") for m in every], [_loss(m) for m in every], marker="o", markersize=2, color=colour, label=label)
     _style_curves(acc, loss, "test top-1 (%)", "top-1 by epoch, per run", "train loss", "train loss by epoch, per run")
     return _figure_png(fig)
 

@@ -129,7 +129,7 @@ class RunReporter(Reporter):
         trackers = build_loggers(trainer.recipe, trainer.registry, trainer.context)
         if self.run_dir is None:
             return LoggerHub(trackers, self.note)
-        done = [r for r in trainer.history if "top1" in r] if self.resumed else []
+        done = list(trainer.history) if self.resumed else []
         folder = RunFolderLogger(self.run_dir, done)
         return LoggerHub([folder, *trackers], self.note, required=(folder,))
 

@@ -36,7 +36,8 @@ def per_class_csv(summary: dict[str, Any]) -> str:
 
 
 class RunFolderLogger(Logger):
-    """The run folder: recipe.toml, metrics.jsonl (one line per evaluation), summary.json, per_class.csv."""
+    """The run folder: recipe.toml, metrics.jsonl (one line per epoch; test metrics on the evaluated ones),
+    summary.json, per_class.csv."""
 
     name = "run-folder"
 
@@ -52,9 +53,9 @@ class RunFolderLogger(Logger):
         atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.done))
 
     def log_record(self, record: dict[str, Any]) -> None:
-        if "top1" in record:  # whole-line appends: an interrupted run never leaves half a line
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+        # Every epoch (train loss, lr, throughput), whole-line appends: an interrupted run never leaves half a line.
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def finish(self, summary: dict[str, Any]) -> None:
         atomic_write(self.run_dir / "summary.json", json.dumps({"format": SUMMARY_FORMAT, **summary}, indent=2) + "\n")
