@@ -349,3 +349,21 @@ def test_without_loggers_keeps_the_top_level_format_key(registry, write_recipe):
     text = load_recipe(write_recipe(TINY_RECIPE), ['run.loggers=["tensorboard"]'], registry).to_toml()
     stripped = without_loggers(tomllib.loads(text))
     assert "format" in stripped and "loggers" not in stripped["run"]
+
+
+@pytest.mark.skipif(not _has("mlflow"), reason="mlflow is not installed (pip install 'lsm-registry[mlflow]')")
+def test_mlflow_default_store_sits_beside_the_run_folders_with_tags_and_summary(write_recipe, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # MLflow's own default would put mlflow.db / mlruns here
+    run_dir = tmp_path / "runs" / "run"
+    summary = _train(write_recipe(TWO_EPOCHS), run_dir, ['run.loggers=["mlflow"]', "loggers.mlflow.experiment=tests"])
+    assert (tmp_path / "runs" / "mlflow.db").is_file() and not any(work.iterdir())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run_id = json.loads((run_dir / "loggers" / "mlflow" / "state.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["lsm.run_dir"] == str(run_dir) and "lsm.command" in run.data.tags
+    assert "summary.json" in {Path(f.path).name for f in client.list_artifacts(run_id)}
+    assert run.data.metrics["summary/top1"] == pytest.approx(summary["top1"])

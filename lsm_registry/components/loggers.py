@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -118,6 +120,26 @@ def _metric_key(key: str) -> str:
     return re.sub(r"[^\w\-. /:]", "_", key)
 
 
+def default_store(run_dir: Optional[Path]) -> Optional[str]:
+    """MLflow's store beside the run folders (``runs/mlflow.db``, artifacts in ``runs/mlartifacts``),
+    not in the working directory; None (MLflow's own default) without a run folder."""
+    if run_dir is None:
+        return None
+    return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's own source tags: the command line and, inside a git checkout, the commit."""
+    tags = {"mlflow.source.name": sys.argv[0] if sys.argv else "", "lsm.command": " ".join(sys.argv)[:5000]}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0 and commit.stdout.strip():
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
 class MLflow(ScalarTracker):
     """An MLflow run: parameters, metrics per step, pictures as artifacts (`mlflow ui`)."""
 
@@ -127,14 +149,15 @@ class MLflow(ScalarTracker):
 
     @attrs.frozen
     class Params:
-        tracking_uri: str = param("", help="tracking server, e.g. http://127.0.0.1:5000 (default: MLflow's own local store)")
+        tracking_uri: str = param("", help="tracking server, e.g. http://127.0.0.1:5000 (default: a local store, "
+                                  "mlflow.db in the folder that holds the run folder, runs/ by default)")
         experiment: str = param("lsm", help="experiment name, made when it does not exist")
         per_class: bool = param(True, help="also log each class's test accuracy, as per_class/<class name>")
 
     def start(self, run: RunInfo) -> None:
         tracking = importlib.import_module("mlflow.tracking")
         self.entities = importlib.import_module("mlflow.entities")
-        self.client = tracking.MlflowClient(tracking_uri=self.params.tracking_uri or None)
+        self.client = tracking.MlflowClient(tracking_uri=self.params.tracking_uri or default_store(run.run_dir))
         self.folder = run.run_dir / "loggers" / self.name if run.run_dir is not None else None
         state = _state(self.folder) if self.folder is not None and run.resumed else {}
         self.finished = False
@@ -143,8 +166,11 @@ class MLflow(ScalarTracker):
             self.client.update_run(self.run_id, status="RUNNING")
             return
         experiment = self.client.get_experiment_by_name(self.params.experiment)
-        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(self.params.experiment)
-        tags = {"lsm.run_dir": str(run.run_dir)} if run.run_dir is not None else {}
+        # With the default store the artifacts go beside it too (MLflow's default is ./mlruns).
+        local = {"artifact_location": (Path(run.run_dir).resolve().parent / "mlartifacts").as_uri()} \
+            if not self.params.tracking_uri and run.run_dir is not None else {}
+        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(self.params.experiment, **local)
+        tags = {**source_tags(), **({"lsm.run_dir": str(run.run_dir)} if run.run_dir is not None else {})}
         self.run_id = self.client.create_run(experiment_id, run_name=run.run_name, tags=tags).info.run_id
         if self.folder is not None:
             _save_state(self.folder, {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri})
@@ -164,6 +190,7 @@ class MLflow(ScalarTracker):
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.log_scalars(int(summary.get("epochs", 0)), summary_scalars(summary))
+        self.client.log_dict(self.run_id, summary, "summary.json")
         self.client.set_terminated(self.run_id, "FINISHED")
         self.finished = True
 
