@@ -31,9 +31,9 @@ venv:
 install: venv
 	@if [ "$$(cat $(STAMP) 2>/dev/null)" != "$(STAMP_KEY)" ]; then \
 	  set -e; \
-	  echo "installing $(TORCH_SPEC), the package and $(words $(PLUGIN_DIRS)) plugin(s) into $(VENV)"; \
-	  $(BIN)/python -m pip install -q $(TORCH_SPEC); \
-	  $(BIN)/python -m pip install -q -e '.[test,plot,tracking]' $(foreach d,$(PLUGIN_DIRS),-e '$(d)[test]'); \
+	  echo "installing $(TORCH_SPEC), the package and $(words $(PLUGIN_DIRS)) plugin(s) into $(VENV) (pip shows its progress; torch is large)"; \
+	  $(BIN)/python -m pip install $(TORCH_SPEC); \
+	  $(BIN)/python -m pip install -e '.[test,plot,tracking]' $(foreach d,$(PLUGIN_DIRS),-e '$(d)[test]'); \
 	  echo "$(STAMP_KEY)" > $(STAMP); \
 	fi
 
