@@ -367,3 +367,15 @@ def test_mlflow_default_store_sits_beside_the_run_folders_with_tags_and_summary(
     assert run.data.tags["lsm.run_dir"] == str(run_dir) and "lsm.command" in run.data.tags
     assert "summary.json" in {Path(f.path).name for f in client.list_artifacts(run_id)}
     assert run.data.metrics["summary/top1"] == pytest.approx(summary["top1"])
+
+
+def test_hparams_leave_out_logger_settings_and_keys_the_schedule_ignores(write_recipe):
+    from lsm_registry.plugins import default_registry
+    from lsm_registry.recipe import load_recipe
+    from lsm_registry.runfolder.tracking import run_info
+
+    recipe = load_recipe(write_recipe(TWO_EPOCHS), ['run.loggers=["tensorboard"]', "loggers.tensorboard.log_dir='x'",
+                                                    "optim.schedule='cosine'"], default_registry())
+    hparams = run_info(recipe, None, ("a",), (1,), 1, False).hparams
+    assert not any(k.startswith("loggers.") or k == "run.loggers" for k in hparams)
+    assert "optim.milestones" not in hparams and "optim.gamma" not in hparams and hparams["optim.schedule"] == "cosine"

@@ -19,7 +19,7 @@ from ..files import atomic_write
 from ..formats import SUMMARY_FORMAT
 from ..interfaces import Context, Logger, RunInfo
 from ..metrics import group_of
-from ..recipe import Recipe
+from ..recipe import Recipe, without_loggers
 from ..registry import Registry
 
 #: metrics.jsonl / record keys sent to the trackers after an evaluation, as test/<key> and val/<key>.
@@ -77,7 +77,13 @@ def build_loggers(recipe: Recipe, registry: Registry, context: Context) -> list[
     return [spec.build(registry, context) for spec in recipe.loggers]
 
 
-def flat_hparams(recipe: dict[str, Any]) -> dict[str, Any]:
+#: [optim] keys that do nothing under a schedule: left out of a tracker's hyperparameters.
+UNUSED_UNDER = {"cosine": ("optim.milestones", "optim.gamma")}
+
+
+def flat_hparams(recipe: dict[str, Any], schedule: str = "") -> dict[str, Any]:
+    """``table.key: value`` of a resolved recipe, for a tracker: keys that do nothing under the
+    chosen schedule are left out (the caller leaves out the loggers' own settings)."""
     out = {}
     for table, keys in recipe.items():
         for key, value in keys.items():
@@ -85,6 +91,8 @@ def flat_hparams(recipe: dict[str, Any]) -> dict[str, Any]:
                 out.update({f"{table}.{key}.{k}": v for k, v in value.items()})
             else:
                 out[f"{table}.{key}"] = value
+    for key in UNUSED_UNDER.get(schedule, ()):
+        out.pop(key, None)
     return out
 
 
@@ -142,7 +150,7 @@ def run_info(recipe: Recipe, run_dir: Optional[Path], class_names: tuple[str, ..
     return RunInfo(
         run_name=recipe.run.name,
         run_dir=run_dir,
-        hparams=flat_hparams(recipe.to_dict()),
+        hparams=flat_hparams(without_loggers(recipe.to_dict()), recipe.optim.schedule),
         recipe_toml=recipe.to_toml(),
         class_names=tuple(class_names),
         class_counts=tuple(class_counts),
