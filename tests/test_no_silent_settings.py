@@ -23,10 +23,9 @@ def test_an_empty_mixing_window_is_a_recipe_error(write_recipe, registry, mixer,
     path = write_recipe(MIXING.format(mixer=mixer))
     with pytest.raises(RecipeError) as info:
         load_recipe(path, [f"run.epochs={epochs}"], registry)
-    assert info.value.lines == [
-        f"{path} [mixer] start_epoch = 4 .. end_epoch = -3 is empty for run.epochs = {epochs}: "
-        "no batch would be mixed; set mixer.start_epoch / mixer.end_epoch"
-    ]
+    (line,) = info.value.lines
+    assert line.startswith(f"{path} [mixer] start_epoch = 4 .. end_epoch = -3 is empty for run.epochs = {epochs}: "
+                           "no batch would be mixed; for a run this short add --set mixer.start_epoch=")
     recipe = load_recipe(path, ["run.epochs=8"], registry)  # 4 <= epoch < 5: one epoch mixes
     assert list(recipe.mixer.params.window(8)) == [4]
 
