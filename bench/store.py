@@ -10,12 +10,13 @@ placeholder, curve.jsonl) are defined once.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
+
+from lsm_registry.files import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,9 +112,7 @@ def write_curve(metrics: Path, target: Path) -> None:
         record = json.loads(line) if line.strip() else {}
         if record.get("top1") is not None:
             lines.append(json.dumps({k: record.get(k) for k in CURVE_KEYS}))
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write(target, "\n".join(lines) + "\n")
 
 
 def store_run(folder: Path, store: Path) -> Path:
@@ -133,9 +132,7 @@ def store_run(folder: Path, store: Path) -> Path:
             pass
     if (folder / "metrics.jsonl").is_file():
         write_curve(folder / "metrics.jsonl", target / "curve.jsonl")
-    tmp = target / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, target / "summary.json")
+    atomic_write(target / "summary.json", json.dumps(summary, indent=2) + "\n")
     return target
 
 

@@ -7,7 +7,6 @@ The command line is a thin layer over the same calls: :func:`train` writes the r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -15,16 +14,15 @@ import attrs
 import torch
 from torch import nn
 
-from .checkpoint import check_free_space, estimate_size
 from .engine import Trainer
 from .errors import LSMError
 from .files import holds_anything
 from .plugins import default_registry
 from .recipe import Recipe, load_recipe
 from .registry import Registry
-from .runfolder.evaluate import TrainedModel, load_trained
-from .runfolder.reader import read_run_recipe
-from .runfolder.reporter import RunReporter, check_writable, fresh_run_dir
+from .runfolder.evaluate import TrainedModel, load_trained, read_summary
+from .runfolder.reader import read_metrics, read_run_recipe
+from .runfolder.reporter import RunReporter, fit_into, fresh_run_dir
 
 
 @attrs.frozen(eq=False)
@@ -87,10 +85,7 @@ def train(recipe: Union[str, Path, Recipe], overrides: Sequence[str] = (), out: 
     else:
         run_dir = fresh_run_dir(Path("runs"), parsed.run.name)
     trainer = Trainer(parsed, registry, run_dir=None, keep=keep)
-    check_writable(run_dir)
-    check_free_space(run_dir, estimate_size(trainer.module))
-    trainer.run_dir = run_dir
-    summary = trainer.fit(RunReporter(show_progress=progress))
+    summary = fit_into(trainer, run_dir, RunReporter(show_progress=progress))
     return TrainedRun(summary, trainer.module.eval(), run_dir, parsed)
 
 
@@ -114,18 +109,9 @@ def load_run(run_dir: Union[str, Path], checkpoint: Optional[str] = "last", regi
     recipe, _ = read_run_recipe(run_dir / "recipe.toml")
     if not recipe:
         raise LSMError(f"{run_dir}: not a run folder (no recipe.toml)")
-    summary = _json(run_dir / "summary.json") or {}
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if metrics_path.is_file() else []
+    summary = read_summary(run_dir)
+    metrics = list(read_metrics(run_dir / "metrics.jsonl"))
     trained = None
     if checkpoint is not None:
         trained = load_trained(run_dir, registry or default_registry(), Path(checkpoint), device=torch.device(device))
     return RunFolder(run_dir, summary, metrics, recipe, trained)
-
-
-def _json(path: Path) -> Optional[dict[str, Any]]:
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text(encoding="utf-8"))
-    return value if isinstance(value, dict) else None

@@ -29,7 +29,7 @@ from .components.callbacks import SaliencyObserver, learning_rate, legacy_observ
 from .data.augment import augment_with_crops, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
-from .files import FolderLock
+from .files import FolderLock, atomic_write
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
 from .interfaces import Callback, Crops, DecodingSplit, Head, Loss, Split, StepBatch, StepClosure, Views
 from .metrics import summarise_counts
@@ -220,6 +220,7 @@ class Trainer:
         self._loader: Optional[PlannedLoader] = None
         self._batch: Optional[StepBatch] = None  # the step the optimizer is running, for on_forward
         self.callbacks: list[Callback] = self._build_callbacks()
+        self._hooks: dict[str, list[Callable[..., None]]] = {}  # hook -> the callbacks' overriding methods
 
     def _check_feature_api(self) -> None:
         check_feature_api(self.recipe, self.module, self.loss, self.optimizer, self.dist)
@@ -234,16 +235,21 @@ class Trainer:
         for component in components:
             if component is not None:
                 callbacks.extend(component.configure_callbacks())
-        legacy = legacy_observer(self.saliency, self.context) if self.saliency is not None else None
+        legacy = legacy_observer(self.saliency, self.context, callbacks) if self.saliency is not None else None
         if legacy is not None:
             callbacks.append(legacy)
         callbacks.extend(spec.build(self.registry, self.context) for spec in self.recipe.callbacks)
         return callbacks
 
     def fire(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on every callback, in order."""
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+        """Call ``hook`` on every callback that overrides it, in order: the no-op defaults cost the
+        training step nothing (``on_batch``, ``on_forward`` and ``on_step_end`` fire every step)."""
+        methods = self._hooks.get(hook)
+        if methods is None:
+            methods = self._hooks[hook] = [getattr(c, hook) for c in self.callbacks
+                                           if getattr(type(c), hook) is not getattr(Callback, hook)]
+        for method in methods:
+            method(self, *args)
 
     @property
     def observing(self) -> bool:
@@ -498,16 +504,19 @@ class Trainer:
         path = self.run_dir / CHECKPOINT_DIR / checkpoint_name(epoch, step)
         state = self._checkpoint_state(epoch, step, stats)
         state["saliency"] = saliency
-        self._write_checkpoint(state, path)
+        self._write_checkpoint(path, lambda: save_atomic(state, path))
         if step == 0 and self.data.val is not None and self.best_epoch == epoch:
-            # The best epoch on validation is kept beside the newest, whatever --keep says.
-            self._write_checkpoint(state, self.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT)
+            # The best epoch on validation is kept beside the newest, whatever --keep says: the
+            # file just written, copied (not serialised a second time).
+            best = self.run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+            self._write_checkpoint(best, lambda: atomic_write(best, path.read_bytes()))
         prune(self.run_dir, self.keep)
         return path
 
-    def _write_checkpoint(self, state: dict[str, Any], path: Path) -> None:
+    def _write_checkpoint(self, path: Path, write: Callable[[], None]) -> None:
+        """``write()`` (an atomic write of ``path``); a full or read-only disk becomes one line."""
         try:
-            save_atomic(state, path)
+            write()
         except (OSError, RuntimeError) as exc:
             # A full or read-only disk: OSError, or torch's "enforce fail at inline_container.cc"
             # RuntimeError from inside torch.save. The atomic write left the older files intact.

@@ -7,13 +7,12 @@ from typing import Optional
 
 import click
 
-from ..checkpoint import check_free_space, estimate_size
 from ..engine import Trainer, dist_info
 from ..runfolder import reader as runs
 from ..errors import LSMError, RecipeError
 from ..files import holds_anything
 from ..recipe import load_recipe
-from ..runfolder.reporter import RunReporter, check_writable, fresh_run_dir
+from ..runfolder.reporter import RunReporter, fit_into, fresh_run_dir
 from ..runfolder.tracking import check_loggers
 from .common import output_console, registry_with_warnings, set_option, user_errors
 
@@ -81,11 +80,7 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: Optional[i
         raise LSMError(f"{run_dir}: no such run folder to resume")
     check_loggers(parsed, registry)  # a missing tracker package: the hint before data and model are built
     trainer = Trainer(parsed, registry, run_dir=None, keep=keep, resume=resume)
-    if trainer.dist.is_main:
-        check_writable(run_dir)
-        check_free_space(run_dir, estimate_size(trainer.module))
-    trainer.run_dir = run_dir
-    trainer.fit(RunReporter(output_console(), show_progress=not no_progress))
+    fit_into(trainer, run_dir, RunReporter(output_console(), show_progress=not no_progress))
     return run_dir
 
 

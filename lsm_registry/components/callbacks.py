@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -128,10 +128,10 @@ class SaliencyObserver(Callback):
         self._armed = None
 
 
-def legacy_observer(provider: SaliencyProvider, context: Any) -> Optional[SaliencyObserver]:
+def legacy_observer(provider: SaliencyProvider, context: Any, callbacks: Sequence[Callback]) -> Optional[SaliencyObserver]:
     """The observer for a provider of the deprecated form: ``observes_training = True`` and no
-    callback of its own. Warns once per run; None when the provider needs none."""
-    if not provider.observes_training or any(isinstance(c, SaliencyObserver) for c in provider.configure_callbacks()):
+    observer among the run's ``callbacks``. Warns once per run; None when none is needed."""
+    if not provider.observes_training or any(isinstance(c, SaliencyObserver) for c in callbacks):
         return None
     warnings.warn(f"saliency {provider.name!r}: observes_training without a callback is deprecated; return "
                   "SaliencyObserver from configure_callbacks() (docs/plugins.md)", DeprecationWarning, stacklevel=2)

@@ -96,10 +96,11 @@ def find_checkpoint(run_dir: Path, checkpoint: Optional[Path]) -> Path:
     """``checkpoint`` when given (a file, or ``best`` / ``last``), else the run's newest one: a damaged
     newest file is an error, never silently replaced by an older one, since the scores would then
     describe other weights."""
-    if checkpoint is not None and str(checkpoint) == "best" and not checkpoint.is_file():
+    named = str(checkpoint) if checkpoint is not None and not checkpoint.is_file() else None  # best / last, not a file
+    if named == "best":
         return best_checkpoint(run_dir)
-    if checkpoint is not None and not (str(checkpoint) == "last" and not checkpoint.is_file()):
-        if not checkpoint.is_file():
+    if checkpoint is not None and named != "last":
+        if named is not None:
             raise LSMError(f"{checkpoint}: no such checkpoint file")
         return checkpoint
     found = list_checkpoints(run_dir)
@@ -113,7 +114,7 @@ def best_checkpoint(run_dir: Path) -> Path:
     path = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
     if path.is_file():
         return path
-    summary = _read_summary(run_dir)
+    summary = read_summary(run_dir)
     if summary and summary.get("best_on") != "val":
         raise LSMError(f"{run_dir}: no best checkpoint: the run has no validation split, and choosing on the test set "
                        "is what one exists to avoid; train with --set data.val_per_class=N, or use --checkpoint last")
@@ -181,7 +182,7 @@ def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated
     try:
         return TrainingFacts.of(build_data(trained, registry))
     except LSMError as exc:
-        summary = _read_summary(run_dir)
+        summary = read_summary(run_dir)
         counts, names = summary.get("class_counts"), summary.get("class_names")
         if not counts:
             raise LSMError(f"{run_dir}: cannot rebuild the training data for its class counts ({exc}), and there is "
@@ -192,7 +193,7 @@ def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated
                              tuple(evaluated_data.mean), tuple(evaluated_data.std), tuple(evaluated_data.image_size))
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any]:
+def read_summary(run_dir: Path) -> dict[str, Any]:
     try:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -364,7 +365,7 @@ def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[P
 
 def check_out(folder: Path) -> None:
     """An evaluation may replace an earlier evaluation, never anything else (a run folder least of all)."""
-    check_output_folder(folder, "an evaluation", lambda f: _read_summary(f).get("kind") == EVALUATION_KIND,
+    check_output_folder(folder, "an evaluation", lambda f: read_summary(f).get("kind") == EVALUATION_KIND,
                         "choose an empty folder or one with an earlier evaluation")
 
 

@@ -19,7 +19,6 @@ import base64
 import csv
 import html
 import io
-import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -115,30 +114,6 @@ class ReportRun:
         return isinstance(self.recipe.get("mixer"), dict) and self.recipe["mixer"].get("name") is not None
 
 
-def _read_metrics(path: Path) -> tuple[dict[str, Any], ...]:
-    if not path.is_file():
-        return ()
-    out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LSMError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise LSMError(f"{path}:{number}: not a metrics record (a JSON object per line)")
-        epoch = record.get("epoch")
-        if not (isinstance(epoch, int) and not isinstance(epoch, bool)):
-            raise LSMError(f"{path}:{number}: epoch must be an integer (got {type(epoch).__name__})")
-        for key in ("train_loss", "lr", *runs.NUMBER_KEYS):
-            value = record.get(key)
-            if value is not None and not runs.is_number(value):
-                raise LSMError(f"{path}:{number}: {key} must be a number (got {type(value).__name__})")
-        out.append(record)
-    return tuple(out)
-
-
 def load_report_run(folder: Path) -> ReportRun:
     """A run folder, finished (summary.json) or not (recipe.toml and the metrics so far)."""
     if not folder.exists():
@@ -149,7 +124,7 @@ def load_report_run(folder: Path) -> ReportRun:
         raise LSMError(f"{folder}: not a run folder (it holds neither recipe.toml nor summary.json)")
     record = runs.load_run(folder) if (folder / "summary.json").is_file() else None
     recipe, text = runs.read_run_recipe(folder / "recipe.toml")
-    return ReportRun(path=folder, recipe=recipe, recipe_text=text, metrics=_read_metrics(folder / "metrics.jsonl"),
+    return ReportRun(path=folder, recipe=recipe, recipe_text=text, metrics=runs.read_metrics(folder / "metrics.jsonl"),
                      record=record)
 
 

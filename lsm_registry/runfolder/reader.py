@@ -200,6 +200,31 @@ def load_run(folder: Path) -> RunRecord:
     return RunRecord(path=folder, summary=summary, recipe=recipe)
 
 
+def read_metrics(path: Path) -> tuple[dict[str, Any], ...]:
+    """A run folder's metrics.jsonl, one checked record per line (() when there is none)."""
+    if not path.is_file():
+        return ()
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LSMError(f"{path}:{number}: not a JSON line ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise LSMError(f"{path}:{number}: not a metrics record (a JSON object per line)")
+        epoch = record.get("epoch")
+        if not (isinstance(epoch, int) and not isinstance(epoch, bool)):
+            raise LSMError(f"{path}:{number}: epoch must be an integer (got {type(epoch).__name__})")
+        for key in ("train_loss", "lr", *NUMBER_KEYS):
+            value = record.get(key)
+            if value is not None and not is_number(value):
+                raise LSMError(f"{path}:{number}: {key} must be a number (got {type(value).__name__})")
+        out.append(record)
+    return tuple(out)
+
+
 def read_run_recipe(path: Path) -> tuple[dict[str, Any], Optional[str]]:
     """A run folder's resolved recipe.toml as a dict and its text; ({}, None) when there is none."""
     if not path.is_file():

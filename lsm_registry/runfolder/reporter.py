@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..checkpoint import check_free_space, estimate_size
 from ..engine import Reporter, Trainer
 from ..errors import LSMError
 from ..viz.pictures import MIXED_SAMPLES, draw_mixed_samples
@@ -227,3 +228,15 @@ class RunReporter(Reporter):
             self.console.print(f"run folder: {self.run_dir}")
             if (self.run_dir / MIXED_SAMPLES).is_file():
                 self.console.print(f"mixed samples: {self.run_dir / MIXED_SAMPLES}")
+
+
+def fit_into(trainer: Trainer, run_dir: Path, reporter: RunReporter) -> dict[str, Any]:
+    """Train ``trainer`` into ``run_dir``: the folder checked for write access and for room for a
+    checkpoint (on the main process) before the first step; the summary. ``lsm run``,
+    ``lsm resume`` and :func:`lsm_registry.train` all train through here."""
+    if trainer.dist.is_main:
+        check_writable(run_dir)
+        check_free_space(run_dir, estimate_size(trainer.module))
+    trainer.run_dir = run_dir
+    return trainer.fit(reporter)
+
