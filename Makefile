@@ -33,7 +33,7 @@ install: venv
 	  set -e; \
 	  echo "installing $(TORCH_SPEC), the package and $(words $(PLUGIN_DIRS)) plugin(s) into $(VENV) (pip shows its progress; torch is large)"; \
 	  $(BIN)/python -m pip install $(TORCH_SPEC); \
-	  $(BIN)/python -m pip install -e '.[test,plot,tracking]' $(foreach d,$(PLUGIN_DIRS),-e '$(d)[test]'); \
+	  $(BIN)/python -m pip install -e '.[test,plot,tracking,export]' $(foreach d,$(PLUGIN_DIRS),-e '$(d)[test]'); \
 	  echo "$(STAMP_KEY)" > $(STAMP); \
 	fi
 

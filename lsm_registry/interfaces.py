@@ -648,6 +648,14 @@ class DatasetFactory(Component):
     def build(self) -> LTData:
         ...
 
+    def test_view(self) -> Optional[list[dict[str, Any]]]:
+        """How a test image becomes the model's input, in order (resize, crop, pad), for the
+        model.json of an export: a program scoring its own images must prepare them the way
+        the test split was, or the exported model sees another distribution. [] when the
+        stored images are the input as they are; None when the data set does not say (an
+        export then says the view is unknown rather than guess). Needs no data built."""
+        return None
+
 
 # ----------------------------------------------------------------------------- loggers
 

@@ -70,3 +70,51 @@ def table_rows(output: str) -> list[list[str]]:
         else:
             rows[-1] = [f"{a} {b}".strip() for a, b in zip(rows[-1], cells)]
     return rows
+
+
+#: Loads an export in a process of its own, with torch alone (and onnxruntime for ONNX), and
+#: writes the logits of the given uint8 images; argv: export folder, format, images.pt, out.pt.
+#: It prepares the images from model.json only, as a program without this library would.
+PLAIN_LOADER = """
+import json, sys
+import torch
+export, fmt, images, out = sys.argv[1:5]
+meta = json.load(open(f"{export}/model.json"))
+inp = meta["input"]
+pixels = torch.load(images, weights_only=True)
+assert inp["test_view"]["steps"] == [], inp["test_view"]  # the tests' sets are stored at the input size
+assert pixels.shape[1:] == (inp["channels"], inp["height"], inp["width"]) and inp["pixel_range"] == "0..1"
+mean = torch.tensor(inp["mean"]).view(1, -1, 1, 1)
+std = torch.tensor(inp["std"]).view(1, -1, 1, 1)
+x = (pixels.float() / 255 - mean) / std
+path = f"{export}/" + meta["files"][fmt]
+with torch.no_grad():
+    if fmt == "pt2":
+        logits = torch.export.load(path).module()(x)
+    elif fmt == "torchscript":
+        logits = torch.jit.load(path)(x)
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(session.run(None, {meta["load"]["onnx"]["input"]: x.numpy()})[0])
+assert logits.shape == (pixels.shape[0], meta["num_classes"]) and len(meta["classes"]) == meta["num_classes"]
+imported = sorted(name for name in sys.modules if name.split(".")[0] in ("lsm_registry", "torchvision", "onnx", "onnxscript"))
+assert not imported, imported
+torch.save(logits, out)
+"""
+
+
+def load_export_plainly(export: Path, fmt: str, images, workdir: Path):
+    """Logits of ``images`` through ``export``'s ``fmt`` file, computed by PLAIN_LOADER in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    torch.save(images, workdir / "images.pt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(export), fmt, str(workdir / "images.pt"),
+                           str(workdir / "logits.pt")], env=env, cwd=workdir, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(workdir / "logits.pt", weights_only=True)

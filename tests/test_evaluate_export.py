@@ -13,11 +13,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, load_export_plainly
 from lsm_registry.cli import cli
 from lsm_registry.engine import build_data
 from lsm_registry.runfolder.evaluate import EVALUATION_KIND, EVALUATIONS_DIR, evaluate_run
-from lsm_registry.runfolder.export import META_FILE, REBUILD, STATE_DICT_FILE, TORCHSCRIPT_FILE
+from lsm_registry.runfolder.export import META_FILE, ONNX_FILE, PT2_FILE, REBUILD, STATE_DICT_FILE, TORCHSCRIPT_FILE
 from lsm_registry.recipe import load_recipe
 
 NUM_CLASSES = 4  # the tiny recipe's data
@@ -96,40 +96,48 @@ def test_evaluate_errors_are_one_line(run_dir, tmp_path):
     assert "no such run folder" in one_error_line(runner.invoke(cli, ["evaluate", str(tmp_path / "absent")]))
 
 
-#: Loads the export with torch alone and writes the logits of the given uint8 images.
-PLAIN_TORCH = """
-import json, sys
-import torch
-export, images, out = sys.argv[1:4]
-meta = json.load(open(f"{export}/model.json"))
-model = torch.jit.load(f"{export}/" + meta["files"]["torchscript"])
-pixels = torch.load(images, weights_only=True)
-inp = meta["input"]
-assert pixels.shape[1:] == (inp["channels"], inp["height"], inp["width"]) and inp["pixel_range"] == "0..1"
-mean = torch.tensor(inp["mean"]).view(1, -1, 1, 1)
-std = torch.tensor(inp["std"]).view(1, -1, 1, 1)
-with torch.no_grad():
-    logits = model((pixels.float() / 255 - mean) / std)
-assert logits.shape == (pixels.shape[0], meta["num_classes"]) and len(meta["classes"]) == meta["num_classes"]
-assert not any(name.startswith("lsm_registry") for name in sys.modules)
-torch.save(logits, out)
-"""
-
-
-def test_export_runs_with_plain_torch_and_predicts_as_evaluate(run_dir, registry, tmp_path):
+@pytest.mark.parametrize("fmt", ["pt2", "onnx", "torchscript"])
+def test_export_loads_without_the_library_and_predicts_as_evaluate(run_dir, registry, tmp_path, fmt):
     out = tmp_path / "export"
-    result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out)])
+    args = ["export", str(run_dir), "--out", str(out)] + (["--format", fmt] if fmt != "pt2" else [])
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {TORCHSCRIPT_FILE, STATE_DICT_FILE, META_FILE}
+    graph = {"pt2": PT2_FILE, "onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE}[fmt]
+    assert {p.name for p in out.iterdir()} == {graph, STATE_DICT_FILE, META_FILE}  # pt2 is the default
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["files"][fmt] == graph and fmt in meta["load"]
     expected = evaluate_run(run_dir, registry, keep_logits=True)
+    assert meta["run"]["epoch"] == expected.summary["checkpoint_epoch"] and meta["run"]["step"] == 0
     images = build_data(load_recipe(run_dir / "recipe.toml", [], registry), registry).test.images
-    torch.save(images, tmp_path / "images.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-c", PLAIN_TORCH, str(out), str(tmp_path / "images.pt"), str(tmp_path / "logits.pt")],
-                   check=True, env=env, cwd=tmp_path, timeout=300)
-    logits = torch.load(tmp_path / "logits.pt", weights_only=True)
+    logits = load_export_plainly(out, fmt, images, tmp_path)
     assert torch.equal(logits.argmax(dim=1), expected.predictions)
-    torch.testing.assert_close(logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-3, atol=1e-4)
+
+
+def test_export_formats_combine_and_bad_ones_are_one_line(run_dir, tmp_path):
+    out = tmp_path / "both"
+    result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out), "--format", "pt2,torchscript"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {PT2_FILE, TORCHSCRIPT_FILE, STATE_DICT_FILE, META_FILE}
+    line = one_error_line(CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "tflite"]))
+    assert "tflite" in line and "pt2" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_json_describes_each_data_sets_test_view(registry):
+    from lsm_registry.interfaces import Context
+
+    def steps(name: str, **params):
+        factory_cls = registry.get("dataset", name)
+        return factory_cls(factory_cls.Params(**params), Context(class_counts=(), image_size=(0, 0, 0))).test_view()
+
+    assert steps("synthetic-lt") == [] and steps("cifar10-lt") == []
+    assert steps("fashion-mnist-lt") == [{"op": "pad", "pixels": 2, "value": 0}]
+    memory = steps("imagefolder-lt", root="x", image_size=64)
+    assert [s["op"] for s in memory] == ["resize"] and memory[0]["size"] == [64, 64]
+    files = steps("imagefolder-lt", root="x", image_size=224, storage="files")
+    assert [(s["op"], s["size"]) for s in files] == [("resize_shorter_side", 256), ("center_crop", [224, 224])]
+    assert steps("imagenet-lt", root="x", test_resize=288)[0]["size"] == 288
 
 
 def test_state_dict_export_rebuilds_as_model_json_says(run_dir, registry, tmp_path, monkeypatch):
@@ -139,7 +147,7 @@ def test_state_dict_export_rebuilds_as_model_json_says(run_dir, registry, tmp_pa
     assert "--force" in one_error_line(CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out)]))
     result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out), "--format", "state-dict", "--force"])
     assert result.exit_code == 0, result.output
-    assert not (out / TORCHSCRIPT_FILE).exists()
+    assert not (out / TORCHSCRIPT_FILE).exists() and not (out / PT2_FILE).exists()
     meta = json.loads((out / META_FILE).read_text())
     assert meta["rebuild"]["python"] == list(REBUILD) and meta["architecture"]["name"] == "resnet32"
     monkeypatch.chdir(out)

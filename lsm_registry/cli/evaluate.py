@@ -11,7 +11,7 @@ from rich.console import Console
 from ..errors import LSMError
 from ..runfolder.evaluate import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
                           check_out, tau_norm_table, write_evaluation)
-from ..runfolder.export import FORMATS, export_run
+from ..runfolder.export import export_run
 from ..files import atomic_write, check_output_folder
 from .common import registry_with_warnings, set_option, user_errors
 
@@ -116,17 +116,21 @@ def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the export to.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE", help=CHECKPOINT_HELP)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="torchscript", show_default=True,
-              help="torchscript: model.torchscript.pt (loads with torch.jit.load alone) and model.pt; state-dict: model.pt only.")
+@click.option("--format", "formats", multiple=True, metavar="pt2|onnx|torchscript|state-dict",
+              help="Repeat or comma-separate (default: pt2). pt2: model.pt2 (torch.export, loads with torch alone); "
+                   "onnx: model.onnx (needs the export extra); torchscript: model.torchscript.pt (deprecated in torch); "
+                   "model.pt (state_dict) and model.json are always written.")
 @click.option("--force", is_flag=True, help="Write into --out even when it is not empty.")
 @user_errors
-def export_cmd(run_dir: Path, out: Path, checkpoint: Optional[Path], fmt: str, force: bool) -> None:
+def export_cmd(run_dir: Path, out: Path, checkpoint: Optional[Path], formats: tuple[str, ...], force: bool) -> None:
     """Write the model of RUN_DIR for programs without lsm-registry.
 
-    model.json names the classes and says what the model takes (channels, size, 0..1
-    pixels normalised by the training mean/std) and returns (logits). A state_dict
-    (model.pt) needs the model class rebuilt; the TorchScript file does not.
+    model.json names the classes and says what the model takes (channels, size, the
+    test-time resize / crop, 0..1 pixels normalised by the training mean/std), what it
+    returns (logits) and which checkpoint (epoch, step) it came from. model.pt2 loads
+    with torch.export.load alone, model.onnx with onnxruntime; the state_dict (model.pt)
+    needs the model class rebuilt.
     """
-    exported = export_run(run_dir, out, registry_with_warnings(), checkpoint, fmt, force)
+    exported = export_run(run_dir, out, registry_with_warnings(), checkpoint, formats, force)
     for path in exported.files:
         click.echo(f"wrote {path}")

@@ -15,16 +15,17 @@ preprocessing: docs/data.md.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import attrs
 import torch
 
 from ..data.cifar import CIFAR_MEAN, CIFAR_STD, LAYOUTS, load_cifar
-from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from ..data.fashion_mnist import CLASS_NAMES, PAD as FMNIST_PAD, load_fashion_mnist
 from ..data.folders import channel_stats, decode_images, scan_tree
 from ..data.profiles import hold_out, lt_counts, lt_subset
 from ..data.split_files import FileSplit, read_split_file
+from ..data.transforms import default_resize
 from ..memory import check_fits_in_memory
 from ..data.synthetic import VERSIONS, class_name, max_classes, render_split
 from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
@@ -51,6 +52,9 @@ class SyntheticLT(DatasetFactory):
         val_per_class: int = param(0, help="balanced validation images per class, drawn like the test split from another seed stream (0: no validation split)", validator=non_negative)
         version: int = param(1, help="generator version: 1 gives each class its own colour; 2 draws the colour per image, "
                              "so a class is its shape and texture only (docs/data.md)", validator=one_of(*VERSIONS))
+
+    def test_view(self) -> list[dict[str, Any]]:
+        return []  # drawn at 32x32, used as drawn
 
     def build(self) -> LTData:
         p = self.params
@@ -123,12 +127,21 @@ def _hold_out_and_cut(
     return val_idx, rest[keep]
 
 
+def file_test_view(size: int, resize: Optional[int]) -> list[dict[str, Any]]:
+    """The file-backed test view (data.transforms.eval_view): shorter side, then a center crop."""
+    return [{"op": "resize_shorter_side", "size": resize or default_resize(size), "interpolation": "bilinear", "antialias": True},
+            {"op": "center_crop", "size": [size, size]}]
+
+
 class _Cifar(DatasetFactory):
     which = ""
 
     @attrs.frozen
     class Params(HoldOutParams):
         download: bool = param(False, help="download the archive into root with torchvision when it is missing")
+
+    def test_view(self) -> list[dict[str, Any]]:
+        return []  # the batches hold 32x32 images
 
     def build(self) -> LTData:
 
@@ -169,6 +182,9 @@ class FashionMnistLT(DatasetFactory):
 
     Params = HoldOutParams
 
+    def test_view(self) -> list[dict[str, Any]]:
+        return [{"op": "pad", "pixels": FMNIST_PAD, "value": 0}]
+
     def build(self) -> LTData:
 
         p = self.params
@@ -202,6 +218,13 @@ class ImageFolderLT(DatasetFactory):
         test_resize: Optional[int] = param(None, help="files: the test view's shorter side before the center crop (default: image_size * 256 / 224)", validator=positive)
         prefetch: int = param(2, help="files: training steps decoded ahead per worker", validator=positive)
         worker_priority: Literal["normal", "idle"] = param("normal", help="files: idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)")
+
+    def test_view(self) -> list[dict[str, Any]]:
+        p = self.params
+        if p.storage == "files":
+            return file_test_view(p.image_size, p.test_resize)
+        # decode_images: PIL's bilinear resize of the whole image, aspect ratio not kept.
+        return [{"op": "resize", "size": [p.image_size, p.image_size], "interpolation": "bilinear", "keep_aspect_ratio": False}]
 
     def build(self) -> LTData:
 
@@ -260,6 +283,9 @@ class _SplitFiles(DatasetFactory):
     default_train = ""
     default_test = ""
     title = ""
+
+    def test_view(self) -> list[dict[str, Any]]:
+        return file_test_view(self.params.image_size, self.params.test_resize)
 
     def build(self) -> LTData:
 

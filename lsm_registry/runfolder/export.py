@@ -1,26 +1,33 @@
 """A run's model as files another program can use without lsm-registry (``lsm export``).
 
 A checkpoint needs this library to be read: it holds the optimizer and RNG states, and
-its weights only make sense with the model class that made them. An export holds what
-a consumer needs and nothing else: the weights, as a TorchScript module (graph and
-weights in one file, loaded with ``torch.jit.load`` alone, from Python or C++) and/or a
-plain state_dict, and ``model.json``, which says what the model expects (channels, size,
-the 0..1 pixel scale and the per-channel mean/std it was trained with), what it returns
-and the class names. A state_dict still needs the model class rebuilt; model.json says
-how, and the TorchScript file is the form for a program without this library.
+its weights only make sense with the model class that made them. An export holds what a
+consumer needs and nothing else:
 
-The model is exported on the CPU, in eval mode (batch-norm running statistics), and the
-traced module is checked against the model on a batch of another size before it is
+- ``model.pt2``, a ``torch.export`` program (graph and weights; ``torch.export.load``
+  alone, with the batch dimension left free): today's torch format, the default;
+- ``model.onnx`` (``--format onnx``, the ``export`` extra): for onnxruntime and the other
+  ONNX runtimes, checked with onnxruntime before it is written;
+- ``model.torchscript.pt`` only on request (``--format torchscript``): TorchScript is
+  deprecated in torch, kept for C++ programs that still load it;
+- ``model.pt``, the plain state_dict, always (it needs the model class rebuilt);
+- ``model.json``, what the model expects (channels, size, the test-time resize / crop,
+  the 0..1 pixel scale and the per-channel mean / std), what it returns, the class names
+  and the epoch and step of the checkpoint it came from.
+
+The model is exported on the CPU, in eval mode (batch-norm running statistics); every
+graph file is checked against the model on a batch of another size before it is
 written. Each file is written atomically and model.json last, so a folder with
 model.json holds a whole export.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import attrs
 import torch
@@ -29,16 +36,23 @@ from torch import Tensor, nn
 from ..errors import LSMError
 from .evaluate import TrainedModel, load_trained
 from ..files import atomic_write, check_output_folder
-from ..interfaces import Loss
+from ..interfaces import Context, Loss
 from ..registry import Registry
 from ..version import __version__
 
 #: Version of model.json; raise it when a key changes meaning or goes away (adding keys does not).
 EXPORT_FORMAT = 1
-FORMATS = ("torchscript", "state-dict")
+FORMATS = ("pt2", "onnx", "torchscript", "state-dict")
+DEFAULT_FORMATS = ("pt2",)
+PT2_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 STATE_DICT_FILE = "model.pt"
 META_FILE = "model.json"
+#: The ONNX graph's input and output names (model.json repeats them).
+ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
+#: What ``--format onnx`` needs besides torch: the exporter (onnx, onnxscript) and the checker (onnxruntime).
+ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 
 #: How to rebuild the model from model.pt; it needs lsm-registry (or a copy of the model's code).
 REBUILD = (
@@ -54,6 +68,13 @@ REBUILD = (
     "model.eval()",
 )
 
+#: How each graph file loads, for model.json: the library a consumer needs and one line of Python.
+LOADERS = {
+    "pt2": ("torch", 'model = torch.export.load("model.pt2").module()  # logits = model(x)'),
+    "onnx": ("onnxruntime", 'session = onnxruntime.InferenceSession("model.onnx")  # logits = session.run(None, {"pixels": x})[0]'),
+    "torchscript": ("torch", 'model = torch.jit.load("model.torchscript.pt")  # logits = model(x)'),
+}
+
 
 @attrs.frozen
 class Exported:
@@ -63,7 +84,7 @@ class Exported:
 
 
 class _WithEvalLogits(nn.Module):
-    """The model followed by its loss's test-time logit map, so the traced output is what is argmax-ed."""
+    """The model followed by its loss's test-time logit map, so the exported output is what is argmax-ed."""
 
     def __init__(self, model: nn.Module, loss: Loss):
         super().__init__()
@@ -79,6 +100,20 @@ def maps_logits(loss: Loss) -> bool:
     return type(loss).eval_logits is not Loss.eval_logits
 
 
+def parse_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """``("pt2", "onnx,torchscript")`` -> the formats, in FORMATS order; an unknown one is one error line."""
+    chosen = {part.strip() for item in formats for part in item.split(",") if part.strip()}
+    unknown = sorted(chosen - set(FORMATS))
+    if unknown:
+        raise LSMError(f"--format {', '.join(unknown)}: choose among {', '.join(FORMATS)}")
+    if "onnx" in chosen:
+        missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+        if missing:
+            raise LSMError(f"--format onnx needs {', '.join(ONNX_MODULES)} (missing: {', '.join(missing)}); "
+                           "install them with: pip install 'lsm-registry[export]'")
+    return tuple(f for f in FORMATS if f in chosen) or DEFAULT_FORMATS
+
+
 def check_out(out: Path, force: bool) -> None:
     check_output_folder(out, "an export", lambda _: force, "choose another --out or pass --force to write into it")
 
@@ -88,34 +123,90 @@ def _example(model: TrainedModel, batch: int, seed: int) -> Tensor:
     return torch.randn(batch, ch, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def trace(model: TrainedModel) -> torch.jit.ScriptModule:
-    """The model traced on the CPU; refused when the trace does not reproduce it on another batch size."""
+def _exported_module(model: TrainedModel) -> nn.Module:
     wrapped = _WithEvalLogits(model.module, model.loss) if maps_logits(model.loss) else model.module
-    wrapped.eval()
+    return wrapped.eval()
+
+
+def _check(model: TrainedModel, reference: nn.Module, run: Callable[[Tensor], Tensor], what: str, fallback: str) -> None:
+    """Refuse a file whose graph does not reproduce the model on a batch size it was not made with."""
+    probe = _example(model, 3, 1)
+    with torch.no_grad():
+        expected, got = reference(probe), run(probe)
+    if got.shape != expected.shape or not torch.allclose(expected, got, rtol=1e-3, atol=1e-4):
+        gap = float((expected - got).abs().max()) if got.shape == expected.shape else f"shape {tuple(got.shape)}"
+        raise LSMError(f"[model] {model.recipe.model.name}: the {what} does not reproduce the model on a batch of 3 "
+                       f"(max difference {gap}); {fallback}")
+
+
+def torch_export(model: TrainedModel) -> torch.export.ExportedProgram:
+    """The model as a torch.export program with a free batch dimension."""
+    wrapped = _exported_module(model)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        try:
+            program = torch.export.export(wrapped, (_example(model, 2, 0),), dynamic_shapes=({0: batch},))
+        except Exception as exc:  # torch.export raises many types; the user needs the first line and a way out
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LSMError(f"[model] {model.recipe.model.name}: torch.export failed ({first}); "
+                           "try --format torchscript or state-dict") from None
+    _check(model, wrapped, program.module(), "torch.export program", "try --format torchscript or state-dict")
+    return program
+
+
+def onnx_bytes(model: TrainedModel, program: torch.export.ExportedProgram) -> bytes:
+    """The program as an ONNX model (batch dimension free), checked with onnxruntime."""
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, (_example(model, 2, 0),), dynamo=True, verbose=False,
+                                         input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+    data = onnx_program.model_proto.SerializeToString()
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    _check(model, _exported_module(model),
+           lambda x: torch.from_numpy(session.run(None, {ONNX_INPUT: x.numpy()})[0]),
+           "ONNX model (run by onnxruntime)", "use --format pt2")
+    return data
+
+
+def trace(model: TrainedModel) -> torch.jit.ScriptModule:
+    """The model traced on the CPU (TorchScript, on request only)."""
+    wrapped = _exported_module(model)
     with torch.no_grad(), warnings.catch_warnings():
-        # torch.jit is deprecated in favour of torch.export, but TorchScript is what loads
-        # with the least (torch.jit.load, from Python or C++), which is the point here.
+        # torch.jit is deprecated in favour of torch.export; it is written only when asked for.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
         traced = torch.jit.trace(wrapped, _example(model, 2, 0))
-        probe = _example(model, 3, 1)
-        expected, got = wrapped(probe), traced(probe)
-    if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
-        raise LSMError(f"[model] {model.recipe.model.name}: the traced module does not reproduce the model "
-                       f"(max difference {float((expected - got).abs().max()):.3g}); use --format state-dict")
+    _check(model, wrapped, traced, "traced module", "use --format pt2 or state-dict")
     return traced
 
 
-def model_meta(model: TrainedModel, class_names: tuple[str, ...], files: dict[str, str]) -> dict[str, Any]:
+def test_view(model: TrainedModel, registry: Registry) -> dict[str, Any]:
+    """model.json's account of how a test image is prepared, from the data set's declaration."""
+    spec = model.recipe.data
+    factory = spec.build(registry, Context(class_counts=(), image_size=(0, 0, 0), seed=model.recipe.run.seed))
+    steps = factory.test_view()
+    if steps is None:
+        return {"steps": None, "note": f"data set {spec.name!r} does not declare its test-time view; "
+                                       "prepare images as its documentation says"}
+    ch, h, w = model.facts.image_size
+    note = ("applied in order to the decoded RGB image (uint8), giving the input size; then scale and normalise"
+            if steps else f"the data set's images are {ch}x{h}x{w} already: no resize or crop")
+    return {"steps": steps, "note": note}
+
+
+def model_meta(model: TrainedModel, class_names: tuple[str, ...], files: dict[str, str],
+               view: dict[str, Any]) -> dict[str, Any]:
     recipe, facts = model.recipe, model.facts
     ch, h, w = facts.image_size
-    mapped = maps_logits(model.loss)
     output = "logits (N, num_classes), float32; the predicted class is the argmax"
-    if mapped:
-        output += (f"; loss {recipe.loss.name!r} maps logits at test time: {TORCHSCRIPT_FILE} includes that map, "
+    if maps_logits(model.loss):
+        output += (f"; loss {recipe.loss.name!r} maps logits at test time: the graph files include that map, "
                    f"the model rebuilt from {STATE_DICT_FILE} returns the logits before it")
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "files": files,
+        "load": {fmt: {"needs": LOADERS[fmt][0], "python": LOADERS[fmt][1]} for fmt in files if fmt in LOADERS},
         "architecture": {"name": recipe.model.name, "params": attrs.asdict(recipe.model.params, recurse=False),
                          "normed_head": bool(model.loss.needs_normed_head)},
         "num_classes": len(class_names),
@@ -123,46 +214,63 @@ def model_meta(model: TrainedModel, class_names: tuple[str, ...], files: dict[st
         "class_counts": list(facts.class_counts),
         "input": {
             "layout": "NCHW", "dtype": "float32", "channels": ch, "height": h, "width": w,
+            "test_view": view,
             "pixel_range": "0..1", "mean": list(facts.mean), "std": list(facts.std), "normalised_by_model": False,
             "preprocess": "x = (pixels / 255 - mean) / std per channel, pixels uint8 0..255 (i.e. 0..1 floats "
                           "minus mean, over std); the model does not normalise",
         },
         "output": output,
         "run": {"name": recipe.run.name, "seed": recipe.run.seed, "checkpoint": str(model.checkpoint),
-                "epoch": model.epoch, "step": model.step, "lsm_registry": __version__},
+                "epoch": model.epoch, "step": model.step,
+                "position": "epoch: completed epochs; step: optimiser steps into the epoch after it "
+                            "(0: the checkpoint was taken at the end of an epoch)",
+                "lsm_registry": __version__, "torch": torch.__version__},
     }
-    if STATE_DICT_FILE in files.values():
-        meta["rebuild"] = {
-            "note": f"{STATE_DICT_FILE} holds weights only: the model class must be rebuilt, which needs lsm-registry "
-                    f"(or a copy of the model's code); a program without this library loads {TORCHSCRIPT_FILE} with "
-                    "torch.jit.load (lsm export --format torchscript)",
-            "python": list(REBUILD),
-        }
+    if "onnx" in files:
+        meta["load"]["onnx"].update({"input": ONNX_INPUT, "output": ONNX_OUTPUT})
+    meta["rebuild"] = {
+        "note": f"{STATE_DICT_FILE} holds weights only: the model class must be rebuilt, which needs lsm-registry "
+                f"(or a copy of the model's code); a program without this library loads {PT2_FILE} "
+                "(lsm export --format pt2)",
+        "python": list(REBUILD),
+    }
     return meta
 
 
 def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optional[Path] = None,
-               fmt: str = "torchscript", force: bool = False) -> Exported:
-    """Write the run's model to ``out``: ``torchscript`` writes model.torchscript.pt and model.pt,
-    ``state-dict`` model.pt only; both write model.json."""
-    if fmt not in FORMATS:
-        raise LSMError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+               formats: Sequence[str] = DEFAULT_FORMATS, force: bool = False) -> Exported:
+    """Write the run's model to ``out`` in ``formats`` (see FORMATS), model.pt and model.json always."""
+    chosen = parse_formats(formats)
     check_out(out, force)
     model = load_trained(run_dir, registry, checkpoint, device=torch.device("cpu"))
-    traced = trace(model) if fmt == "torchscript" else None
+    view = test_view(model, registry)
+    # Every graph is built and checked before the first file is written: a format that fails leaves no half export.
+    program = torch_export(model) if {"pt2", "onnx"} & set(chosen) else None
+    graphs: list[tuple[str, str, Callable[[Any], None]]] = []
+    if "pt2" in chosen:
+        graphs.append(("pt2", PT2_FILE, lambda fh: torch.export.save(program, fh)))
+    if "onnx" in chosen:
+        data = onnx_bytes(model, program)
+        graphs.append(("onnx", ONNX_FILE, lambda fh: fh.write(data)))
+    if "torchscript" in chosen:
+        traced = trace(model)
+
+        def save_script(fh: Any) -> None:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+                torch.jit.save(traced, fh)
+        graphs.append(("torchscript", TORCHSCRIPT_FILE, save_script))
     files: dict[str, str] = {}
     written: list[Path] = []
-    if traced is not None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-            atomic_write(out / TORCHSCRIPT_FILE, lambda fh: torch.jit.save(traced, fh))
-        files["torchscript"] = TORCHSCRIPT_FILE
-        written.append(out / TORCHSCRIPT_FILE)
+    for fmt, name, write in graphs:
+        atomic_write(out / name, write)
+        files[fmt] = name
+        written.append(out / name)
     state = {k: v.detach().cpu().clone() for k, v in model.module.state_dict().items()}
     atomic_write(out / STATE_DICT_FILE, lambda fh: torch.save(state, fh))
     files["state_dict"] = STATE_DICT_FILE
     written.append(out / STATE_DICT_FILE)
-    meta = model_meta(model, model.facts.class_names, files)
+    meta = model_meta(model, model.facts.class_names, files, view)
     atomic_write(out / META_FILE, json.dumps(meta, indent=2, default=str) + "\n")
     written.append(out / META_FILE)
     return Exported(out, tuple(written), meta)
