@@ -101,3 +101,18 @@ def test_preview_of_a_mixer_without_unit_masks(recipe, tmp_path):
     assert "2 rows, mixer cutmix" in res.output
     # cutmix uses no saliency: the saliency column is Grad-CAM for display, explained in a footnote
     assert Image.open(out).size == expected_size(2, footnote=True) == (504, 286)
+
+
+def test_preview_of_a_run_folder_uses_its_best_or_last_checkpoint(recipe, tmp_path):
+    trained = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
+                                       "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100",
+                                       "--set", "run.epochs=2", "--set", "data.val_per_class=2"])
+    assert trained.exit_code == 0, trained.output
+    folder = tmp_path / "run"
+    last = run(folder, "--out", tmp_path / "last.png", "--rows", 1)
+    assert last.exit_code == 0, last.output
+    assert f"weights {folder / 'checkpoints' / 'epoch-0002.pt'}" in last.output and (tmp_path / "last.png").is_file()
+    best = run(folder, "--out", tmp_path / "best.png", "--rows", 1, "--checkpoint", "best")
+    assert best.exit_code == 0 and f"weights {folder / 'checkpoints' / 'best.pt'}" in best.output
+    refused = run(recipe, "--out", tmp_path / "x.png", "--checkpoint", "best")
+    assert refused.exit_code == 2 and "give the run folder" in refused.output and not (tmp_path / "x.png").exists()

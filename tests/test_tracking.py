@@ -205,7 +205,11 @@ def test_tensorboard_event_files_read_back_with_event_accumulator(write_recipe, 
 
     run_dir = tmp_path / "run"
     summary = _train(write_recipe(TWO_EPOCHS), run_dir, ['run.loggers=["tensorboard"]'])
-    acc = EventAccumulator(str(run_dir / "loggers" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    # TensorBoard, pointed at the folder of run folders, names the run after its folder.
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    assert list(EventMultiplexer().AddRunsFromDirectory(str(tmp_path)).Runs()) == ["run"]
+    acc = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
     top1 = acc.Scalars("test/top1")
@@ -367,6 +371,9 @@ def test_mlflow_default_store_sits_beside_the_run_folders_with_tags_and_summary(
     assert run.data.tags["lsm.run_dir"] == str(run_dir) and "lsm.command" in run.data.tags
     assert "summary.json" in {Path(f.path).name for f in client.list_artifacts(run_id)}
     assert run.data.metrics["summary/top1"] == pytest.approx(summary["top1"])
+    # The model: the newest checkpoint, as an artifact that lsm export can read.
+    logged = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    assert logged == {p.name for p in (run_dir / "checkpoints").glob("epoch-*.pt")} == {"epoch-0002.pt"}
 
 
 def test_hparams_leave_out_logger_settings_and_keys_the_schedule_ignores(write_recipe):

@@ -78,7 +78,10 @@ class ScalarTracker(Logger):
 
 
 class TensorBoard(ScalarTracker):
-    """TensorBoard event files under the run folder (torch.utils.tensorboard): `tensorboard --logdir runs`."""
+    """TensorBoard event files in the run folder (torch.utils.tensorboard): `tensorboard --logdir runs`.
+
+    The files sit in the run folder itself, not below it: TensorBoard names a run by the
+    folder that holds its event files, so each run shows under its run folder's name."""
 
     name = "tensorboard"
     requires = ("tensorboard",)
@@ -86,12 +89,18 @@ class TensorBoard(ScalarTracker):
 
     @attrs.frozen
     class Params:
-        log_dir: str = param("", help="folder of the event files (default: RUN_DIR/loggers/tensorboard)")
+        log_dir: str = param("", help="folder of the event files (default: the run folder, so TensorBoard names the run after it)")
         per_class: bool = param(True, help="also write each class's test accuracy, as per_class/<class name>")
 
     def start(self, run: RunInfo) -> None:
         tensorboard = importlib.import_module("torch.utils.tensorboard")
-        self.folder = own_folder(run, self.name, self.params.log_dir)
+        if self.params.log_dir:
+            self.folder = Path(self.params.log_dir)
+        elif run.run_dir is not None:
+            self.folder = Path(run.run_dir)
+        else:
+            raise ValueError("logger 'tensorboard' writes into the run folder, and this run has none; "
+                             "set [loggers.tensorboard] log_dir")
         self.writer = tensorboard.SummaryWriter(log_dir=str(self.folder))
         self.hparams = _scalar_hparams(run.hparams)
         # Markdown: four-space indentation keeps the TOML as code.
@@ -128,6 +137,19 @@ def default_store(run_dir: Optional[Path]) -> Optional[str]:
     return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
 
 
+def model_checkpoints(run_dir: Optional[Path]) -> list[Path]:
+    """The run's newest epoch checkpoint and its best.pt, those that exist."""
+    folder = run_dir / "checkpoints" if run_dir is not None else None
+    if folder is None or not folder.is_dir():
+        return []
+    def position(path: Path) -> tuple[int, int]:  # epoch-0004.pt, epoch-0004-step-12.pt (12 steps into epoch 5)
+        numbers = [int(n) for n in re.findall(r"\d+", path.stem)]
+        return numbers[0], numbers[1] if len(numbers) > 1 else 0
+
+    epochs = sorted(folder.glob("epoch-*.pt"), key=position)
+    return [p for p in (epochs[-1:] + [folder / "best.pt"]) if p.is_file()]
+
+
 def source_tags() -> dict[str, str]:
     """MLflow's own source tags: the command line and, inside a git checkout, the commit."""
     tags = {"mlflow.source.name": sys.argv[0] if sys.argv else "", "lsm.command": " ".join(sys.argv)[:5000]}
@@ -153,9 +175,12 @@ class MLflow(ScalarTracker):
                                   "mlflow.db in the folder that holds the run folder, runs/ by default)")
         experiment: str = param("lsm", help="experiment name, made when it does not exist")
         per_class: bool = param(True, help="also log each class's test accuracy, as per_class/<class name>")
+        log_model: bool = param(True, help="at the end, log the newest checkpoint and checkpoints/best.pt as artifacts "
+                                "under checkpoints/ (`lsm export` turns either into model files)")
 
     def start(self, run: RunInfo) -> None:
         tracking = importlib.import_module("mlflow.tracking")
+        self.run_dir = Path(run.run_dir) if run.run_dir is not None else None
         self.entities = importlib.import_module("mlflow.entities")
         self.client = tracking.MlflowClient(tracking_uri=self.params.tracking_uri or default_store(run.run_dir))
         self.folder = run.run_dir / "loggers" / self.name if run.run_dir is not None else None
@@ -191,6 +216,9 @@ class MLflow(ScalarTracker):
     def finish(self, summary: dict[str, Any]) -> None:
         self.log_scalars(int(summary.get("epochs", 0)), summary_scalars(summary))
         self.client.log_dict(self.run_id, summary, "summary.json")
+        if self.params.log_model:
+            for path in model_checkpoints(self.run_dir):
+                self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
         self.client.set_terminated(self.run_id, "FINISHED")
         self.finished = True
 
