@@ -13,11 +13,12 @@ from .version import __version__
 _LAZY = {
     **{name: "interfaces" for name in (
         "KINDS", "Callback", "Component", "Context", "Crops", "DatasetFactory", "DecodingSplit", "LabelFuser",
-        "Logger", "Loss", "LTData", "Mixer", "MixerParams", "MixResult", "ModelFactory", "Optimizer",
-        "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split", "StepBatch", "TensorSplit", "Views",
+        "Logger", "Loss", "LTData", "Mixer", "MixerParams", "MixResult", "ModelFactory", "ModelOutput", "Optimizer",
+        "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "SecondBatch", "Split", "StepBatch", "TensorSplit", "Views",
         "mix_end", "mix_prob", "mix_start")},
     "hookimpl": "hookspecs",
     "param": "params",
+    "RenamedWarning": "renames",
     "default_registry": "plugins",
     **{name: "api" for name in ("train", "load_run", "TrainedRun", "RunFolder")},
 }
@@ -40,7 +41,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "KINDS", "Component", "Context", "Crops", "DatasetFactory", "LabelFuser", "Logger", "Loss", "LTData", "Mixer",
     "MixerParams", "mix_prob", "mix_start", "mix_end",
-    "MixResult", "ModelFactory", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
-    "TensorSplit", "DecodingSplit", "Callback", "StepBatch", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
+    "MixResult", "ModelFactory", "ModelOutput", "Optimizer", "PatchOperator", "RunInfo", "SaliencyProvider", "Sampler", "Split",
+    "TensorSplit", "DecodingSplit", "Callback", "StepBatch", "SecondBatch", "Views", "hookimpl", "param", "default_registry", "LSMError", "RecipeError",
+    "RenamedWarning",
     "RegistryError", "DataError", "__version__", "train", "load_run", "TrainedRun", "RunFolder",
 ]

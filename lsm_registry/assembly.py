@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .data.augment import stats_tensor
 from .errors import DataError, LSMError
-from .interfaces import (Context, LabelFuser, Loss, LTData, Mixer, Optimizer, PatchOperator, SaliencyProvider,
-                         Sampler)
+from .interfaces import (Context, LabelFuser, Loss, LTData, Mixer, ModelFactory, Optimizer, PatchOperator,
+                         SaliencyProvider, Sampler)
 from .mixing import MixingStep
 from .recipe import Recipe
 from .registry import Registry
@@ -112,6 +112,8 @@ class RunParts:
     labels_on_device: Tensor
     mean: Tensor
     std: Tensor
+    #: The model's factory: a component like the others, which may bring callbacks (configure_callbacks).
+    model_factory: Optional[ModelFactory] = None
 
 
 def run_device(recipe: Recipe, dist: DistInfo) -> torch.device:
@@ -140,8 +142,10 @@ def training_data(recipe: Recipe, registry: Registry, dist: DistInfo) -> tuple[L
     return data, counts
 
 
-def build_model(recipe: Recipe, registry: Registry, context: Context, data: LTData, loss: Loss) -> nn.Module:
-    factory = recipe.model.build(registry, context)
+def build_model(recipe: Recipe, registry: Registry, context: Context, data: LTData, loss: Loss,
+                factory: Optional[ModelFactory] = None) -> nn.Module:
+    """The recipe's model, from ``factory`` when the caller keeps it (its callbacks), else a new one."""
+    factory = factory or recipe.model.build(registry, context)
     try:
         factory.check_input(data.image_size)
         return factory.build(data.num_classes, data.image_size[0], loss.needs_normed_head)
@@ -207,10 +211,51 @@ def check_feature_api(recipe: Recipe, module: nn.Module, loss: Loss, optimizer: 
                                            (f"optimizer {recipe.optimizer.name!r}", optimizer.needs_features)) if needs)
     if not (callable(getattr(module, "forward_features", None)) and isinstance(getattr(module, "classifier", None), nn.Module)):
         raise LSMError(f"{recipe.path} [model] {recipe.model.name}: {who} reads the features the classifier "
-                       "sees, and this model has no forward_features(x) and classifier (docs/plugins.md, the model contract)")
+                       "sees, and this model has no forward_features(x) and classifier (docs/contracts.md, model)")
     if dist.enabled:
         raise LSMError(f"{recipe.path}: {who} reads the model's features, which bypasses DistributedDataParallel's "
                        "gradient synchronisation; run it in one process")
+
+
+def check_second_batch(recipe: Recipe, module: nn.Module, sampler: Sampler, mixer: Optional[Mixer], loss: Loss,
+                       optimizer: Optimizer) -> None:
+    """A model that trains on the sampler's two batches at once (``takes_second_batch``, the
+    ModelFactory contract) needs a sampler that yields a second index set (its first batch of
+    epoch 0 tells), and nothing else may claim that batch or bypass the two-input forward:
+    not a mixer (its foreground) nor a loss or optimizer that reads the features of one batch."""
+    if not getattr(module, "takes_second_batch", False):
+        return
+    model = recipe.model.name
+    if mixer is not None:
+        raise LSMError(f"{recipe.path} [mixer].name = {recipe.mixer.name!r}: model {model!r} trains on the sampler's "
+                       "second batch itself, so no mixer can take it as its foreground; remove [mixer]")
+    for table, name, component in (("loss", recipe.loss.name, loss), ("optim", recipe.optimizer.name, optimizer)):
+        if component.needs_features:
+            raise LSMError(f"{recipe.path} [{table}] {name}: reads the features of one batch, and model {model!r} trains "
+                           "on two batches at once through its own forward; choose another")
+    _, second = next(iter(sampler.batches(0, recipe.optim.batch_size)), (None, None))
+    if second is None:
+        raise LSMError(f"{recipe.path} [sampler].name = {recipe.sampler.name!r}: model {model!r} trains on the sampler's "
+                       "second index set, and this sampler yields none; use a two-branch sampler (reversed, dual-branch)")
+
+
+def check_model_outputs(recipe: Recipe, module: nn.Module, loss: Loss, optimizer: Optimizer) -> None:
+    """A loss that reads parts of the model's training output (``Loss.reads_outputs``) needs a
+    model that declares them (``output_parts``), reached through its forward (not the feature path)."""
+    wanted = tuple(loss.reads_outputs)
+    if not wanted:
+        return
+    given = tuple(getattr(module, "output_parts", ()))
+    missing = [part for part in wanted if part not in given]
+    where = f"{recipe.path} [loss].name = {recipe.loss.name!r}"
+    if missing:
+        gives = ", ".join(given) if given else "nothing but its logits"
+        raise LSMError(f"{where}: reads the model's {', '.join(missing)} from its training output, and model "
+                       f"{recipe.model.name!r} gives {gives}; choose a model that gives them (docs: ModelOutput)")
+    if loss.needs_features or optimizer.needs_features:
+        who = f"optimizer {recipe.optimizer.name!r}" if optimizer.needs_features else "its own needs_features"
+        raise LSMError(f"{where}: reads the model's training output, which the feature path of {who} bypasses "
+                       "(it computes the logits from the features); choose another")
 
 
 def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Optional[DistInfo] = None) -> RunParts:
@@ -228,7 +273,8 @@ def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Op
                       epochs=recipe.run.epochs, seed=recipe.run.seed)
     loss = recipe.loss.build(registry, context)
     memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
-    module = build_model(recipe, registry, context, data, loss).to(device).to(memory_format=memory_format)
+    model_factory = recipe.model.build(registry, context)
+    module = build_model(recipe, registry, context, data, loss, model_factory).to(device).to(memory_format=memory_format)
     parent = load_parent(recipe, module, data.num_classes) if recipe.stage.init_from is not None and not resume else None
     trainable_parameters(module, recipe)
     sampler = recipe.sampler.build(registry, context, data.train.labels, dist.rank, dist.world_size)
@@ -239,6 +285,8 @@ def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Op
     needs_features = loss.needs_features or optimizer.needs_features
     if needs_features:
         check_feature_api(recipe, module, loss, optimizer, dist)
+    check_second_batch(recipe, module, sampler, mixer, loss, optimizer)
+    check_model_outputs(recipe, module, loss, optimizer)
     attach_optimizer(recipe, optimizer, module)
     return RunParts(
         recipe=recipe, registry=registry, dist=dist, device=device, data=data, class_counts=counts, generator=generator,
@@ -248,5 +296,5 @@ def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Op
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.run.amp),
         batch_norms=batch_norms(module), labels_on_device=data.train.labels.to(device),
         # Normalisation constants live on the device once, not one host copy per batch.
-        mean=stats_tensor(data.mean, device), std=stats_tensor(data.std, device),
+        mean=stats_tensor(data.mean, device), std=stats_tensor(data.std, device), model_factory=model_factory,
     )

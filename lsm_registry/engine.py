@@ -5,6 +5,12 @@ configured) -> optimizer step (model -> loss -> backward, once or more) -> SGD u
 loss; the only host synchronisations are the progress-bar updates every
 ``LOG_EVERY`` steps and the per-batch mixing coin, which is drawn on the CPU
 generator (no device sync).
+
+Models that are more than one forward of one batch take part through two general
+extension points of the model contract (``lsm_registry.interfaces.ModelFactory``), not
+through a branch per method here: a training output with named parts for the loss
+(``ModelOutput``, ``Loss.reads_outputs``; see ``Trainer.forward_loss``) and a second
+batch from the sampler (``takes_second_batch``, ``SecondBatch``; see ``Trainer.second_batch``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from .files import FolderLock, atomic_write
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
-from .interfaces import Callback, Crops, DecodingSplit, Head, Loss, Split, StepBatch, StepClosure, Views
+from .interfaces import (Callback, Crops, DecodingSplit, Head, Loss, ModelOutput, SecondBatch, Split, StepBatch, StepClosure, Views,
+                         logits_of)
 from .metrics import summarise_counts
 from .mixing import MixedBatch, foreground_order
 from .recipe import Recipe, migrate, without_loggers
@@ -89,7 +96,7 @@ def score_split(module: nn.Module, split: Split, loss: Loss, num_classes: int, m
         raw = split.fetch(idx, device)
         x = normalise(raw, mean, std).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            logits = module(x)
+            logits = logits_of(module(x))
         logits = loss.eval_logits(logits.float())
         if on_logits is not None:
             on_logits(idx, logits)
@@ -107,17 +114,22 @@ def score_split(module: nn.Module, split: Split, loss: Loss, num_classes: int, m
 
 
 class _Closure(StepClosure):
-    """One step's batch for the optimizer: zero the gradients, forward, loss, backward."""
+    """One step's batch for the optimizer: zero the gradients, forward, loss, backward.
 
-    def __init__(self, trainer: "Trainer", x: Tensor, target: Tensor, mixed: Optional[MixedBatch]):
-        self.trainer, self.x, self.target, self.mixed = trainer, x, target, mixed
+    ``labels``: what the loss gets as ``mixed`` (the MixedBatch, a SecondBatch or None);
+    ``second``: the second input of a model that trains on two batches, else None.
+    """
+
+    def __init__(self, trainer: "Trainer", x: Tensor, target: Tensor, labels: Optional[MixedBatch | SecondBatch],
+                 second: Optional[Tensor] = None):
+        self.trainer, self.x, self.target, self.labels, self.second = trainer, x, target, labels, second
         self.calls = 0
 
     def __call__(self, head: Optional[Head] = None) -> Tensor:
         t = self.trainer
         t.optimizer.base.zero_grad(set_to_none=True)
         with t.held_batch_norm() if self.calls else contextlib.nullcontext():
-            loss = t.forward_loss(self.x, self.target, self.mixed, head)
+            loss = t.forward_loss(self.x, self.target, self.labels, head, self.second)
             t.scaler.scale(loss).backward()
         self.calls += 1
         return loss.detach()
@@ -219,6 +231,8 @@ class Trainer:
         self.crops: tuple[Optional[Crops], Optional[Crops]] = (None, None)
         self._loader: Optional[PlannedLoader] = None
         self._batch: Optional[StepBatch] = None  # the step the optimizer is running, for on_forward
+        #: The model trains on the sampler's two batches at once (the ModelFactory contract; checked by build_run).
+        self.takes_second_batch = bool(getattr(self.module, "takes_second_batch", False))
         self.callbacks: list[Callback] = self._build_callbacks()
         self._hooks: dict[str, list[Callable[..., None]]] = {}  # hook -> the callbacks' overriding methods
 
@@ -231,7 +245,8 @@ class Trainer:
             return cls(cls.Params(), self.context)
 
         callbacks: list[Callback] = [own(self.registry.get("callback", "lr-schedule")), own(self.registry.get("callback", "nan-guard"))]
-        components = (self.sampler, self.saliency, self.patch, self.mixer, self.fuser, self.loss, self.optimizer)
+        components = (self.sampler, self.saliency, self.patch, self.mixer, self.fuser, self.loss, self.optimizer,
+                      getattr(self, "model_factory", None))
         for component in components:
             if component is not None:
                 callbacks.extend(component.configure_callbacks())
@@ -345,46 +360,81 @@ class Trainer:
         views_f = Views(fg.to(self.device), crops_f, epoch) if self.saliency is not None else None
         return xf, yf, crops_f, views_f
 
+    def second_batch(self, yb: Tensor, fg: Optional[Tensor], loaded: Optional[LoadedStep] = None) -> Optional[SecondBatch]:
+        """The sampler's second batch as a model that trains on two batches takes it, else None.
+
+        General extension point (the ModelFactory contract): when the module sets
+        ``takes_second_batch``, the sampler's second index set ``fg`` is prepared like the first
+        batch (augmented, normalised) and becomes the forward's second input, and the target is
+        the two-label mix ``lam e_{y_second} + (1 - lam) e_{y}`` with ``lam`` the module's
+        ``second_batch_share``, which the model's own callback may change per epoch. The loss
+        gets the result as ``mixed``, so class weights apply per label as for a mixed batch.
+        """
+        if not self.takes_second_batch:
+            return None
+        if fg is None:  # build_run checked the sampler; a sampler that stops yielding one mid-run lands here
+            raise TrainingError(f"[sampler].name = {self.recipe.sampler.name!r} yielded no second index set, and model "
+                                f"{self.recipe.model.name!r} trains on one every step")
+        x2, y2, _ = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
+        lam = torch.full(y2.shape, float(self.module.second_batch_share), device=y2.device)
+        num_classes = self.data.num_classes
+        one_hot = nn.functional.one_hot
+        target = (1.0 - lam).unsqueeze(1) * one_hot(yb, num_classes) + lam.unsqueeze(1) * one_hot(y2, num_classes)
+        return SecondBatch(images=x2, target=target, y_f=y2, y_b=yb, lam=lam)
+
     def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats,
                    loaded: Optional[LoadedStep] = None) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
         views_b = Views(bg.to(self.device), crops_b, epoch) if self.saliency is not None else None
         mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
-        if mixed is None:
-            x, target = xb, yb
-        else:
+        second = self.second_batch(yb, fg, loaded)  # None unless the model trains on two batches (then no mixer)
+        if mixed is not None:
             x, target = mixed.images.contiguous(memory_format=self.memory_format), mixed.target
             stats.mixed += 1
             stats.fg_weight_sum += mixed.lam.detach().mean()
             self.last_mixed = mixed.rows(PICTURE_ROWS)  # the run folder's mixed_samples.png: what was really mixed
-        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed)
+        elif second is not None:
+            x, target = xb, second.target
+        else:
+            x, target = xb, yb
+        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed, second)
         self.fire("on_batch", batch)
         set_train_mode(self.model, self.recipe, self._batch_norms)
-        loss = self.optimizer.step(_Closure(self, x, target, mixed), self.scaler).detach()
+        x2 = second.images if second is not None else None
+        loss = self.optimizer.step(_Closure(self, x, target, mixed or second, x2), self.scaler).detach()
         self._batch = None
         stats.steps += 1
-        stats.images += x.shape[0]
+        stats.images += x.shape[0] + (x2.shape[0] if x2 is not None else 0)
         stats.loss_sum += loss
         self.fire("on_step_end", batch, loss)
 
-    def forward_loss(self, x: Tensor, target: Tensor, mixed: Optional[MixedBatch], head: Optional[Head] = None) -> Tensor:
+    def forward_loss(self, x: Tensor, target: Tensor, mixed: Optional[MixedBatch | SecondBatch], head: Optional[Head] = None,
+                     second: Optional[Tensor] = None) -> Tensor:
         """The step's loss at the current weights (what the optimizer's closure backpropagates).
 
         Through the feature API (``classifier(mean of forward_features(x))``) when the loss
-        or the optimizer reads the features, else through the (possibly DDP-wrapped) model.
+        or the optimizer reads the features, else through the (possibly DDP-wrapped) model,
+        as ``model(x, second)`` for a model that trains on two batches. A training output
+        with parts (:class:`ModelOutput`) trains on its logits; its parts go to a loss that
+        reads them (``outputs=``).
         """
+        parts = None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
             if self.needs_features or head is not None:
                 h = self.module.forward_features(x).mean(dim=(2, 3))
                 logits = self.module.classifier(h)
             else:
-                h, logits = None, self.model(x)
+                output = self.model(x) if second is None else self.model(x, second)
+                h, logits = None, logits_of(output)
+                parts = output.parts if isinstance(output, ModelOutput) else None
         logits = logits.float()
         features = h.float() if h is not None else None
         if self._batch is not None:
             self.fire("on_forward", self._batch, logits, features)
-        extra = {"features": features} if self.loss.needs_features else {}
+        extra: dict[str, Any] = {"features": features} if self.loss.needs_features else {}
+        if self.loss.reads_outputs:
+            extra["outputs"] = {k: v.float() for k, v in parts.items()} if parts is not None else None
 
         def loss_of(z: Tensor) -> Tensor:
             return self.loss(z, target, mixed, **extra)
@@ -419,7 +469,9 @@ class Trainer:
             return None
         batches = list(self.sampler.batches(epoch, batch_size))
         mixer = self.mixer
-        coins = [mixer is not None and mixer.active(epoch) and mixer.coin() for _ in batches]
+        # A step's flag says whether its second index set is decoded: where the mixer's coin says mix,
+        # or every step for a model that trains on two batches (which has no mixer).
+        coins = [self.takes_second_batch or (mixer is not None and mixer.active(epoch) and mixer.coin()) for _ in batches]
         seeds = torch.randint(0, 2**62, (len(batches), 2), generator=self.generator)
         return plan_epoch(batches, coins, seeds)
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import abc
 import importlib.util
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import attrs
 import torch
@@ -37,6 +38,8 @@ __all__ = [
     "LabelFuser",
     "Loss",
     "ModelFactory",
+    "ModelOutput",
+    "logits_of",
     "DatasetFactory",
     "LTData",
     "Split",
@@ -50,6 +53,7 @@ __all__ = [
     "StepClosure",
     "Callback",
     "StepBatch",
+    "SecondBatch",
 ]
 
 KINDS: tuple[str, ...] = (
@@ -100,11 +104,18 @@ class Component(abc.ABC):
     Subclasses set ``name`` (unique within the kind) and ``Params`` (an
     ``attrs.frozen`` class whose fields all have defaults, made with
     :func:`lsm_registry.params.param`). The first line of the class docstring is the
-    one-line summary shown by ``lsm list-components``.
+    one-line summary shown by ``lsm list-components``. A component that was renamed lists
+    its old names in ``renamed_from`` and ``renamed_params``, so that recipes written for
+    them keep working for a release (docs/compatibility.md).
     """
 
     kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
+    #: Earlier names of this component: a recipe naming one still gets it, with a RenamedWarning
+    #: (lsm_registry.renames). Read from the class's own body, never inherited.
+    renamed_from: ClassVar[tuple[str, ...]] = ()
+    #: Earlier parameter names, old -> current ``Params`` field; same rules as ``renamed_from``.
+    renamed_params: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     @attrs.frozen
     class Params:
@@ -446,11 +457,20 @@ class Loss(Component):
     a model without it is refused before training) and calls
     ``loss(logits, target, mixed, features=h)``, ``h`` float32 (B, K). Losses that do
     not declare it are called without the keyword, so they need not accept it.
+    ``reads_outputs``: names of the parts of the model's training output
+    (:class:`ModelOutput`, e.g. ``"expert_logits"``) the loss reads; the engine then calls
+    ``loss(logits, target, mixed, outputs=parts)`` with the model's ``parts`` (float32), and
+    a model whose ``output_parts`` lacks one is refused before training. Such a loss must
+    still work when called without ``outputs`` (the conformance kit does), on ``logits``
+    alone. ``mixed`` may also be the :class:`SecondBatch` of a model that trains on two
+    batches: the same ``y_f``, ``y_b``, ``lam``.
     """
 
     kind = "loss"
     needs_normed_head: ClassVar[bool] = False
     needs_features: ClassVar[bool] = False
+    #: Parts of the model's training output (ModelOutput.parts) this loss reads; () reads logits only.
+    reads_outputs: ClassVar[tuple[str, ...]] = ()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -480,6 +500,28 @@ class ModelFactory(Component):
     module multiplies its logits by, so a plugin model takes part by exposing them.
     ``check_input(image_size)`` raises ValueError when the model cannot take it.
     The context given to a model factory has the class counts of the training split.
+
+    Two general extension points, for models that are more than one forward of one batch
+    (the engine names no model; each is declared by the module and checked before training):
+
+    - **Training output.** In training mode the forward may return a :class:`ModelOutput`
+      (its logits and named ``parts``, e.g. every expert's logits) instead of a tensor, as
+      torchvision's GoogLeNet returns its auxiliary logits in training only; it declares
+      the part names in a class attribute ``output_parts``. The engine trains on
+      ``ModelOutput.logits`` and hands ``parts`` to a loss that names them in
+      ``Loss.reads_outputs``. In eval mode (evaluation, saliency, export) it returns the
+      tensor.
+    - **A second batch.** A module with ``takes_second_batch = True`` is trained on the
+      sampler's two index sets at once: ``forward(x, x_second)`` every step, ``x`` the
+      sampler's first (instance) batch, ``x_second`` its second one. Its attribute
+      ``second_batch_share`` (a float in [0, 1], read once per step) is the share of the loss
+      the second batch's labels get: the target is the two-label mix
+      ``share e_{y_second} + (1 - share) e_y`` (:class:`SecondBatch`). ``forward(x)`` alone
+      is its test-time output. The sampler must yield a second index set, and neither a
+      mixer nor a feature-reading loss or optimizer may be configured with it.
+
+    Like every component, a model factory may bring callbacks (``configure_callbacks``):
+    the place for a per-epoch setting of the module (BBN's cumulative-learning weight).
     """
 
     kind = "model"
@@ -490,6 +532,22 @@ class ModelFactory(Component):
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
         return None
+
+
+@attrs.frozen(eq=False)
+class ModelOutput:
+    """What a model's forward may return in training mode: its ``logits`` (B, C), the output
+    everything that reads logits uses (the loss by default, ``on_forward``, the running metrics),
+    and named ``parts`` (tensors) for a loss that declares ``reads_outputs``; e.g. RIDE's
+    ``{"expert_logits": (E, B, C)}``. See :class:`ModelFactory`."""
+
+    logits: Tensor
+    parts: Mapping[str, Tensor] = attrs.field(factory=dict)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits of a model's output: the tensor itself, or :attr:`ModelOutput.logits`."""
+    return output.logits if isinstance(output, ModelOutput) else output
 
 
 @attrs.frozen(eq=False)
@@ -822,7 +880,8 @@ class StepBatch:
     the model trains on; ``labels`` (B,) and ``views`` are the background batch's (``views``
     None unless a saliency provider is configured); ``mixed`` is the step's
     :class:`lsm_registry.mixing.MixedBatch` or None when the step did not mix. ``step`` counts
-    the epoch's steps from 1, a resumed epoch included.
+    the epoch's steps from 1, a resumed epoch included. ``second`` is the step's
+    :class:`SecondBatch` when the model trains on two batches (``takes_second_batch``), else None.
     """
 
     epoch: int
@@ -832,6 +891,26 @@ class StepBatch:
     labels: Tensor
     views: Optional["Views"]
     mixed: Any
+    second: Optional["SecondBatch"] = None
+
+
+@attrs.frozen(eq=False)
+class SecondBatch:
+    """The sampler's second batch, for a model that trains on two batches at once (``takes_second_batch``, :class:`ModelFactory`).
+
+    ``images`` (B, ch, H, W) are the second input of the model's forward; ``y_f`` (B,) their
+    labels, ``y_b`` (B,) the first batch's labels and ``lam`` (B,) the model's
+    ``second_batch_share``, so that ``target = lam e_{y_f} + (1 - lam) e_{y_b}`` (B, C) has the
+    two-label form of a mixed batch: the loss gets this object as its ``mixed`` argument and
+    weights each label on its own (with DRW weights: ``(1 - lam) CE_w(y_b) + lam CE_w(y_f)``,
+    BBN's loss).
+    """
+
+    images: Tensor
+    target: Tensor
+    y_f: Tensor
+    y_b: Tensor
+    lam: Tensor
 
 
 class Callback(Component):
@@ -842,13 +921,14 @@ class Callback(Component):
     ``param_groups``), ``loop.saliency``, ``loop.device``, ``loop.history``,
     ``loop.run_dir`` (None without a run folder), ``loop.last_checkpoint()`` and
     ``loop.all_reduce(tensor, op)`` (a no-op in one process); it changes the run only
-    through what it is documented to own (the learning rate, a provider's state) or by
+    through what it is documented to own (the learning rate, a provider's state, the per-epoch
+    setting of the model whose factory brings it) or by
     raising. Keep device work asynchronous: only ``on_check`` runs where the loop reads
     the device anyway.
 
     Order within one point: the engine's own callbacks (``lr-schedule``, ``nan-guard``),
     then those the components bring (``configure_callbacks``: sampler, saliency, patch,
-    mixer, label fuser, loss, optimizer), then the recipe's ``[run] callbacks`` in the
+    mixer, label fuser, loss, optimizer, model), then the recipe's ``[run] callbacks`` in the
     order listed; the run reporter (progress, run folder, trackers) comes after all of
     them. Order of points in one epoch: ``on_epoch_start``; per step ``on_batch``, one
     ``on_forward`` per forward pass, ``on_step_end``; ``on_check`` every 10 steps, before a

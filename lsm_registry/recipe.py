@@ -2,14 +2,17 @@
 
 Every problem is collected and reported at once, one line each, in the form
 ``FILE [table].key: message``; unknown tables, components and parameters get a
-"Did you mean" hint and the valid choices. ``--set table.key=value`` overrides are
-applied to the raw TOML before validation, so they are checked the same way.
+"Did you mean" hint and the valid choices. A recipe file may ``extends`` shared base
+files (:mod:`lsm_registry.recipe_files` merges them first); ``--set table.key=value``
+overrides are applied to the merged TOML before validation, so they are checked the
+same way and win over the bases and the file alike.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -19,7 +22,9 @@ from .errors import RecipeError, RegistryError
 from .formats import RECIPE_FORMAT, format_problem
 from .params import NONE_TOML, ParamError, at_least, coerce, non_negative, param, positive
 from .plugins import default_registry
+from .recipe_files import EXTENDS_KEY, FORMAT_KEY, read_recipe, read_toml  # noqa: F401  (read_toml: runfolder.evaluate)
 from .registry import Registry, suggest
+from .renames import RenamedWarning, Target, renamed_recipe
 
 #: Component tables and the registry kind each selects.
 COMPONENT_TABLES: dict[str, str] = {
@@ -123,8 +128,6 @@ class StageParams:
 
 
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams, "stage": StageParams}
-#: The top-level key (before the first table) that holds the recipe format.
-FORMAT_KEY = "format"
 ALL_TABLES = ("run", "data", "model", "optim", "stage", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers",
               "callbacks")
 #: The table of the loggers' parameters, one sub-table per logger: [loggers.mlflow].
@@ -135,6 +138,10 @@ CALLBACKS_TABLE = "callbacks"
 LISTED_TABLES = {LOGGERS_TABLE: "logger", CALLBACKS_TABLE: "callback"}
 #: Callbacks the engine always adds: listing them in [run] callbacks would run them twice.
 ENGINE_CALLBACKS = ("lr-schedule", "nan-guard")
+#: The tables that name one component, whose old names (lsm_registry.renames) are replaced before
+#: validation; [optim] names the optimizer, and its own keys are never an optimizer's parameter.
+RENAME_TARGETS = (*(Target(table, kind, TABLE_DEFAULT_NAMES.get(table)) for table, kind in COMPONENT_TABLES.items()),
+                  Target("optim", "optimizer", OptimParams().name, frozenset(f.name for f in attrs.fields(OptimParams))))
 
 
 @attrs.frozen
@@ -265,25 +272,10 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return table, key, value
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError([f"{path}: no such recipe file"]) from None
-    except IsADirectoryError:
-        raise RecipeError([f"{path}: is a folder, not a recipe file"]) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise RecipeError([f"{path}: TOML syntax error: {exc}"]) from None
-
-
 def load_recipe(path: str | Path, overrides: list[str] = (), registry: Optional[Registry] = None) -> Recipe:
-    """Read, override and validate a recipe; raises RecipeError listing every problem."""
+    """Read (bases merged in), override and validate a recipe; raises RecipeError listing every problem."""
     path = Path(path)
-    raw = read_toml(path)
+    raw = read_recipe(path)  # its bases merged in: overrides apply to the whole recipe
     errors: list[str] = []
     apply_overrides(raw, parse_overrides(overrides, errors), errors)
     return validate(raw, str(path), registry, errors)
@@ -327,6 +319,8 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     problem = format_problem(raw.get(FORMAT_KEY), RECIPE_FORMAT, where)
     if problem is not None:
         raise RecipeError([problem])
+    # Old names of renamed components and parameters become the current ones, one warning each.
+    raw = renamed_recipe(raw, registry, where, RENAME_TARGETS, LISTED_TABLES, errors)
     _check_tables(raw, where, errors)
     fixed, optimizer_keys = _fixed_tables(raw, where, errors)
     specs = {table: _component_table(registry, raw, table, kind, where, errors) for table, kind in COMPONENT_TABLES.items()}
@@ -346,7 +340,15 @@ def _check_tables(raw: dict[str, Any], where: str, errors: list[str]) -> None:
     for table, value in raw.items():
         if table == FORMAT_KEY:
             continue
-        if table not in ALL_TABLES:
+        if table == EXTENDS_KEY:  # read_recipe merges the bases and drops the key; a dict built otherwise keeps it
+            errors.append(f"{where} {EXTENDS_KEY}: bases are merged when a recipe file is read (load_recipe); "
+                          "this recipe was not read from a file, so its bases would be ignored")
+            continue
+        top_hint = None if table in ALL_TABLES or isinstance(value, dict) else suggest(table, (FORMAT_KEY, EXTENDS_KEY))
+        if top_hint:
+            errors.append(f"{where} {table}: unknown top-level key. Did you mean {top_hint!r}? "
+                          f"Top-level keys: {FORMAT_KEY}, {EXTENDS_KEY}")
+        elif table not in ALL_TABLES:
             hint = suggest(table, ALL_TABLES)
             errors.append(
                 f"{where} [{table}]: unknown table." + (f" Did you mean [{hint}]?" if hint else "")
@@ -480,10 +482,14 @@ def migrate(old: dict[str, Any], registry: Optional[Registry] = None, where: str
     Keys added to the library since it was written take their defaults, so it compares
     equal to a new recipe of the same settings. A dict that no longer validates (a value
     a newer validator refuses, a component no longer installed) is returned as it was,
-    without its format key: comparing it then shows what differs.
+    without its format key: comparing it then shows what differs. Old component and
+    parameter names become the current ones silently: a stored run is history, not
+    something its reader should edit.
     """
     try:
-        return validate(dict(old), where, registry).to_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RenamedWarning)
+            return validate(dict(old), where, registry).to_dict()
     except RecipeError:
         return {table: keys for table, keys in old.items() if table != FORMAT_KEY}
 

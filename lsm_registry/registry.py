@@ -1,4 +1,9 @@
-"""The one registry: (kind, name) -> component class, with the owner of each entry."""
+"""The one registry: (kind, name) -> component class, with the owner of each entry.
+
+It also keeps the old names of renamed components and parameters (see
+:mod:`lsm_registry.renames`): a lookup by an old name finds the current component with a
+warning, and listings show current names only.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,14 @@ import difflib
 import fnmatch
 import re
 import inspect
+import warnings
 from typing import Any, Iterable, Optional
 
 import attrs
 
 from .errors import RegistryError
 from .interfaces import KINDS, Component
+from .renames import Rename, RenamedWarning, declaration_problem, declared
 
 
 @attrs.frozen
@@ -105,7 +112,7 @@ def class_problem(cls: Any) -> Optional[str]:
         params()
     except Exception as exc:
         return f"{label} ({kind} {name!r}): Params() fails with its defaults: {type(exc).__name__}: {exc}"
-    return None
+    return declaration_problem(cls, f"{label} ({kind} {name!r})")
 
 
 class Registry:
@@ -114,11 +121,16 @@ class Registry:
     ``problems`` collects the one-line reports of plugins that failed to load, so a
     broken plugin never hides the components that did load. ``blocked`` names the
     installed plugins that LSM_DISABLE_PLUGINS kept out (filled by
-    ``plugins.build_registry``), so an unknown name can point at them.
+    ``plugins.build_registry``), so an unknown name can point at them. ``_renames`` maps
+    (kind, old name) to the current one; ``_param_renames`` (kind, current name) to the
+    component's old parameter names. An old name is never a live name, so a name means one
+    component whatever the load order.
     """
 
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
+        self._renames: dict[tuple[str, str], Rename] = {}
+        self._param_renames: dict[tuple[str, str], dict[str, Rename]] = {}
         self.problems: list[str] = []
         self.blocked: list[str] = []
 
@@ -136,19 +148,51 @@ class Registry:
                 raise RegistryError(f"{_class_label(cls)} of {owner.distribution} {owner.version}: duplicate {key[0]} {key[1]!r}, "
                                     f"already provided by {first.owner} as {_class_label(first.cls)}")
             raise RegistryError(f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(first.cls)}")
+        renames = self._renames_of(cls, owner)
         entry = Entry(key[0], key[1], cls, owner)
         self._entries[key] = entry
+        for rename in renames:
+            if rename.param is None:
+                self._renames[(rename.kind, rename.old)] = rename
+            else:
+                self._param_renames.setdefault(key, {})[rename.param[0]] = rename
         return entry
 
+    def _renames_of(self, cls: type, owner: Owner) -> list[Rename]:
+        """The old names ``cls`` declares, checked against this registry: an old name that is a live
+        name (or a live name that is an old one) is refused, so no lookup is ever ambiguous."""
+        kind, name, label = cls.kind, cls.name, _class_label(cls)
+        alias = self._renames.get((kind, name))
+        if alias is not None:
+            raise RegistryError(f"{label}: {kind} {name!r} is the old name of {kind} {alias.new!r} ({alias.provider}), "
+                                "kept so that old recipes still work; choose another name")
+        names, params = declared(cls)
+        provider = f"{owner.distribution} {owner.version}"
+        for old in names:
+            live = self._entries.get((kind, old))
+            if live is not None:
+                raise RegistryError(f"{label} ({kind} {name!r}): renamed_from {old!r} is a live {kind}, provided by "
+                                    f"{live.owner} as {_class_label(live.cls)}; an old name cannot shadow a component")
+            other = self._renames.get((kind, old))
+            if other is not None:
+                raise RegistryError(f"{label} ({kind} {name!r}): renamed_from {old!r} is already the old name of "
+                                    f"{kind} {other.new!r} ({other.provider})")
+        return ([Rename(kind, old, name, provider=provider) for old in dict.fromkeys(names)]
+                + [Rename(kind, name, name, param=(old, new), provider=provider) for old, new in params.items()])
+
     def copy(self) -> "Registry":
-        """A registry with the same entries, to stage a plugin's classes before committing them."""
+        """A registry with the same entries and old names, to stage a plugin's classes before committing them."""
         staged = Registry()
         staged._entries = dict(self._entries)
+        staged._renames = dict(self._renames)
+        staged._param_renames = {key: dict(value) for key, value in self._param_renames.items()}
         return staged
 
     def adopt(self, staged: "Registry") -> None:
         """Take the entries of a registry made by :meth:`copy` (the plugin loaded whole)."""
         self._entries = staged._entries
+        self._renames = staged._renames
+        self._param_renames = staged._param_renames
 
     def names(self, kind: str) -> list[str]:
         return sorted(name for (k, name) in self._entries if k == kind)
@@ -162,10 +206,32 @@ class Registry:
         try:
             return self._entries[(kind, name)]
         except KeyError:
-            raise RegistryError(self.unknown_message(kind, name)) from None
+            pass
+        new, rename = self.resolve(kind, name)
+        if rename is None:
+            raise RegistryError(self.unknown_message(kind, name))
+        warnings.warn(f"{kind} {name!r} was renamed {new!r} ({rename.provider}); use {new!r}, the old name stops "
+                      "working in a later release", RenamedWarning, stacklevel=3)
+        return self._entries[(kind, new)]
 
     def get(self, kind: str, name: str) -> type:
         return self.entry(kind, name).cls
+
+    def resolve(self, kind: str, name: str) -> tuple[str, Optional[Rename]]:
+        """``(current name, the Rename)`` for an old name; ``(name, None)`` for any other, without a warning."""
+        rename = self._renames.get((kind, name))
+        return (rename.new, rename) if rename is not None else (name, None)
+
+    def param_renames(self, kind: str, name: str) -> dict[str, Rename]:
+        """Old parameter name -> its :class:`Rename`, for the component of current name ``name``."""
+        return dict(self._param_renames.get((kind, name), {}))
+
+    def renames(self, kind: Optional[str] = None) -> list[Rename]:
+        """Every old name (components, then parameters), sorted by kind order and name; what
+        ``lsm list-components --deprecated`` shows."""
+        found = list(self._renames.values()) + [r for params in self._param_renames.values() for r in params.values()]
+        found = [r for r in found if kind is None or r.kind == kind]
+        return sorted(found, key=lambda r: (KINDS.index(r.kind), r.new, r.param is not None, r.param or (), r.old))
 
     def unknown_message(self, kind: str, name: str) -> str:
         names = self.names(kind)

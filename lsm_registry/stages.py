@@ -44,7 +44,7 @@ def classifier_of(module: nn.Module, recipe: Recipe) -> nn.Module:
     head = getattr(module, "classifier", None)
     if not isinstance(head, nn.Module):
         raise LSMError(f"{recipe.path} [stage]: model {recipe.model.name!r} has no `classifier` module, so its "
-                       "classifier cannot be told apart from its backbone; a stage needs one (docs/plugins.md)")
+                       "classifier cannot be told apart from its backbone; a stage needs one (docs/contracts.md, model)")
     return head
 
 

@@ -721,6 +721,8 @@ def _check_callback(c: _Checker, cls: type, params: Any) -> None:
     if cls.name == "saliency-observer":  # it needs a provider to observe for, and cached-gradcam brings it
         raw["run"]["callbacks"], raw["callbacks"] = [], {}
         raw.update(saliency={"name": "cached-gradcam"}, mixer={"name": "lsm", "start_epoch": 1, "end_epoch": 3})
+    if cls.name == "cumulative-learning":  # it sets the weight of a bilateral-branch model, and bbn needs a second batch
+        raw.update(model={"name": "bbn", "width": 4}, sampler={"name": "reversed"})
     recipe = validate(raw, "conformance.toml", registry)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lsm_registry"
 #: Bottom (0) to top. A module may import its own layer or the ones below it.
 LAYERS = [
     {"version", "errors", "params", "interfaces", "hookspecs", "ops", "formats", "files", "memory"},
-    {"registry", "components", "data", "plugins", "recipe"},
+    {"registry", "renames", "components", "data", "plugins", "recipe", "recipe_files"},
     {"mixing"},
     {"metrics", "checkpoint", "stages", "assembly", "engine"},
     {"runfolder", "viz", "testing"},

@@ -8,7 +8,8 @@ from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml"))
+#: recipes/_base holds the files recipes extend: parts of recipes, not recipes on their own.
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml") if "_base" not in p.relative_to(ROOT / "recipes").parts)
 
 
 @pytest.fixture(scope="module")

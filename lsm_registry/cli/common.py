@@ -6,10 +6,12 @@ Invalid input exits with code 2 and one line per problem, no traceback; set
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import click
 from rich.console import Console
@@ -17,6 +19,7 @@ from rich.console import Console
 from ..errors import LSMError, RecipeError
 from ..params import NONE_TOML
 from ..plugins import default_registry
+from ..renames import RenamedWarning
 
 SET_HELP = "Override a recipe key: table.key=value, the value in TOML syntax (repeatable)."
 
@@ -42,7 +45,8 @@ def user_errors(func: Callable) -> Callable:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with renamed_as_warning_lines():
+                return func(*args, **kwargs)
         except LSMError as exc:
             if debug_enabled():
                 raise
@@ -52,6 +56,25 @@ def user_errors(func: Callable) -> Callable:
             sys.exit(getattr(exc, "exit_code", 2))
 
     return wrapper
+
+
+@contextlib.contextmanager
+def renamed_as_warning_lines() -> Iterator[None]:
+    """Show a :class:`RenamedWarning` as one ``warning: ...`` line on stderr, like a plugin problem,
+    instead of Python's file-and-line form; other warnings are shown as Python shows them."""
+    show = warnings.showwarning
+
+    def plain(message: Any, category: type, *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, RenamedWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, *rest, **kwargs)
+
+    warnings.showwarning = plain
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
 
 
 def registry_with_warnings():

@@ -43,9 +43,10 @@ def _param_text(params_cls: type) -> str:
 @click.command("list-components")
 @click.option("--kind", type=click.Choice(list(KINDS)),
               default=None, help="Only this kind.")
+@click.option("--deprecated", is_flag=True, help="List the old names of renamed components and parameters instead.")
 @click.argument("pattern", required=False)
 @user_errors
-def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
+def list_components_cmd(kind: Optional[str], pattern: Optional[str], deprecated: bool) -> None:
     """List registered components, optionally only those matching PATTERN.
 
     PATTERN (case-insensitive) matches component names that contain it and the
@@ -55,9 +56,14 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
 
     Shows each component's provider (distribution and version), a one-line summary and
     its parameters with defaults. Plugins that failed to load are listed after the table.
+    Old names of renamed components still work in recipes but are not listed; --deprecated
+    lists them, with what replaced them.
     """
 
     registry = default_registry()
+    if deprecated:
+        _list_renames(registry, kind, pattern)
+        return
     entries = registry.list(kind, pattern)
     if pattern and not entries:
         names = sorted({e.name for e in registry.list(kind)} | {e.owner.distribution for e in registry.list(kind)})
@@ -86,3 +92,22 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str]) -> None:
         click.echo(f"not loaded: {problem}")
     if registry.problems:
         click.echo(f"{len(registry.problems)} plugin(s) did not load; the components above did.")
+
+
+def _list_renames(registry, kind: Optional[str], pattern: Optional[str]) -> None:
+    """The old names a recipe may still use, each with the name that replaced it (``component.param`` for parameters)."""
+    table = Table(title="deprecated names (they still work, with a warning)")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("old name", no_wrap=True)
+    table.add_column("use instead", no_wrap=True)
+    table.add_column("provided by", overflow="fold")
+    needle = (pattern or "").casefold()
+    for rename in registry.renames(kind):
+        old, new = (rename.old, rename.new) if rename.param is None else (f"{rename.new}.{rename.param[0]}", f"{rename.new}.{rename.param[1]}")
+        if needle and needle not in old.casefold() and needle not in new.casefold():
+            continue
+        table.add_row(rename.kind, old, new, rename.provider)
+    if table.row_count:
+        Console().print(table)
+    else:
+        click.echo("no deprecated names" + (f" matching {pattern!r}" if pattern else "") + (f" of kind {kind}" if kind else ""))

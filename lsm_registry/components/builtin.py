@@ -16,6 +16,8 @@ MODULES = (
     "fusers",
     "losses",
     "models",
+    "bbn",
+    "ride",
     "datasets",
     "loggers",
     "optimizers",

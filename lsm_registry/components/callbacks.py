@@ -134,7 +134,7 @@ def legacy_observer(provider: SaliencyProvider, context: Any, callbacks: Sequenc
     if not provider.observes_training or any(isinstance(c, SaliencyObserver) for c in callbacks):
         return None
     warnings.warn(f"saliency {provider.name!r}: observes_training without a callback is deprecated; return "
-                  "SaliencyObserver from configure_callbacks() (docs/plugins.md)", DeprecationWarning, stacklevel=2)
+                  "SaliencyObserver from configure_callbacks() (docs/contracts.md, saliency)", DeprecationWarning, stacklevel=2)
     return SaliencyObserver(SaliencyObserver.Params(), context)
 
 

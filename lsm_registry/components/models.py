@@ -50,14 +50,20 @@ _LWS_HELP = "LWS: a learnable per-class scale on the logits (state key logit_sca
 
 
 class _ShortcutA(nn.Module):
-    """Option A shortcut: subsample by 2 and zero-pad the new channels."""
+    """Option A shortcut: subsample by 2 and zero-pad the new channels, half on each side.
 
-    def __init__(self, planes: int):
+    ``planes - in_planes`` rather than ``planes // 4``: the same pad when a stage doubles the
+    width, and also right for RIDE's narrower experts (16 -> 24 -> 48 channels), as in its
+    reference code.
+    """
+
+    def __init__(self, in_planes: int, planes: int):
         super().__init__()
-        self.pad = planes // 4
+        extra = planes - in_planes
+        self.pad = (extra // 2, extra - extra // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, *self.pad))
 
 
 class _BasicBlock(nn.Module):
@@ -69,12 +75,18 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = _ShortcutA(planes)
+            self.shortcut = _ShortcutA(in_planes, planes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
+
+
+def cifar_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    """One stage of a CIFAR ResNet: ``blocks`` basic blocks, the first with ``stride`` (the
+    model variants of BBN and RIDE cut and copy stages, so they build them here)."""
+    return nn.Sequential(*(_BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(blocks)))
 
 
 class CifarResNet(nn.Module):

@@ -77,6 +77,25 @@ class DualBranchSampler(_ShuffledInstances):
             yield idx, fg
 
 
+class ReversedSampler(DualBranchSampler):
+    """Instance branch plus BBN's reversed branch: class c drawn with probability proportional to n_max / n_c."""
+
+    name = "reversed"
+
+    @attrs.frozen
+    class Params:
+        pass
+
+    def weights(self) -> Tensor:
+        """Per-image weights ``(n_max / n_c) / n_c``: BBN's reversed sampler draws a class with
+        probability ``w_c / sum_j w_j``, ``w_c = n_max / n_c``, then an image of it uniformly
+        (reference code: ``get_weight`` and ``sample_class_index_by_weight``), so the rarest
+        class comes up most often, n_max / n_min times as often as the largest one."""
+        counts = torch.bincount(self.labels, minlength=self.context.num_classes).to(torch.float64)
+        class_weight = counts.max() / counts
+        return class_weight[self.labels] / counts[self.labels]
+
+
 class ClassBalancedSampler(_ShuffledInstances):
     """Class-balanced sampling: one branch drawn with weight n_y ** -1, each class equally likely (cRT)."""
 
@@ -99,4 +118,4 @@ class ClassBalancedSampler(_ShuffledInstances):
             yield drawn[s * batch_size : (s + 1) * batch_size], None
 
 
-COMPONENTS = [InstanceSampler, DualBranchSampler, ClassBalancedSampler]
+COMPONENTS = [InstanceSampler, DualBranchSampler, ReversedSampler, ClassBalancedSampler]

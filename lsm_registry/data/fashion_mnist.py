@@ -24,8 +24,15 @@ FILES = {
     "test_images": "t10k-images-idx3-ubyte.gz",
     "test_labels": "t10k-labels-idx1-ubyte.gz",
 }
-#: Folders searched, in order, when the recipe gives no root.
-DEFAULT_ROOTS = ("data/fashion-mnist", "/usr/share/datasets/fashion-mnist")
+#: Folders searched, in order, when the recipe gives no root (relative to the working directory).
+DEFAULT_ROOTS = ("data/fashion-mnist",)
+#: How to get the files, for the error of a missing folder (docs/data.md says the same at length).
+HOW_TO_GET = (
+    "get them with Debian's package dataset-fashion-mnist (apt-get install dataset-fashion-mnist puts them in "
+    "/usr/share/datasets/fashion-mnist) or, with internet, torchvision.datasets.FashionMNIST(DOWNLOAD_DIR, download=True) "
+    "(they land in DOWNLOAD_DIR/FashionMNIST/raw), then --set data.root=FASHION_MNIST_DIR, the folder holding them "
+    "(docs/data.md)"
+)
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 PAD = 2
 
@@ -59,7 +66,7 @@ def find_folder(root: Optional[str]) -> Path:
         if all((folder / name).is_file() for name in FILES.values()):
             return folder
     looked = " or ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"Fashion-MNIST not found in {looked}; expected {', '.join(FILES.values())}")
+    raise FileNotFoundError(f"Fashion-MNIST not found in {looked}; expected the four IDX files {', '.join(FILES.values())}; {HOW_TO_GET}")
 
 
 def _pair(folder: Path, images: str, labels: str) -> tuple[Tensor, Tensor]:
