@@ -16,7 +16,7 @@ PLUGIN_DIRS := $(foreach p,$(PLUGINS),$(patsubst %/,%,$(dir $(p))))
 STAMP := $(VENV)/.lsm-installed
 STAMP_KEY := $(TORCH_SPEC) | $(shell cat pyproject.toml $(PLUGINS) 2>/dev/null | cksum)
 
-.PHONY: venv install run test bench
+.PHONY: venv install run lint test bench
 
 venv:
 	@if [ ! -x $(BIN)/python ]; then \
@@ -43,7 +43,13 @@ run: export OMP_NUM_THREADS := 1
 run: install
 	$(BIN)/lsm run recipes/quickstart.toml recipes/quickstart_lsm.toml
 
-test: install
+# ruff (lint and format, configured in pyproject.toml) and mypy on the plugin ABI modules.
+lint: install
+	$(BIN)/ruff check lsm_registry bench tests plugins
+	$(BIN)/ruff format --check lsm_registry bench tests plugins
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q tests $(foreach d,$(PLUGIN_DIRS),$(d)/tests)
 
 bench: install

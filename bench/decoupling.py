@@ -42,7 +42,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Optional
 
-
 #: The stage-1 protocol: bench/accuracy.py's fmnist-e10 CE run.
 TAG = "fmnist-e10"
 PARENT_EPOCHS = 10
@@ -164,7 +163,7 @@ def run_tau_norm(seed: int, parent: Path, taus: str, out: Path, store: Path) -> 
     started = time.perf_counter()
     for split in ("val", "test"):
         lsm_tau_norm(parent, taus, split, work)
-    val, test = read_tau_csv(work / "tau-norm,val.csv"), read_tau_csv(work / "tau-norm,test.csv")
+    val = read_tau_csv(work / "tau-norm,val.csv")
     tau = choose_tau(val)
     summary = json.loads((work / f"test,tau={tau:g}" / "summary.json").read_text(encoding="utf-8"))
     summary.update({"tau": tau, "tau_chosen_on": "val", "taus": sorted(val), "val_top1": val[tau]["top1"],

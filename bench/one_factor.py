@@ -24,7 +24,6 @@ from typing import Any
 
 from bench import accuracy as acc
 from bench import store as run_store
-
 from lsm_registry.runfolder.reader import flatten
 
 IGNORED = {"run.name", "run.seed", *run_store.SETTING_IGNORED}

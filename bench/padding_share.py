@@ -20,10 +20,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
 from bench.store import ROOT
-
 
 
 def main(argv: list[str] | None = None) -> int:

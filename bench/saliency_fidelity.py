@@ -28,7 +28,6 @@ import attrs
 import torch
 
 from bench.store import ROOT
-
 from lsm_registry.components.cached_saliency import class_activation_of, unit_agreement
 from lsm_registry.components.saliency import normalise_to_units
 from lsm_registry.engine import Trainer

@@ -166,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             bg, fg = next(streams[v])
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            dt, _ = clock.time(lambda: tr.train_step(0, bg, fg, StepStats.zeros(tr.device)))
+            dt, _ = clock.time(lambda tr=tr, bg=bg, fg=fg: tr.train_step(0, bg, fg, StepStats.zeros(tr.device)))
             if on_cuda:
                 peak[v] = max(peak[v], torch.cuda.max_memory_allocated(device))
             if r >= warmup:

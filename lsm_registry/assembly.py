@@ -20,8 +20,18 @@ from torch import Tensor, nn
 
 from .data.augment import stats_tensor
 from .errors import DataError, LSMError
-from .interfaces import (Context, LabelFuser, Loss, LTData, Mixer, ModelFactory, Optimizer, PatchOperator,
-                         SaliencyProvider, Sampler)
+from .interfaces import (
+    Context,
+    LabelFuser,
+    Loss,
+    LTData,
+    Mixer,
+    ModelFactory,
+    Optimizer,
+    PatchOperator,
+    SaliencyProvider,
+    Sampler,
+)
 from .mixing import MixingStep
 from .recipe import Recipe
 from .registry import Registry

@@ -26,19 +26,50 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import (BEST_CHECKPOINT, CHECKPOINT_DIR, ResumeError, checkpoint_name, list_checkpoints, load_latest, prune, recipe_diff,
-                         rng_state, save_atomic, set_rng_state)
 # Re-exported: these were the engine's before building a run got a module of its own.
-from .assembly import (DistInfo, RunParts, build_data, build_run, check_feature_api, dist_info,  # noqa: F401
-                       resolve_device, seed_everything)
+from .assembly import (  # noqa: F401
+    DistInfo,
+    RunParts,
+    build_data,
+    build_run,
+    check_feature_api,
+    dist_info,
+    resolve_device,
+    seed_everything,
+)
+from .checkpoint import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    ResumeError,
+    checkpoint_name,
+    list_checkpoints,
+    load_latest,
+    prune,
+    recipe_diff,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from .components.callbacks import SaliencyObserver, learning_rate, legacy_observer
 from .data.augment import augment_with_crops, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from .files import FolderLock, atomic_write
 from .formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, format_problem
-from .interfaces import (Callback, Crops, DecodingSplit, Head, Loss, ModelOutput, SecondBatch, Split, StepBatch, StepClosure, Views,
-                         logits_of)
+from .interfaces import (
+    Callback,
+    Crops,
+    DecodingSplit,
+    Head,
+    Loss,
+    ModelOutput,
+    SecondBatch,
+    Split,
+    StepBatch,
+    StepClosure,
+    Views,
+    logits_of,
+)
 from .metrics import summarise_counts
 from .mixing import MixedBatch, foreground_order
 from .recipe import Recipe, migrate, without_loggers

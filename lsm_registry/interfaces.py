@@ -20,7 +20,9 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from .params import ParamError, non_negative as _non_negative, param, probability as _probability
+from .params import ParamError, param
+from .params import non_negative as _non_negative
+from .params import probability as _probability
 
 __all__ = [
     "KINDS",
@@ -98,7 +100,7 @@ class Context:
         return torch.tensor(self.class_counts, dtype=dtype, device=self.device)
 
 
-class Component(abc.ABC):
+class Component(abc.ABC):  # noqa: B024 - the abstract methods are each kind's (Sampler.batches, ...)
     """Base of every registered class.
 
     Subclasses set ``name`` (unique within the kind) and ``Params`` (an
@@ -369,7 +371,7 @@ class Mixer(Component):
     """
 
     kind = "mixer"
-    Params = MixerParams
+    Params = MixerParams  # type: ignore[assignment]  # each kind's Params replaces Component's empty one
     needs_saliency: ClassVar[bool] = False
     #: Label fuser used when the recipe has no [label_fuser] table.
     default_fuser: ClassVar[str] = "area"

@@ -24,9 +24,8 @@ import pluggy
 
 from . import hookspecs
 from .components import builtin
-from .interfaces import KINDS, Component
 from .errors import RegistryError
-from .registry import Owner, Registry, class_problem, suggest
+from .registry import Owner, Registry, suggest
 from .version import __version__
 
 ENTRY_POINT_GROUP = "lsm_registry"

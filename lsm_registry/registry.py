@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import re
 import inspect
+import re
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -139,6 +139,7 @@ class Registry:
         problem = class_problem(cls)
         if problem is not None:
             raise RegistryError(problem)
+        assert issubclass(cls, Component)  # class_problem refuses anything else
         key = (cls.kind, cls.name)
         first = self._entries.get(key)
         if first is not None:
@@ -158,7 +159,7 @@ class Registry:
                 self._param_renames.setdefault(key, {})[rename.param[0]] = rename
         return entry
 
-    def _renames_of(self, cls: type, owner: Owner) -> list[Rename]:
+    def _renames_of(self, cls: type[Component], owner: Owner) -> list[Rename]:
         """The old names ``cls`` declares, checked against this registry: an old name that is a live
         name (or a live name that is an old one) is refused, so no lookup is ever ambiguous."""
         kind, name, label = cls.kind, cls.name, _class_label(cls)
@@ -254,7 +255,7 @@ class Registry:
     def list(self, kind: Optional[str] = None, pattern: Optional[str] = None) -> list[Entry]:
         """Entries sorted by kind order then name, filtered by ``pattern`` (see ``matches``)."""
         out = []
-        for (k, name), entry in self._entries.items():
+        for (k, _name), entry in self._entries.items():
             if kind is not None and k != kind:
                 continue
             if pattern and not matches(entry, pattern):

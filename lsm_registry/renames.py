@@ -139,7 +139,7 @@ def renamed_recipe(raw: dict[str, Any], registry: Any, where: str, targets: Iter
     run = out.get("run")
     for table, kind in listed.items():
         names = run.get(table) if isinstance(run, dict) else None
-        if isinstance(names, (list, tuple)):
+        if isinstance(run, dict) and isinstance(names, (list, tuple)):
             run[table] = [live_name(registry, kind, n, f"{where} [run].{table}") if isinstance(n, str) else n for n in names]
         subs = out.get(table)
         if not isinstance(subs, dict):

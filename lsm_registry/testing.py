@@ -46,15 +46,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .checkpoint import list_checkpoints, load_weights_only
-from .components.models import CifarResNet
 from .components.fusers import AreaFuser
+from .components.models import CifarResNet
 from .components.patches import PixelUnshuffle
 from .components.saliency import RandomSaliency
+from .engine import Trainer
 from .interfaces import KINDS, Context, Loss, Mixer, MixResult, RunInfo, Sampler, StepClosure
 from .mixing import MixingStep
 from .params import ParamError
 from .plugins import build_registry
-from .engine import Trainer
 from .recipe import ENGINE_CALLBACKS, _params_dict, build_params, dumps_toml, validate
 from .registry import Owner, Registry, class_problem
 
@@ -453,9 +453,9 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
     if _takes_mixed(c, cls, loss):
         _check_mixed_loss(c, loss, data, logits, feats)
 
-    def run(l: Loss) -> list[Tensor]:
-        l.set_epoch(EPOCHS - 1)
-        return [l(logits, data["y"], **feats).detach(), l(logits, data["soft"], **feats).detach()]
+    def run(loss_: Loss) -> list[Tensor]:
+        loss_.set_epoch(EPOCHS - 1)
+        return [loss_(logits, data["y"], **feats).detach(), loss_(logits, data["soft"], **feats).detach()]
 
     a, b = _twice(lambda ctx: cls(params, ctx), run)
     c.same("loss", a, b)
@@ -647,7 +647,7 @@ def _check_optimizer(c: _Checker, cls: type, params: Any) -> None:
     for label, target in targets.items():
         with _seeded(0):
             run(tiny_context(), target)
-        a, b = _twice(lambda ctx: ctx, lambda ctx: run(ctx, target))
+        a, b = _twice(lambda ctx: ctx, lambda ctx, target=target: run(ctx, target))
         c.same(f"parameters after two steps ({label})", a, b)
 
 

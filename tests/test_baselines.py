@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_RECIPE
 
 from lsm_registry.components.fusers import Remix
 from lsm_registry.components.mixers import CMO, CutMix, Mixup
-from lsm_registry.ops import box_masks
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import RecipeError
 from lsm_registry.interfaces import Context, MixResult
+from lsm_registry.ops import box_masks
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe
-
-from conftest import TINY_RECIPE
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
+
 from lsm_registry.cli import cli
 from lsm_registry.components.bbn import TEST_ALPHA, BilateralBranchNet, CumulativeLearning, cumulative_alpha
 from lsm_registry.components.losses import CrossEntropy

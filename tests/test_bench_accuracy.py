@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 from bench import accuracy as bench
 from bench import store as run_store
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _summary(seed: int, top1: float, many: float, medium: float, rare3: float, **extra) -> dict:

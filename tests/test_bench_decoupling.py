@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench import decoupling as bench
+from bench import store as run_store
 from lsm_registry.plugins import default_registry
 from lsm_registry.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-from bench import decoupling as bench
-from bench import store as run_store
 TAU_CSV = "tau,top1,many,medium,few,rare3\n0.5,{a},0.8,0.6,,0.5\n1,{b},0.7,0.8,,0.9\n"
 
 

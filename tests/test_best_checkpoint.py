@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
-
 from conftest import load_export_plainly
+
 from lsm_registry.assembly import build_data
+from lsm_registry.checkpoint import load_weights_only
 from lsm_registry.cli import cli
 from lsm_registry.recipe import load_recipe
-from lsm_registry.checkpoint import load_weights_only
 
 
 def invoke(*args):

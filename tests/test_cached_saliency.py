@@ -7,15 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import attrs
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RECIPE
 from torch import nn
 
-from conftest import TINY_RECIPE
 from lsm_registry import ModelFactory, hookimpl
 from lsm_registry.checkpoint import list_checkpoints, load_latest
 from lsm_registry.components.cached_saliency import CachedGradCAM, class_activation_of, head_gradient, unit_agreement

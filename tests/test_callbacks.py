@@ -7,11 +7,9 @@ from typing import Any
 
 import attrs
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lsm_registry.cli import cli
-from lsm_registry.components.callbacks import SaliencyObserver
 from lsm_registry.components.cached_saliency import CachedGradCAM
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import RecipeError

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_RECIPE
 
 from lsm_registry.checkpoint import UnsafeCheckpointError, load_latest, rng_state, save_atomic, set_rng_state
-from lsm_registry.cli import cli
 from lsm_registry.checkpoint import load_model_weights as load_checkpoint
-
-from conftest import TINY_RECIPE
+from lsm_registry.cli import cli
 
 
 class SystemPayload:

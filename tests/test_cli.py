@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import table_rows
 
 from lsm_registry import __version__
 from lsm_registry.cli import cli
 from lsm_registry.plugins import default_registry
-
-from conftest import table_rows
 
 COMMANDS = ("compare", "evaluate", "export", "list-components", "preview", "report", "resume", "run", "show", "sweep",
             "tau-norm")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import gzip
+import json
 import pickle
 import struct
 from pathlib import Path
@@ -336,7 +336,7 @@ def test_decoding_a_large_tree_shows_progress_without_changing_the_images(tmp_pa
     monkeypatch.setattr(folders, "PROGRESS_MIN_IMAGES", 10)
     for workers in (0, 3):  # in-process and with the thread pool
         out = io.StringIO()
-        monkeypatch.setattr(folders, "_progress_console", lambda: Console(file=out, force_terminal=True, width=100))
+        monkeypatch.setattr(folders, "_progress_console", lambda out=out: Console(file=out, force_terminal=True, width=100))
         assert torch.equal(folders.decode_images(paths, 8, workers=workers), quiet)
         shown = out.getvalue()
         assert "decoding 12 images to 8x8" in shown and "12/12" in shown  # the bar, ticked once per image

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE, load_export_plainly
+
 from lsm_registry.cli import cli
 from lsm_registry.engine import build_data
+from lsm_registry.recipe import load_recipe
 from lsm_registry.runfolder.evaluate import EVALUATION_KIND, EVALUATIONS_DIR, evaluate_run
 from lsm_registry.runfolder.export import META_FILE, ONNX_FILE, PT2_FILE, REBUILD, STATE_DICT_FILE, TORCHSCRIPT_FILE
-from lsm_registry.recipe import load_recipe
 
 NUM_CLASSES = 4  # the tiny recipe's data
 TEST_PER_CLASS = 6

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_resume import ENV, TRIPWIRE_LSM
 from torchvision.transforms import v2
 
 from lsm_registry.components.datasets import ImageFolderLT, ImageNetLT
@@ -28,8 +29,6 @@ from lsm_registry.errors import DataError
 from lsm_registry.interfaces import Context
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe
-
-from test_resume import ENV, TRIPWIRE_LSM
 
 CPU = torch.device("cpu")
 

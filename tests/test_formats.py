@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
-from lsm_registry.runfolder import reader as runs
+
 from lsm_registry.checkpoint import list_checkpoints, load_weights_only
 from lsm_registry.cli import cli
 from lsm_registry.formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, SUMMARY_FORMAT
 from lsm_registry.recipe import load_recipe
+from lsm_registry.runfolder import reader as runs
 
 MIXING_RECIPE = TINY_RECIPE.replace('[loss]\nname = "ce"', '[loss]\nname = "ce"\n\n[sampler]\nname = "dual-branch"\n\n'
                                     '[mixer]\nname = "lsm"\nstart_epoch = 0\nend_epoch = 100')

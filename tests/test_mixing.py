@@ -7,11 +7,11 @@ import torch
 
 from lsm_registry.components.fusers import AreaFuser, Saliency2Fuser, SaliencyFuser
 from lsm_registry.components.mixers import LSM
-from lsm_registry.ops import rank_descending
 from lsm_registry.components.patches import PixelUnshuffle
 from lsm_registry.components.samplers import DualBranchSampler
 from lsm_registry.errors import RecipeError
 from lsm_registry.interfaces import Context, MixResult
+from lsm_registry.ops import rank_descending
 from lsm_registry.params import ParamError
 
 B, H, W, P = 5, 16, 16, 4

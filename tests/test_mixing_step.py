@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import TINY_RECIPE
+
 from lsm_registry.engine import Trainer, epoch_seed
 from lsm_registry.mixing import MixedBatch, MixingStep, mix_batches
-from lsm_registry.viz.pictures import preview_batch
 from lsm_registry.recipe import load_recipe
 from lsm_registry.testing import ReferencePatch, tiny_context, tiny_model
+from lsm_registry.viz.pictures import preview_batch
 
 MIXING = TINY_RECIPE + """
 [sampler]

@@ -6,8 +6,8 @@ import tomllib
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
+
 from lsm_registry import MixerParams
 from lsm_registry.cli import cli
 from lsm_registry.engine import Trainer

@@ -9,8 +9,8 @@ import torch
 
 from lsm_registry.components.losses import (
     LADE,
-    InfluenceBalanced,
     IBParams,
+    InfluenceBalanced,
     LabelAwareSmoothing,
     LabelAwareSmoothingParams,
     LADEParams,

@@ -12,13 +12,12 @@ from pathlib import Path
 import attrs
 import pytest
 from click.testing import CliRunner
+from conftest import table_rows
 
-from lsm_registry import MixerParams, Component, Loss, Mixer, MixResult, __version__, hookimpl, hookspecs, plugins
+from lsm_registry import Component, Loss, Mixer, MixerParams, MixResult, __version__, hookimpl, hookspecs, plugins
 from lsm_registry.params import param, positive
 from lsm_registry.plugins import build_registry, hook_names
 from lsm_registry.registry import Owner
-
-from conftest import table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import pytest
+from conftest import TINY_RECIPE
 
 from lsm_registry.errors import RecipeError
 from lsm_registry.recipe import load_recipe, parse_override
-
-from conftest import TINY_RECIPE
 
 
 def errors_of(path, overrides=()):

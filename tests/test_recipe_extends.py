@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_RECIPE
 
+from bench import resolved_recipes as dump
 from lsm_registry.cli import cli
 from lsm_registry.errors import RecipeError
 from lsm_registry.recipe import load_recipe, validate
-
-from bench import resolved_recipes as dump
-from conftest import TINY_RECIPE
 
 SNAPSHOT = json.loads(dump.SNAPSHOT.read_text(encoding="utf-8"))
 SHIPPED = dump.shipped_recipes()

@@ -10,14 +10,13 @@ import attrs
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_RECIPE, table_rows
 
 from lsm_registry import Callback, Loss, RenamedWarning, hookimpl, param, plugins
 from lsm_registry.errors import RecipeError, RegistryError
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe, migrate
 from lsm_registry.registry import Owner, Registry
-
-from conftest import TINY_RECIPE, table_rows
 
 OWNER = Owner("renamer", "renamer-dist", "2.0")
 

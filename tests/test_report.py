@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
-from lsm_registry.runfolder import page as report
-from lsm_registry.runfolder import reader as runs
+
 from lsm_registry.cli import cli
 from lsm_registry.errors import LSMError
-from lsm_registry.viz.plots import PlotUnavailable
 from lsm_registry.recipe import dumps_toml
+from lsm_registry.runfolder import page as report
+from lsm_registry.runfolder import reader as runs
+from lsm_registry.viz.plots import PlotUnavailable
 
 pytest.importorskip("matplotlib")
 

@@ -13,6 +13,7 @@ import attrs
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_RECIPE
 
 from lsm_registry import Loss, hookimpl
 from lsm_registry.checkpoint import list_checkpoints, load_latest, save_atomic
@@ -21,8 +22,6 @@ from lsm_registry.engine import Trainer, TrainingError
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe
 from lsm_registry.registry import Owner
-
-from conftest import TINY_RECIPE
 
 LONGER = TINY_RECIPE.replace("n_max = 24", "n_max = 160").replace("epochs = 1", "epochs = 3")
 ENV = {**os.environ, "LSM_DISABLE_PLUGINS": os.environ.get("LSM_DISABLE_PLUGINS", ""), "OMP_NUM_THREADS": "1"}

@@ -12,20 +12,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
+from test_bbn import SHRINK, tiny_copy
+
 from lsm_registry.cli import cli
 from lsm_registry.components.losses import LDAM, LDAMParams
+from lsm_registry.components.patches import COMPONENTS as PATCHES
 from lsm_registry.components.ride import EXPERT_LOGITS, MultiExpertNet, RIDELoss, diversity_temperatures
 from lsm_registry.components.saliency import GradCAM
-from lsm_registry.components.patches import COMPONENTS as PATCHES
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import LSMError
 from lsm_registry.interfaces import Context, ModelOutput
 from lsm_registry.plugins import build_registry
 from lsm_registry.recipe import load_recipe
 from lsm_registry.testing import check_component
-from test_bbn import SHRINK, tiny_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = (50, 20, 8, 3, 1)

@@ -5,7 +5,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lsm_registry.components.models import CifarResNet
 from lsm_registry.components.patches import PixelUnshuffle

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_RECIPE
 from torch import nn
 
-from lsm_registry.runfolder import reader as runs
 from lsm_registry.checkpoint import list_checkpoints, read_model_state
 from lsm_registry.cli import cli
 from lsm_registry.components.models import NormedLinear
@@ -21,9 +21,8 @@ from lsm_registry.engine import Trainer
 from lsm_registry.errors import LSMError, RecipeError
 from lsm_registry.interfaces import Context
 from lsm_registry.recipe import load_recipe
+from lsm_registry.runfolder import reader as runs
 from lsm_registry.stages import tau_normalised
-
-from conftest import TINY_RECIPE
 
 
 def stage_recipe(parent: Path | str, train: str = "classifier", reset: bool = True, extra: str = "",

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_RECIPE
-from lsm_registry.runfolder import reader as runs
+
 from lsm_registry.cli import cli
 from lsm_registry.cli.sweep import GridAxis, expand, parse_grid, split_values
 from lsm_registry.recipe import dumps_toml
+from lsm_registry.runfolder import reader as runs
 
 
 def invoke(*args: str):

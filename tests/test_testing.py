@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lsm_registry import (
-    MixerParams,
     DatasetFactory,
     LabelFuser,
     Loss,
     Mixer,
+    MixerParams,
     MixResult,
     ModelFactory,
     PatchOperator,

@@ -12,7 +12,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -20,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import attrs
 import pytest
+from conftest import TINY_RECIPE
 
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import LSMError, RecipeError
@@ -31,8 +30,6 @@ from lsm_registry.recipe import load_recipe, without_loggers
 from lsm_registry.registry import Owner
 from lsm_registry.runfolder.reporter import RunReporter
 from lsm_registry.runfolder.tracking import LoggerHub, check_loggers
-
-from conftest import TINY_RECIPE
 
 TWO_EPOCHS = TINY_RECIPE.replace("epochs = 1", "epochs = 2")
 

@@ -9,8 +9,8 @@ from typing import Optional
 import click
 from rich.console import Console
 
-from ..runfolder import reader as runs
 from ..errors import LSMError
+from ..runfolder import reader as runs
 from ..viz.plots import plot_compare
 from .common import output_console, user_errors
 

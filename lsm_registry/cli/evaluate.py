@@ -9,10 +9,20 @@ import click
 from rich.console import Console
 
 from ..errors import LSMError
-from ..runfolder.evaluate import (EVALUATIONS_DIR, SPLITS, evaluate_run, evaluation_name, evaluation_table, tau_norm_csv, tau_norm_run,
-                          check_out, tau_norm_table, write_evaluation)
-from ..runfolder.export import export_run
 from ..files import atomic_write, check_output_folder
+from ..runfolder.evaluate import (
+    EVALUATIONS_DIR,
+    SPLITS,
+    check_out,
+    evaluate_run,
+    evaluation_name,
+    evaluation_table,
+    tau_norm_csv,
+    tau_norm_run,
+    tau_norm_table,
+    write_evaluation,
+)
+from ..runfolder.export import export_run
 from .common import registry_with_warnings, set_option, user_errors
 
 CHECKPOINT_HELP = ("Checkpoint to use: best (the best epoch on the validation split), last (the newest, the default) "

@@ -10,9 +10,9 @@ import click
 from ..checkpoint import load_model_weights
 from ..engine import Trainer
 from ..errors import LSMError
-from ..viz.pictures import save_preview
 from ..recipe import load_recipe
 from ..runfolder.evaluate import find_checkpoint
+from ..viz.pictures import save_preview
 from .common import registry_with_warnings, set_option, user_errors
 
 RUN_RECIPE = "recipe.toml"

@@ -7,9 +7,9 @@ from typing import Optional
 
 import click
 
-from ..runfolder import page as report
 from ..errors import LSMError
 from ..files import atomic_write
+from ..runfolder import page as report
 from .common import user_errors
 
 

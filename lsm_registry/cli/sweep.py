@@ -18,12 +18,12 @@ import click
 from rich.console import Console
 from rich.text import Text
 
-from ..runfolder import reader as runs
 from ..engine import Trainer
 from ..errors import LSMError, RecipeError
 from ..files import holds_anything
 from ..recipe import ALL_TABLES, COMPONENT_TABLES, load_recipe
 from ..registry import suggest
+from ..runfolder import reader as runs
 from ..runfolder.reporter import RunReporter, check_writable, fresh_run_dir
 from .common import debug_enabled, registry_with_warnings, set_option, user_errors
 

@@ -8,10 +8,10 @@ from typing import Optional
 import click
 
 from ..engine import Trainer, dist_info
-from ..runfolder import reader as runs
 from ..errors import LSMError, RecipeError
 from ..files import holds_anything
 from ..recipe import load_recipe
+from ..runfolder import reader as runs
 from ..runfolder.reporter import RunReporter, fit_into, fresh_run_dir
 from ..runfolder.tracking import check_loggers
 from .common import output_console, registry_with_warnings, set_option, user_errors

@@ -36,12 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..interfaces import Callback, Crops, PatchOperator, SaliencyProvider, Views
+from ..interfaces import Callback, PatchOperator, SaliencyProvider, Views
 from ..params import non_negative, one_of, param
 from .callbacks import SaliencyObserver
 from .models import NormedLinear
-from .saliency import (GradCAM, class_activation_of, head_gradient, image_pixels,  # noqa: F401 (re-exported)
-                       normalise_to_units, source_grid)
+from .saliency import GradCAM, class_activation_of, head_gradient, image_pixels, normalise_to_units, source_grid  # noqa: F401 (re-exported)
 
 
 def warp_maps(maps: Tensor, map_boxes: Tensor, view_boxes: Tensor, flips: Tensor, height: int, width: int,

@@ -21,16 +21,16 @@ import attrs
 import torch
 
 from ..data.cifar import CIFAR_MEAN, CIFAR_STD, LAYOUTS, load_cifar
-from ..data.fashion_mnist import CLASS_NAMES, PAD as FMNIST_PAD, load_fashion_mnist
+from ..data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+from ..data.fashion_mnist import PAD as FMNIST_PAD
 from ..data.folders import channel_stats, decode_images, scan_tree
 from ..data.profiles import hold_out, lt_counts, lt_subset
 from ..data.split_files import FileSplit, read_split_file
-from ..data.transforms import default_resize
-from ..memory import check_fits_in_memory
 from ..data.synthetic import VERSIONS, class_name, max_classes, render_split
+from ..data.transforms import default_resize
 from ..interfaces import DatasetFactory, LTData, Split, TensorSplit
+from ..memory import check_fits_in_memory
 from ..params import at_least, non_negative, one_of, param, positive
-
 
 #: Seed stream of synthetic-lt's validation split (train uses 2 * seed, test 2 * seed + 1).
 SYNTHETIC_VAL_SEED = 1 << 32

@@ -177,9 +177,9 @@ def train_view(path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop]
                 sx, sy = _draft_to_keep(img, *need)
                 rgb = _rgb(img)
                 rw, rh = rgb.size
-                t, l = min(int(round(top * sy)), rh - 1), min(int(round(left * sx)), rw - 1)
-                ch, cw = max(1, min(int(round(h * sy)), rh - t)), max(1, min(int(round(w * sx)), rw - l))
-                box = F.pil_to_tensor(rgb.crop((l, t, l + cw, t + ch))).permute(1, 2, 0)  # copies only the box
+                t, lf = min(int(round(top * sy)), rh - 1), min(int(round(left * sx)), rw - 1)
+                ch, cw = max(1, min(int(round(h * sy)), rh - t)), max(1, min(int(round(w * sx)), rw - lf))
+                box = F.pil_to_tensor(rgb.crop((lf, t, lf + cw, t + ch))).permute(1, 2, 0)  # copies only the box
     except READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     # one copy packs the (h, w, 3) box, mirrored when it flips: the resize commutes with the

@@ -31,19 +31,26 @@ import torch
 from rich.table import Table
 from torch import Tensor, nn
 
-from ..checkpoint import BEST_CHECKPOINT, CHECKPOINT_DIR, CheckpointFile, TrainingFacts, list_checkpoints, read_checkpoint  # noqa: F401 (re-exported)
+from ..checkpoint import (  # noqa: F401 (re-exported)
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CheckpointFile,
+    TrainingFacts,
+    list_checkpoints,
+    read_checkpoint,
+)
 from ..data.augment import stats_tensor
 from ..engine import build_data, resolve_device, score_split
 from ..errors import LSMError, RecipeError
 from ..files import atomic_write, check_output_folder
 from ..formats import SUMMARY_FORMAT
-from ..interfaces import Context, LTData, Loss
+from ..interfaces import Context, Loss, LTData
 from ..metrics import summarise_counts
 from ..recipe import Recipe, apply_overrides, parse_overrides, read_toml, validate
 from ..registry import Registry
+from ..stages import tau_normalised
 from .reporter import fmt_pct
 from .tracking import per_class_csv
-from ..stages import tau_normalised
 
 #: Folder of a run that holds its evaluations, one sub-folder each.
 EVALUATIONS_DIR = "evaluations"

@@ -34,11 +34,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LSMError
-from .evaluate import TrainedModel, load_trained
 from ..files import atomic_write, check_output_folder
 from ..interfaces import Context, Loss
 from ..registry import Registry
 from ..version import __version__
+from .evaluate import TrainedModel, load_trained
 
 #: Version of model.json; raise it when a key changes meaning or goes away (adding keys does not).
 EXPORT_FORMAT = 1

@@ -26,12 +26,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import attrs
 
-from . import reader as runs
 from ..errors import LSMError
 from ..metrics import group_of
+from ..version import __version__
 from ..viz.pictures import MIXED_SAMPLES
 from ..viz.plots import GROUP_COLOURS, PlotUnavailable, plot_compare, plot_per_class, png_bytes, pyplot
-from ..version import __version__
+from . import reader as runs
 
 #: What ``lsm report`` writes when ``--out`` is not given and one run is reported.
 REPORT_NAME = "report.html"

@@ -18,9 +18,9 @@ from rich.table import Table
 from ..checkpoint import check_free_space, estimate_size
 from ..engine import Reporter, Trainer
 from ..errors import LSMError
+from ..files import holds_anything
 from ..viz.pictures import MIXED_SAMPLES, draw_mixed_samples
 from ..viz.plots import PlotUnavailable, plot_confusion, plot_per_class
-from ..files import holds_anything
 from .tracking import LoggerHub, RunFolderLogger, build_loggers, evaluation_metrics, run_info
 
 
