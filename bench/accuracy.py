@@ -56,10 +56,38 @@ TRAIN_METRICS = (("train_top1", "train top-1"), ("train_few", "train Few"))
 #: Methods, 1.3.6.7.2 "Critical values of the Student's t distribution", column 0.975),
 #: rounded to 3 decimals. Above 30 degrees of freedom the df-30 value is used, which
 #: makes the interval slightly wider (conservative); t_{0.975} is 1.96 in the limit.
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
+T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9._]+(-[A-Za-z0-9._]+)*")
@@ -113,7 +141,9 @@ def paired_diffs(base: dict[int, dict[str, Any]], other: dict[int, dict[str, Any
     return out
 
 
-def paired_difference(base: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], key: str) -> Optional[Interval]:
+def paired_difference(
+    base: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]], key: str
+) -> Optional[Interval]:
     """The paired difference other - base of ``key`` over the shared seeds, with its 95 % t-interval."""
     return t_interval(paired_diffs(base, other, key))
 
@@ -143,7 +173,7 @@ def _signed(x: float) -> str:
 
 
 def fmt_mean_std(values: list[Any]) -> str:
-    """"52.0 ± 2.0" of the values that are not None; the mean alone for one value; — for none."""
+    """ "52.0 ± 2.0" of the values that are not None; the mean alone for one value; — for none."""
     iv = t_interval([v for v in values if v is not None])
     if iv is None:
         return MISSING
@@ -151,7 +181,7 @@ def fmt_mean_std(values: list[Any]) -> str:
 
 
 def fmt_interval(iv: Optional[Interval]) -> str:
-    """"+1.2 [−0.3, +2.7]"; "+1.2 [n/a]" for one pair; — for none."""
+    """ "+1.2 [−0.3, +2.7]"; "+1.2 [n/a]" for one pair; — for none."""
     if iv is None:
         return MISSING
     if iv.lo is None or iv.hi is None:
@@ -215,13 +245,16 @@ def tables(runs: dict[str, dict[int, dict[str, Any]]], base: str) -> str:
 {method_table(runs, base)}"""
     if len(runs) < 2:
         return text + "\n(one method: no paired differences)\n"
-    return text + f"""
+    return (
+        text
+        + f"""
 Paired difference to {base}: method − {base} on each seed both have, in percentage points;
 mean [95 % t-interval: mean ± t(0.975, n − 1) · sd / √n over the n paired seeds]; "n/a" with one
 pair. "within spread?": yes when the top-1 interval contains 0, i.e. this many seeds do not tell
 the method from {base} (read the other columns' intervals the same way).
 
 {difference_table(runs, base)}"""
+    )
 
 
 # ------------------------------------------------------------------------------ docs
@@ -242,9 +275,18 @@ def machine() -> str:
     return f"{platform.machine()}, {_cpus()} CPU cores, {gpu}"
 
 
-def block_text(runs: dict[str, dict[int, dict[str, Any]]], base: str, command: str, epochs: int,
-               seeds: list[int], store: str, trained: int, wall_s: float, today: Optional[str] = None,
-               where: Optional[str] = None) -> str:
+def block_text(
+    runs: dict[str, dict[int, dict[str, Any]]],
+    base: str,
+    command: str,
+    epochs: int,
+    seeds: list[int],
+    store: str,
+    trained: int,
+    wall_s: float,
+    today: Optional[str] = None,
+    where: Optional[str] = None,
+) -> str:
     """What goes between the markers."""
     reused = sum(len(s) for s in runs.values()) - trained
     return f"""Written on {today or dt.date.today().isoformat()} on {where or machine()}, with
@@ -253,7 +295,7 @@ def block_text(runs: dict[str, dict[int, dict[str, Any]]], base: str, command: s
 {command}
 ```
 
-Budget: {epochs} epoch{'' if epochs == 1 else 's'} per run; seeds {', '.join(map(str, seeds))}, the same for every recipe
+Budget: {epochs} epoch{"" if epochs == 1 else "s"} per run; seeds {", ".join(map(str, seeds))}, the same for every recipe
 (paired protocol); the recipes' own settings otherwise (their epoch-valued keys scaled to the
 budget, see bench/accuracy.py).
 Runs: `{store}/`, {trained} trained now, {reused} taken from the store (trained earlier, possibly elsewhere).
@@ -269,7 +311,7 @@ def write_block(path: Path, text: str, tag: str = "", tool: str = "bench/accurac
     begin, end = markers(tag, tool)
     block = f"{begin}\n{text.strip()}\n{end}"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if begin in old and end in old[old.index(begin):]:
+    if begin in old and end in old[old.index(begin) :]:
         # Keep what people wrote around the generated block (analysis, other protocols).
         start = old.index(begin)
         stop = old.index(end, start) + len(end)
@@ -296,21 +338,45 @@ def _shown(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated recipe stems (default: {DEFAULT_RECIPES})")
-    parser.add_argument("--base", default=None, help="the recipe the others are compared to (default: the first of --recipes)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--recipes", default=DEFAULT_RECIPES, help=f"comma-separated recipe stems (default: {DEFAULT_RECIPES})"
+    )
+    parser.add_argument(
+        "--base", default=None, help="the recipe the others are compared to (default: the first of --recipes)"
+    )
     parser.add_argument("--recipe-dir", type=Path, default=ROOT / "recipes" / "fashion_mnist_lt")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10, the folder's budget)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, the same for every recipe (default 0)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override for every run, table.key=value")
-    parser.add_argument("--tag", default="", help="protocol name: part of the run folder names and of the results.md markers")
-    parser.add_argument("--base-tag", default=None,
-                        help="the base recipe's runs under this tag instead of --tag: a new protocol for the other "
-                             "recipes reuses the stored base runs (their setting is still checked)")
-    parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "accuracy", help="folder of the run folders (training)")
-    parser.add_argument("--store", type=Path, default=ROOT / "results" / "runs",
-                        help="committed folder of finished runs' summary.json + recipe.toml (default results/runs)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra recipe override for every run, table.key=value",
+    )
+    parser.add_argument(
+        "--tag", default="", help="protocol name: part of the run folder names and of the results.md markers"
+    )
+    parser.add_argument(
+        "--base-tag",
+        default=None,
+        help="the base recipe's runs under this tag instead of --tag: a new protocol for the other "
+        "recipes reuses the stored base runs (their setting is still checked)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / ".bench" / "accuracy", help="folder of the run folders (training)"
+    )
+    parser.add_argument(
+        "--store",
+        type=Path,
+        default=ROOT / "results" / "runs",
+        help="committed folder of finished runs' summary.json + recipe.toml (default results/runs)",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
 
@@ -351,12 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             folders.setdefault(path.stem, {})[seed] = folder
             trained += new
-    command = "python -m bench.accuracy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m bench.accuracy " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     if folders:
         found = collect(folders)
         runs = {name: found.get(name, {}) for name in names}
-        text = block_text(runs, base, command.strip(), args.epochs, seeds, _shown(args.store), trained,
-                          time.perf_counter() - started)
+        text = block_text(
+            runs, base, command.strip(), args.epochs, seeds, _shown(args.store), trained, time.perf_counter() - started
+        )
         write_block(args.results, text, args.tag)
     if failed:
         print(f"{len(failed)} run(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)

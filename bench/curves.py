@@ -18,8 +18,16 @@ from pathlib import Path
 
 from bench.store import ROOT, folder_name
 
-TITLES = {"top1": "top-1", "many": "Many", "medium": "Medium", "few": "Few", "val_top1": "val top-1",
-          "train_top1": "train top-1", "train_few": "train Few", "train_loss": "train loss"}
+TITLES = {
+    "top1": "top-1",
+    "many": "Many",
+    "medium": "Medium",
+    "few": "Few",
+    "val_top1": "val top-1",
+    "train_top1": "train top-1",
+    "train_few": "train Few",
+    "train_loss": "train loss",
+}
 
 
 def read_curve(folder: Path) -> dict[int, dict]:
@@ -41,8 +49,7 @@ def cell(values: list[float], percent: bool) -> str:
 def table(curves: dict[str, list[dict[int, dict]]], metric: str) -> str:
     epochs = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs)))
     percent = metric != "train_loss"
-    lines = ["| method | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
-             "|---|" + "---:|" * len(epochs)]
+    lines = ["| method | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---:|" * len(epochs)]
     for method, runs in curves.items():
         cells = []
         for e in epochs:
@@ -62,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=ROOT / "results" / "runs")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    curves = {r: [read_curve(args.store / folder_name(r, args.epochs, s, args.tag)) for s in seeds]
-              for r in args.recipes.split(",")}
+    curves = {
+        r: [read_curve(args.store / folder_name(r, args.epochs, s, args.tag)) for s in seeds]
+        for r in args.recipes.split(",")
+    }
     print(f"{TITLES[args.metric]} (mean ± std over seeds {args.seeds}) at each evaluated epoch\n")
     print(table(curves, args.metric))
     return 0

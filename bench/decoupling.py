@@ -96,11 +96,15 @@ def ensure_parent(seed: int, recipe_dir: Path, out: Path, store: Path, registry)
 
 def stage_overrides(parent: Path, seed: int, stem: str) -> list[str]:
     data = tomllib.loads((parent / "recipe.toml").read_text(encoding="utf-8")).get("data", {})
-    split = [f"data.{key}={int(data[key])}" for key in ("val_per_class", "split_seed") if isinstance(data.get(key), int)]
+    split = [
+        f"data.{key}={int(data[key])}" for key in ("val_per_class", "split_seed") if isinstance(data.get(key), int)
+    ]
     return [f"stage.init_from={shown(parent)}", f"run.seed={seed}", f"run.name={stem}", *split]
 
 
-def run_stage(stem: str, seed: int, parent: Path, recipe_dir: Path, out: Path, store: Path, registry) -> tuple[Path, bool]:
+def run_stage(
+    stem: str, seed: int, parent: Path, recipe_dir: Path, out: Path, store: Path, registry
+) -> tuple[Path, bool]:
     """The store folder of the (stage recipe, seed) run from ``parent``, trained first unless it is stored."""
     from lsm_registry.checkpoint import list_checkpoints
     from lsm_registry.recipe import load_recipe
@@ -129,8 +133,10 @@ def run_stage(stem: str, seed: int, parent: Path, recipe_dir: Path, out: Path, s
 def read_tau_csv(path: Path) -> dict[float, dict[str, Optional[float]]]:
     """{tau: {top1, many, medium, few, rare3}} of a tau-norm CSV (an empty cell: no class in the group)."""
     with path.open(encoding="utf-8", newline="") as f:
-        return {float(row["tau"]): {k: (float(v) if v not in ("", None) else None) for k, v in row.items() if k != "tau"}
-                for row in csv.DictReader(f)}
+        return {
+            float(row["tau"]): {k: (float(v) if v not in ("", None) else None) for k, v in row.items() if k != "tau"}
+            for row in csv.DictReader(f)
+        }
 
 
 def choose_tau(val: dict[float, dict[str, Optional[float]]]) -> float:
@@ -140,8 +146,19 @@ def choose_tau(val: dict[float, dict[str, Optional[float]]]) -> float:
 
 def lsm_tau_norm(parent: Path, taus: str, split: str, out: Path) -> None:
     """`lsm tau-norm PARENT --tau TAUS --split SPLIT --out OUT` (the only place this script scores; tests replace it)."""
-    command = [sys.executable, "-m", "lsm_registry", "tau-norm", shown(parent), "--tau", taus, "--split", split,
-               "--out", shown(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "lsm_registry",
+        "tau-norm",
+        shown(parent),
+        "--tau",
+        taus,
+        "--split",
+        split,
+        "--out",
+        shown(out),
+    ]
     print("[score]   " + " ".join(shlex.quote(c) for c in ["lsm", *command[3:]]), flush=True)
     subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
 
@@ -166,8 +183,16 @@ def run_tau_norm(seed: int, parent: Path, taus: str, out: Path, store: Path) -> 
     val = read_tau_csv(work / "tau-norm,val.csv")
     tau = choose_tau(val)
     summary = json.loads((work / f"test,tau={tau:g}" / "summary.json").read_text(encoding="utf-8"))
-    summary.update({"tau": tau, "tau_chosen_on": "val", "taus": sorted(val), "val_top1": val[tau]["top1"],
-                    "wall_time_s": time.perf_counter() - started, "seed": seed})
+    summary.update(
+        {
+            "tau": tau,
+            "tau_chosen_on": "val",
+            "taus": sorted(val),
+            "val_top1": val[tau]["top1"],
+            "wall_time_s": time.perf_counter() - started,
+            "seed": seed,
+        }
+    )
     stored.mkdir(parents=True, exist_ok=True)
     for table in ("tau-norm,val.csv", "tau-norm,test.csv"):
         shutil.copyfile(work / table, stored / table)
@@ -190,17 +215,32 @@ def write_results(path: Path, text: str) -> None:
     """Put ``text`` between this script's markers in ``path`` (appended with a heading when they are missing)."""
     block = f"{BEGIN}\n{text.strip()}\n{END}"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old[old.index(BEGIN):]:
+    if BEGIN in old and END in old[old.index(BEGIN) :]:
         start = old.index(BEGIN)
-        new = old[:start] + block + old[old.index(END, start) + len(END):]
+        new = old[:start] + block + old[old.index(END, start) + len(END) :]
     else:
-        new = old.rstrip("\n") + ("\n\n" if old.strip() else "# Results\n\n") + "## `bench/decoupling.py`\n\n" + block + "\n"
+        new = (
+            old.rstrip("\n")
+            + ("\n\n" if old.strip() else "# Results\n\n")
+            + "## `bench/decoupling.py`\n\n"
+            + block
+            + "\n"
+        )
     path.write_text(new, encoding="utf-8")
     print(f"wrote {path}")
 
 
-def block_text(runs: dict[str, dict[int, dict[str, Any]]], chosen: dict[int, float], command: str, seeds: list[int],
-               store: str, trained: int, wall_s: float, today: Optional[str] = None, where: Optional[str] = None) -> str:
+def block_text(
+    runs: dict[str, dict[int, dict[str, Any]]],
+    chosen: dict[int, float],
+    command: str,
+    seeds: list[int],
+    store: str,
+    trained: int,
+    wall_s: float,
+    today: Optional[str] = None,
+    where: Optional[str] = None,
+) -> str:
     taus = ", ".join(f"seed {s}: {t:g}" for s, t in sorted(chosen.items()))
     return f"""Written on {today or dt.date.today().isoformat()} on {where or accuracy.machine()}, with
 
@@ -213,7 +253,7 @@ class). From each seed's CE run: `crt` (recipes/fashion_mnist_lt/crt.toml: class
 and re-trained for 10 epochs with class-balanced sampling, backbone frozen), `lws`
 (recipes/fashion_mnist_lt/lws.toml: one scale per class learned for 5 epochs, the rest frozen) and
 tau-norm of the CE classifier without training, at tau = 1 and at the tau of the best validation
-top-1 ({taus}). Seeds {', '.join(map(str, seeds))}: every stage of seed s starts from the CE run of seed s
+top-1 ({taus}). Seeds {", ".join(map(str, seeds))}: every stage of seed s starts from the CE run of seed s
 (paired protocol). Runs: `{store}/`, {trained} trained or scored now, the others taken from the store.
 Accuracy of the last epoch on the balanced test set ("val top-1": the validation split). Many /
 Medium / Few: classes with > 100, 20-100, < 20 training images ("—": no class in the group);
@@ -224,13 +264,20 @@ Medium / Few: classes with > 100, 20-100, < 20 training images ("—": no class 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--taus", default=DEFAULT_TAUS, help=f"tau-norm powers to score (default {DEFAULT_TAUS}; must hold 1)")
+    parser.add_argument(
+        "--taus", default=DEFAULT_TAUS, help=f"tau-norm powers to score (default {DEFAULT_TAUS}; must hold 1)"
+    )
     parser.add_argument("--recipe-dir", type=Path, default=ROOT / "recipes" / "fashion_mnist_lt")
     parser.add_argument("--out", type=Path, default=ROOT / ".bench" / "accuracy", help="folder of the run folders")
-    parser.add_argument("--store", type=Path, default=ROOT / "results" / "runs", help="committed folder of finished runs")
+    parser.add_argument(
+        "--store", type=Path, default=ROOT / "results" / "runs", help="committed folder of finished runs"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args(argv)
     seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",") if s.strip()))
@@ -245,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = default_registry()
     started = time.perf_counter()
-    runs: dict[str, dict[int, dict[str, Any]]] = {"ce": {}, **{s: {} for s in STAGES}, "tau-norm τ=1": {}, "tau-norm τ val": {}}
+    runs: dict[str, dict[int, dict[str, Any]]] = {
+        "ce": {},
+        **{s: {} for s in STAGES},
+        "tau-norm τ=1": {},
+        "tau-norm τ val": {},
+    }
     chosen: dict[int, float] = {}
     failed, trained = [], 0
     for seed in seeds:  # seed-major: a stopped benchmark leaves whole paired seeds
@@ -265,10 +317,13 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(f"seed {seed}: {type(exc).__name__}: {exc}")
             print(f"[failed]  {failed[-1]}", file=sys.stderr)
     command = "OMP_NUM_THREADS=1 .venv/bin/python -m bench.decoupling " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     if runs["ce"]:
-        write_results(results, block_text(runs, chosen, command.strip(), seeds, shown(store), trained,
-                                          time.perf_counter() - started))
+        write_results(
+            results,
+            block_text(runs, chosen, command.strip(), seeds, shown(store), trained, time.perf_counter() - started),
+        )
     if failed:
         print(f"{len(failed)} seed(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1

@@ -90,9 +90,9 @@ def per_image_costs(paths: list[str], size: int, rounds: int, chunk: int = 25) -
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(r)
             for k in range(0, len(paths), chunk):
-                part = paths[k:k + chunk]
+                part = paths[k : k + chunk]
                 took = {}
-                for which in (("view", "base") if (k // chunk + r) % 2 else ("base", "view")):
+                for which in ("view", "base") if (k // chunk + r) % 2 else ("base", "view"):
                     t = clock()
                     for p in part:
                         if which == "base":
@@ -108,12 +108,14 @@ def per_image_costs(paths: list[str], size: int, rounds: int, chunk: int = 25) -
 
 def epoch_plan(n: int, batch_size: int, steps: int, seed: int):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    batches = [(order[(s * batch_size) % (n - batch_size):][:batch_size], None) for s in range(steps)]
+    batches = [(order[(s * batch_size) % (n - batch_size) :][:batch_size], None) for s in range(steps)]
     seeds = torch.randint(0, 2**62, (steps, 2), generator=torch.Generator().manual_seed(seed + 1))
     return plan_epoch(batches, [False] * steps, seeds)
 
 
-def timed_pass(loader: PlannedLoader, plan, warmup: int, step_s: float, device: torch.device) -> tuple[float, float, float]:
+def timed_pass(
+    loader: PlannedLoader, plan, warmup: int, step_s: float, device: torch.device
+) -> tuple[float, float, float]:
     """(seconds for the batches after ``warmup``, seconds the stand-in steps really slept in
     them, the loader's own time per batch in them).
 
@@ -146,14 +148,23 @@ def timed_pass(loader: PlannedLoader, plan, warmup: int, step_s: float, device: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tree", default=".bench/loader-tree", help="where the generated JPEG tree lives (kept between runs)")
+    ap.add_argument(
+        "--tree", default=".bench/loader-tree", help="where the generated JPEG tree lives (kept between runs)"
+    )
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=60, help="timed batches per measurement (after --warmup)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--workers", default="0,1,2")
-    ap.add_argument("--prefetch", type=int, default=2, help="steps decoded ahead per worker (the data sets' `prefetch`, default 2)")
-    ap.add_argument("--worker-priority", default="normal", choices=PRIORITIES, help="the data sets' `worker_priority` (idle: Linux SCHED_IDLE)")
+    ap.add_argument(
+        "--prefetch", type=int, default=2, help="steps decoded ahead per worker (the data sets' `prefetch`, default 2)"
+    )
+    ap.add_argument(
+        "--worker-priority",
+        default="normal",
+        choices=PRIORITIES,
+        help="the data sets' `worker_priority` (idle: Linux SCHED_IDLE)",
+    )
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--baseline-images", type=int, default=300, help="files in the single-threaded cost comparison")
     ap.add_argument("--rounds", type=int, default=5)
@@ -168,17 +179,25 @@ def main() -> None:
     paths = [str(root / r) for r in rel]
     workers = [int(w) for w in args.workers.split(",")]
     command = "python -m bench.loader " + " ".join(sys.argv[1:])
-    print(f"# loader, {datetime.date.today()}: {platform.node()}, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, device {device}")
-    print(f"# {len(paths)} JPEGs (long side 300-500 px; tree ready in {made:.0f} s), batch {args.batch_size}, "
-          f"crop {args.size}, prefetch {args.prefetch}, worker priority {args.worker_priority}, {args.batches} timed batches after {args.warmup} warm-up")
+    print(
+        f"# loader, {datetime.date.today()}: {platform.node()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}, torch {torch.__version__}, device {device}"
+    )
+    print(
+        f"# {len(paths)} JPEGs (long side 300-500 px; tree ready in {made:.0f} s), batch {args.batch_size}, "
+        f"crop {args.size}, prefetch {args.prefetch}, worker priority {args.worker_priority}, {args.batches} timed batches after {args.warmup} warm-up"
+    )
     print(f"# command: {command}\n")
 
     base_ms, view_ms, cost = per_image_costs(paths[: args.baseline_images], args.size, args.rounds)
-    print(f"per image, one thread ({args.baseline_images} files, {args.rounds} rounds, the two taking turns on chunks of 25 files):")
+    print(
+        f"per image, one thread ({args.baseline_images} files, {args.rounds} rounds, the two taking turns on chunks of 25 files):"
+    )
     print(f"  Image.open(f).convert('RGB')          {base_ms:6.2f} ms")
-    print(f"  training view (RRC {args.size} + flip)      {view_ms:6.2f} ms   {cost:.2f}x the baseline "
-          f"(median over the chunks of the view's time / the baseline's)\n")
+    print(
+        f"  training view (RRC {args.size} + flip)      {view_ms:6.2f} ms   {cost:.2f}x the baseline "
+        f"(median over the chunks of the view's time / the baseline's)\n"
+    )
 
     labels = torch.zeros(len(paths), dtype=torch.int64)
     # the split's own `workers` serves only its test view; each PlannedLoader below gets its count
@@ -188,10 +207,14 @@ def main() -> None:
     print("loader alone:")
     for w in workers:
         loader = PlannedLoader(split, w, prefetch=args.prefetch, pin_memory=device.type == "cuda", views=True)
-        elapsed, _, _ = timed_pass(loader, epoch_plan(len(paths), args.batch_size, steps, seed=w), args.warmup, 0.0, device)
+        elapsed, _, _ = timed_pass(
+            loader, epoch_plan(len(paths), args.batch_size, steps, seed=w), args.warmup, 0.0, device
+        )
         loader.close()
         per_batch[w] = elapsed / args.batches
-        print(f"  {w} worker(s): {args.batches * args.batch_size / elapsed:7.1f} images/s   {per_batch[w] * 1e3:7.1f} ms per batch")
+        print(
+            f"  {w} worker(s): {args.batches * args.batch_size / elapsed:7.1f} images/s   {per_batch[w] * 1e3:7.1f} ms per batch"
+        )
 
     print("\noverlap with a stand-in step sleeping T ms per batch, T a fraction of the loader's time per batch L")
     print("measured alone just before: ratio = fed time / (max(T, L') x batches) with L' the loader's own time per")
@@ -202,29 +225,53 @@ def main() -> None:
     for w in [w for w in workers if w >= 1]:
         loader = PlannedLoader(split, w, prefetch=args.prefetch, pin_memory=device.type == "cuda", views=True)
         # L again, right before the series, with these workers warm
-        lat = timed_pass(loader, epoch_plan(len(paths), args.batch_size, steps, seed=100 + w), args.warmup, 0.0, device)[0] / args.batches
+        lat = (
+            timed_pass(loader, epoch_plan(len(paths), args.batch_size, steps, seed=100 + w), args.warmup, 0.0, device)[
+                0
+            ]
+            / args.batches
+        )
         for f in FRACTIONS:
             step_s = f * lat
-            fed, slept, own = timed_pass(loader, epoch_plan(len(paths), args.batch_size, steps, seed=int(f * 100) + w), args.warmup, step_s, device)
+            fed, slept, own = timed_pass(
+                loader,
+                epoch_plan(len(paths), args.batch_size, steps, seed=int(f * 100) + w),
+                args.warmup,
+                step_s,
+                device,
+            )
             ideal = max(step_s, own) * args.batches
             ratio = fed / ideal
             alone = fed / (max(step_s, lat) * args.batches)
             real = fed / (max(slept / args.batches, own) * args.batches)
             worst, worst_alone, worst_real = max(worst, ratio), max(worst_alone, alone), max(worst_real, real)
             by_workers[w] = max(by_workers.get(w, 0.0), ratio)
-            print(f"  {w} worker(s), L {lat * 1e3:6.1f} ms, T {step_s * 1e3:6.1f} ms ({f:.2f} L, ran {slept / args.batches * 1e3:6.1f}), "
-                  f"L' {own * 1e3:6.1f} ms: fed {fed:6.2f} s, ideal {ideal:6.2f} s, ratio {ratio:.3f}, ratio(L) {alone:.3f}, ratio* {real:.3f}")
+            print(
+                f"  {w} worker(s), L {lat * 1e3:6.1f} ms, T {step_s * 1e3:6.1f} ms ({f:.2f} L, ran {slept / args.batches * 1e3:6.1f}), "
+                f"L' {own * 1e3:6.1f} ms: fed {fed:6.2f} s, ideal {ideal:6.2f} s, ratio {ratio:.3f}, ratio(L) {alone:.3f}, ratio* {real:.3f}"
+            )
         loader.close()
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    print("worst overlap ratio per worker count: " + (", ".join(f"{w}: {r:.3f}" for w, r in by_workers.items()) or "none (no count >= 1 in --workers)"))
+    print(
+        "worst overlap ratio per worker count: "
+        + (", ".join(f"{w}: {r:.3f}" for w, r in by_workers.items()) or "none (no count >= 1 in --workers)")
+    )
     cost_ok = cost <= 1.3
-    verdicts = [f"{w} worker(s){' (as many as the cores: the training process has none of its own)' if w >= cores else ''} "
-                f"worst {r:.3f}: {'met' if r <= 1.05 else 'missed'}" for w, r in by_workers.items()]
-    overlap = ("; ".join(verdicts) + f"; ratio(L) worst {worst_alone:.3f}, ratio* worst {worst_real:.3f}"
-               if by_workers else "not measured: --workers has no count >= 1")
-    print(f"\ntargets: overlap ratio <= 1.05 at every T ({overlap}); "
-          f"per-image cost <= 1.3x the baseline ({cost:.2f}x: {'met' if cost_ok else 'missed'})")
+    verdicts = [
+        f"{w} worker(s){' (as many as the cores: the training process has none of its own)' if w >= cores else ''} "
+        f"worst {r:.3f}: {'met' if r <= 1.05 else 'missed'}"
+        for w, r in by_workers.items()
+    ]
+    overlap = (
+        "; ".join(verdicts) + f"; ratio(L) worst {worst_alone:.3f}, ratio* worst {worst_real:.3f}"
+        if by_workers
+        else "not measured: --workers has no count >= 1"
+    )
+    print(
+        f"\ntargets: overlap ratio <= 1.05 at every T ({overlap}); "
+        f"per-image cost <= 1.3x the baseline ({cost:.2f}x: {'met' if cost_ok else 'missed'})"
+    )
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 {command}
 ```
 
-One recipe (`{args.recipe}`), {args.epochs} epochs, seeds {', '.join(map(str, seeds))}; each variant changes the
+One recipe (`{args.recipe}`), {args.epochs} epochs, seeds {", ".join(map(str, seeds))}; each variant changes the
 keys named in its row (read from its stored recipe.toml against the base's) and was trained by
 `bench/accuracy.py --tag <its tag> --set ...`. Choose on "val top-1" (the validation split);
 the test columns are reported only. Highest mean val top-1: **{best}**.

@@ -39,17 +39,22 @@ def main(argv: list[str] | None = None) -> int:
 
     registry = default_registry()
     with tempfile.TemporaryDirectory() as tmp:
-        ce = load_recipe(ROOT / "recipes" / "quickstart.toml", [f"run.epochs={args.epochs}", f"run.seed={args.seed}",
-                                                               "run.score_train=false"], registry)
+        ce = load_recipe(
+            ROOT / "recipes" / "quickstart.toml",
+            [f"run.epochs={args.epochs}", f"run.seed={args.seed}", "run.score_train=false"],
+            registry,
+        )
         trainer = Trainer(ce, registry, run_dir=Path(tmp) / "ce")
         trainer.fit()
         lsm = load_recipe(ROOT / "recipes" / "quickstart_lsm.toml", [f"run.seed={args.seed}"], registry)
         mixer = Trainer(lsm, registry)  # the LSM step's sampler, mixer, patch and fuser
         model = trainer.module
         rows = {}
-        providers = {"gradcam, mask_padding = false": GradCAM(GradCAM.Params(mask_padding=False), mixer.context),
-                     "gradcam, mask_padding = true": GradCAM(GradCAM.Params(mask_padding=True), mixer.context),
-                     "random scores (chance)": RandomSaliency(RandomSaliency.Params(), mixer.context)}
+        providers = {
+            "gradcam, mask_padding = false": GradCAM(GradCAM.Params(mask_padding=False), mixer.context),
+            "gradcam, mask_padding = true": GradCAM(GradCAM.Params(mask_padding=True), mixer.context),
+            "random scores (chance)": RandomSaliency(RandomSaliency.Params(), mixer.context),
+        }
         for label, provider in providers.items():
             step = MixingStep(mixer.mixer, mixer.fuser, mixer.patch, provider)
             mixer.generator.manual_seed(args.seed)
@@ -67,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 pasted += float(paste.sum())
                 weight += float(mixed.lam.mean())
             rows[label] = (padded / max(pasted, 1e-9), weight / args.batches)
-    print(f"quick start, CE model after {args.epochs} epochs (seed {args.seed}), {args.batches} batches of "
-          f"{lsm.optim.batch_size}, fresh Grad-CAM, 4x4 blocks, saliency labels\n")
+    print(
+        f"quick start, CE model after {args.epochs} epochs (seed {args.seed}), {args.batches} batches of "
+        f"{lsm.optim.batch_size}, fresh Grad-CAM, 4x4 blocks, saliency labels\n"
+    )
     print("| saliency | pasted pixels that are padding | mean foreground label weight |")
     print("|---|---:|---:|")
     for label, (share, lam) in rows.items():

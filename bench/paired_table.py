@@ -22,14 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders or folders of run folders")
     parser.add_argument("--base", required=True, help="the base setting's name, or a part of it")
-    parser.add_argument("--name-by", default=None, metavar="TABLE.KEY",
-                        help="name each setting by this recipe key's value (the run name where it lacks the key) "
-                             "instead of its lsm compare label")
+    parser.add_argument(
+        "--name-by",
+        default=None,
+        metavar="TABLE.KEY",
+        help="name each setting by this recipe key's value (the run name where it lacks the key) "
+        "instead of its lsm compare label",
+    )
     args = parser.parse_args(argv)
 
     from lsm_registry.runfolder.reader import group_runs, load_runs
 
     groups = group_runs(load_runs(args.run_dirs))
+
     def name(group) -> str:
         if args.name_by:
             table, _, key = args.name_by.partition(".")

@@ -45,19 +45,29 @@ def row(name: str, rho: torch.Tensor, overlap: torch.Tensor) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "synthetic_lt" / "lsm_ce_cached.toml")
-    ap.add_argument("--epochs", type=int, default=8, help="epochs trained before the comparison (mixing from epoch 2 on)")
+    ap.add_argument(
+        "--epochs", type=int, default=8, help="epochs trained before the comparison (mixing from epoch 2 on)"
+    )
     ap.add_argument("--images", type=int, default=1024, help="training images compared")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
 
     # Mixing from epoch 2 to the end (the 40-epoch recipe's window would be empty or short
     # at --epochs 8): the last epochs are what a run's steady state looks like.
-    overrides = [f"run.epochs={args.epochs}", "run.device=cpu", "mixer.start_epoch=2", "mixer.end_epoch=1000000", *args.overrides]
+    overrides = [
+        f"run.epochs={args.epochs}",
+        "run.device=cpu",
+        "mixer.start_epoch=2",
+        "mixer.end_epoch=1000000",
+        *args.overrides,
+    ]
     recipe = load_recipe(args.recipe, overrides)
     registry = default_registry()
     trainer = Trainer(recipe, registry)
     if not trainer.observing:
-        raise SystemExit(f"{args.recipe}: [saliency] is {recipe.saliency.name if recipe.saliency else None!r}, not an observing provider")
+        raise SystemExit(
+            f"{args.recipe}: [saliency] is {recipe.saliency.name if recipe.saliency else None!r}, not an observing provider"
+        )
     summary = trainer.fit()
     provider, model, patch = trainer.saliency, trainer.module, trainer.patch
 
@@ -74,13 +84,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     age = args.epochs - stamps
     seen = stamps >= 0
 
-    lines = [f"# saliency fidelity, {datetime.date.today().isoformat()}: {platform.node() or 'host'}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads",
-             f"# command: python -m bench.saliency_fidelity {' '.join(sys.argv[1:])}",
-             f"# recipe {args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe}, "
-             f"{args.epochs} epochs (top-1 {100 * summary['top1']:.1f}), {n} training images, "
-             f"{patch.grid(height, width)[0] * patch.grid(height, width)[1]} units (k = half), "
-             f"head {type(model.classifier).__name__}; {int((~seen).sum())} images had no map", ""]
+    lines = [
+        f"# saliency fidelity, {datetime.date.today().isoformat()}: {platform.node() or 'host'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        f"# command: python -m bench.saliency_fidelity {' '.join(sys.argv[1:])}",
+        f"# recipe {args.recipe.relative_to(ROOT) if args.recipe.is_relative_to(ROOT) else args.recipe}, "
+        f"{args.epochs} epochs (top-1 {100 * summary['top1']:.1f}), {n} training images, "
+        f"{patch.grid(height, width)[0] * patch.grid(height, width)[1]} units (k = half), "
+        f"head {type(model.classifier).__name__}; {int((~seen).sum())} images had no map",
+        "",
+    ]
     lines += ["| maps compared with fresh Grad-CAM | images | Spearman rho | top-k overlap |", "|---|---:|---:|---:|"]
     with trainer.held_batch_norm(), torch.no_grad():
         model.train()
@@ -106,14 +119,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         cached = normalise_to_units(raw, height, width, patch)
         rho, overlap = unit_agreement(cached, fresh)
         full = covered.flatten(1).all(dim=1)
-        for label, keep in ((f"age 1 (stored last epoch), uncovered={fill}", seen & (age <= 1)),
-                            (f"age 2, uncovered={fill}", seen & (age == 2)),
-                            (f"age 3+, uncovered={fill}", seen & (age >= 3)),
-                            (f"age <= 2 (max_age 2), uncovered={fill}", seen & (age <= 2))):
+        for label, keep in (
+            (f"age 1 (stored last epoch), uncovered={fill}", seen & (age <= 1)),
+            (f"age 2, uncovered={fill}", seen & (age == 2)),
+            (f"age 3+, uncovered={fill}", seen & (age >= 3)),
+            (f"age <= 2 (max_age 2), uncovered={fill}", seen & (age <= 2)),
+        ):
             lines.append(row(label, rho[keep], overlap[keep]))
         if fill == "mean":
-            lines.append(row("age <= 2, view fully covered by the stored box", rho[seen & (age <= 2) & full], overlap[seen & (age <= 2) & full]))
-            lines.append(row("age <= 2, view partly uncovered", rho[seen & (age <= 2) & ~full], overlap[seen & (age <= 2) & ~full]))
+            lines.append(
+                row(
+                    "age <= 2, view fully covered by the stored box",
+                    rho[seen & (age <= 2) & full],
+                    overlap[seen & (age <= 2) & full],
+                )
+            )
+            lines.append(
+                row(
+                    "age <= 2, view partly uncovered",
+                    rho[seen & (age <= 2) & ~full],
+                    overlap[seen & (age <= 2) & ~full],
+                )
+            )
     chance = unit_agreement(torch.rand(fresh.shape, generator=gen), fresh)
     lines.append(row("random scores (chance)", *chance))
     print("\n".join(lines))

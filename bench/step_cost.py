@@ -33,7 +33,13 @@ def recipe_for(variant: str, device: str, batch_size: int, channels_last: bool, 
     raw: dict[str, Any] = {
         "run": {"epochs": 1, "device": device, "channels_last": channels_last, "seed": 0},
         # 100 classes as CIFAR-100-LT; the image count only sets how often the pool repeats.
-        "data": {"name": "synthetic-lt", "num_classes": 100, "n_max": n_max, "imbalance_factor": 10.0, "test_per_class": 1},
+        "data": {
+            "name": "synthetic-lt",
+            "num_classes": 100,
+            "n_max": n_max,
+            "imbalance_factor": 10.0,
+            "test_per_class": 1,
+        },
         "model": {"name": "resnet32"},
         "optim": {"batch_size": batch_size, "warmup_epochs": 0},
         "loss": {"name": "ce"},
@@ -100,10 +106,13 @@ def lsm_breakdown(trainer: Any, bg: torch.Tensor, fg: torch.Tensor, clock: Clock
 
     times: dict[str, float] = {}
     times["fetch + augment (2 batches)"], ((xb, yb, _), (xf, yf, crops_f)) = clock.time(
-        lambda: (trainer.prepare_with_crops(bg), trainer.prepare_with_crops(fg)))
+        lambda: (trainer.prepare_with_crops(bg), trainer.prepare_with_crops(fg))
+    )
     if trainer.observing:
         views = Views(fg.to(trainer.device), crops_f, 0)
-        times["saliency (cached maps)"], s_f = clock.time(lambda: trainer.saliency.scores_of_views(trainer.module, xf, yf, trainer.patch, views))
+        times["saliency (cached maps)"], s_f = clock.time(
+            lambda: trainer.saliency.scores_of_views(trainer.module, xf, yf, trainer.patch, views)
+        )
     else:
         times["saliency forward"], s_f = clock.time(lambda: trainer.saliency(trainer.module, xf, yf, trainer.patch))
     mixer = trainer.mixer
@@ -133,7 +142,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 30 on CUDA, 3 on CPU)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 5 on CUDA, 1 on CPU)")
-    ap.add_argument("--no-channels-last", action="store_true", help="contiguous (NCHW) tensors instead of channels_last")
+    ap.add_argument(
+        "--no-channels-last", action="store_true", help="contiguous (NCHW) tensors instead of channels_last"
+    )
     ap.add_argument("--n-max", type=int, default=12, help="images of the largest synthetic class (pool size only)")
     args = ap.parse_args(argv)
 
@@ -154,7 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     clock = Clock(device)
     trainers, streams = {}, {}
     for v in variants:
-        trainers[v] = Trainer(recipe_for(v, args.device, args.batch_size, not args.no_channels_last, args.n_max), registry)
+        trainers[v] = Trainer(
+            recipe_for(v, args.device, args.batch_size, not args.no_channels_last, args.n_max), registry
+        )
         streams[v] = batch_stream(trainers[v], args.batch_size)
     warm_cache(trainers["CE + LSM (cached)"], args.batch_size)
     step_times: dict[str, list[float]] = {v: [] for v in variants}
@@ -177,11 +190,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                 kept.append(lsm_breakdown(trainers[v], bg, fg, clock))
 
     when = datetime.date.today().isoformat()
-    print(f"# step cost, {when}: {platform.node() or 'host'}, device {device}"
-          + (f" ({torch.cuda.get_device_name(device)})" if on_cuda else f" ({torch.get_num_threads()} threads)")
-          + f", torch {torch.__version__}")
-    print(f"# ResNet-32, 32x32x3, 100 classes, batch {args.batch_size}, channels_last {not args.no_channels_last}, "
-          f"{repeats} rounds after {warmup} warm-up, medians")
+    print(
+        f"# step cost, {when}: {platform.node() or 'host'}, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if on_cuda else f" ({torch.get_num_threads()} threads)")
+        + f", torch {torch.__version__}"
+    )
+    print(
+        f"# ResNet-32, 32x32x3, 100 classes, batch {args.batch_size}, channels_last {not args.no_channels_last}, "
+        f"{repeats} rounds after {warmup} warm-up, medians"
+    )
     print(f"# command: python -m bench.step_cost {' '.join(sys.argv[1:])}")
     ce = statistics.median(step_times["CE"])
     print()
@@ -201,24 +218,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         stages = {k: statistics.median(b[k] for b in kept) for k in kept[0]}
         total = sum(stages.values())
         print()
-        print(f"{v} step, stage by stage (medians, sum {1000 * total:.1f} ms; whole step {1000 * statistics.median(step_times[v]):.1f} ms):")
+        print(
+            f"{v} step, stage by stage (medians, sum {1000 * total:.1f} ms; whole step {1000 * statistics.median(step_times[v]):.1f} ms):"
+        )
         for k, t in stages.items():
             print(f"  {k:<28} {1000 * t:9.2f} ms  {100 * t / total:5.1f} %")
         overhead = stages["mask"] + stages["mix"] + stages["fuse"]
-        print(f"  mask + mix + fuse (LSM's own work, no saliency): {1000 * overhead:.2f} ms = {100 * overhead / total:.2f} % of the step")
+        print(
+            f"  mask + mix + fuse (LSM's own work, no saliency): {1000 * overhead:.2f} ms = {100 * overhead / total:.2f} % of the step"
+        )
         shares[v] = overhead / total
         if v == "CE + LSM (cached)":
             shares["cached saliency"] = stages["saliency (cached maps)"] / total
     cached = trainers["CE + LSM (cached)"].saliency
-    per_image = cached.maps[0].numel() * cached.maps.element_size() + cached.boxes[0].numel() * 4 + cached.stamps.element_size()
-    print(f"  cache: {per_image} bytes per training image ({tuple(cached.maps.shape[1:])} float16 map, its box, its epoch)")
+    per_image = (
+        cached.maps[0].numel() * cached.maps.element_size() + cached.boxes[0].numel() * 4 + cached.stamps.element_size()
+    )
+    print(
+        f"  cache: {per_image} bytes per training image ({tuple(cached.maps.shape[1:])} float16 map, its box, its epoch)"
+    )
     ratio = statistics.median(step_times["CE + LSM"]) / ce
     cached_ratio = statistics.median(step_times["CE + LSM (cached)"]) / ce
     print()
-    print(f"targets: LSM/CE {ratio:.2f} (<= 1.35: {'met' if ratio <= 1.35 else 'NOT met'}); "
-          f"mask + mix + fuse {100 * shares['CE + LSM']:.2f} % (< 5 %: {'met' if shares['CE + LSM'] < 0.05 else 'NOT met'}); "
-          f"cached LSM/CE {cached_ratio:.2f} (<= 1.05: {'met' if cached_ratio <= 1.05 else 'NOT met'}); "
-          f"cached saliency {100 * shares['cached saliency']:.2f} % of the step (<= 5 %: {'met' if shares['cached saliency'] <= 0.05 else 'NOT met'})")
+    print(
+        f"targets: LSM/CE {ratio:.2f} (<= 1.35: {'met' if ratio <= 1.35 else 'NOT met'}); "
+        f"mask + mix + fuse {100 * shares['CE + LSM']:.2f} % (< 5 %: {'met' if shares['CE + LSM'] < 0.05 else 'NOT met'}); "
+        f"cached LSM/CE {cached_ratio:.2f} (<= 1.05: {'met' if cached_ratio <= 1.05 else 'NOT met'}); "
+        f"cached saliency {100 * shares['cached saliency']:.2f} % of the step (<= 5 %: {'met' if shares['cached saliency'] <= 0.05 else 'NOT met'})"
+    )
     for note in notes:
         print(f"note: {note}")
     return 0

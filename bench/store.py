@@ -41,8 +41,10 @@ def scaled_overrides(recipe, epochs: int) -> list[str]:
     def at(e: int) -> int:
         return max(0, min(epochs, round(e * scale)))
 
-    out = [f"optim.milestones=[{', '.join(str(at(m)) for m in recipe.optim.milestones)}]",
-           f"optim.warmup_epochs={min(max(at(recipe.optim.warmup_epochs), 1 if recipe.optim.warmup_epochs else 0), max(epochs - 1, 0))}"]
+    out = [
+        f"optim.milestones=[{', '.join(str(at(m)) for m in recipe.optim.milestones)}]",
+        f"optim.warmup_epochs={min(max(at(recipe.optim.warmup_epochs), 1 if recipe.optim.warmup_epochs else 0), max(epochs - 1, 0))}",
+    ]
     if hasattr(recipe.loss.params, "reweight_epoch"):
         out.append(f"loss.reweight_epoch={at(recipe.loss.params.reweight_epoch)}")
     if recipe.mixer is not None:
@@ -82,8 +84,11 @@ def setting_differences(folder: Path, recipe) -> list[str]:
     stored = flatten(tomllib.loads(path.read_text(encoding="utf-8")))
     wanted = flatten(tomllib.loads(recipe.to_toml()))
     stored = {**{k: v for k, v in BEFORE_THE_KEY.items() if k in wanted}, **stored}
-    return [f"{k}: stored {stored[k]!r}, now {wanted[k]!r}" for k in sorted(set(stored) & set(wanted))
-            if k not in SETTING_IGNORED and stored[k] != wanted[k]]
+    return [
+        f"{k}: stored {stored[k]!r}, now {wanted[k]!r}"
+        for k in sorted(set(stored) & set(wanted))
+        if k not in SETTING_IGNORED and stored[k] != wanted[k]
+    ]
 
 
 #: What a stored recipe says instead of the data set's folder: where the images lie on the
@@ -136,23 +141,31 @@ def store_run(folder: Path, store: Path) -> Path:
     return target
 
 
-def run_one(path: Path, seed: int, epochs: int, out: Path, extra: list[str], registry,
-            store: Path, tag: str = "") -> tuple[Path, bool]:
+def run_one(
+    path: Path, seed: int, epochs: int, out: Path, extra: list[str], registry, store: Path, tag: str = ""
+) -> tuple[Path, bool]:
     """The store folder of (recipe, seed), trained first unless it is there; and whether it was trained now."""
     from lsm_registry.checkpoint import list_checkpoints
     from lsm_registry.recipe import load_recipe
 
     name = folder_name(path.stem, epochs, seed, tag)
     base = load_recipe(path, extra, registry)
-    overrides = [*extra, f"run.epochs={epochs}", f"run.seed={seed}", f"run.name={path.stem}", *scaled_overrides(base, epochs)]
+    overrides = [
+        *extra,
+        f"run.epochs={epochs}",
+        f"run.seed={seed}",
+        f"run.name={path.stem}",
+        *scaled_overrides(base, epochs),
+    ]
     recipe = load_recipe(path, overrides, registry)
     stored, folder = store / name, out / name
     reused = next((w for w in (stored, folder) if (w / "summary.json").is_file()), None)
     if reused is not None:
         differ = setting_differences(reused, recipe)
         if differ:
-            raise RuntimeError(f"{reused} was trained with another setting ({'; '.join(differ)}); "
-                               "give this protocol its own --tag")
+            raise RuntimeError(
+                f"{reused} was trained with another setting ({'; '.join(differ)}); give this protocol its own --tag"
+            )
     if (stored / "summary.json").is_file():
         print(f"[stored]  {stored}")
         return stored, False

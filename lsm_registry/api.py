@@ -50,8 +50,14 @@ class RunFolder:
         return self.trained.module if self.trained is not None else None
 
 
-def train(recipe: Union[str, Path, Recipe], overrides: Sequence[str] = (), out: Union[str, Path, None] = None,
-          registry: Optional[Registry] = None, progress: bool = False, keep: int = 1) -> TrainedRun:
+def train(
+    recipe: Union[str, Path, Recipe],
+    overrides: Sequence[str] = (),
+    out: Union[str, Path, None] = None,
+    registry: Optional[Registry] = None,
+    progress: bool = False,
+    keep: int = 1,
+) -> TrainedRun:
     """Train a recipe, as ``lsm run`` does, and return its summary and model.
 
     Args:
@@ -89,8 +95,12 @@ def train(recipe: Union[str, Path, Recipe], overrides: Sequence[str] = (), out: 
     return TrainedRun(summary, trainer.module.eval(), run_dir, parsed)
 
 
-def load_run(run_dir: Union[str, Path], checkpoint: Optional[str] = "last", registry: Optional[Registry] = None,
-             device: str = "cpu") -> RunFolder:
+def load_run(
+    run_dir: Union[str, Path],
+    checkpoint: Optional[str] = "last",
+    registry: Optional[Registry] = None,
+    device: str = "cpu",
+) -> RunFolder:
     """Read a run folder: its summary, metrics, resolved recipe and, unless ``checkpoint`` is None, its model.
 
     Args:

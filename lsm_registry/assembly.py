@@ -147,13 +147,21 @@ def training_data(recipe: Recipe, registry: Registry, dist: DistInfo) -> tuple[L
     batch_size, shard = recipe.optim.batch_size, len(data.train) // dist.world_size
     if batch_size > shard:
         where = f"{shard} images per process" if dist.enabled else f"{shard} images"
-        raise LSMError(f"{recipe.path} [optim].batch_size = {batch_size} is larger than the training set of "
-                       f"{recipe.data.name} ({where}); lower optim.batch_size")
+        raise LSMError(
+            f"{recipe.path} [optim].batch_size = {batch_size} is larger than the training set of "
+            f"{recipe.data.name} ({where}); lower optim.batch_size"
+        )
     return data, counts
 
 
-def build_model(recipe: Recipe, registry: Registry, context: Context, data: LTData, loss: Loss,
-                factory: Optional[ModelFactory] = None) -> nn.Module:
+def build_model(
+    recipe: Recipe,
+    registry: Registry,
+    context: Context,
+    data: LTData,
+    loss: Loss,
+    factory: Optional[ModelFactory] = None,
+) -> nn.Module:
     """The recipe's model, from ``factory`` when the caller keeps it (its callbacks), else a new one."""
     factory = factory or recipe.model.build(registry, context)
     try:
@@ -179,8 +187,13 @@ def wrap_distributed(module: nn.Module, dist: DistInfo, device: torch.device) ->
     return module, nn.parallel.DistributedDataParallel(module)
 
 
-def mixing_components(recipe: Recipe, registry: Registry, context: Context, module: nn.Module, image_size: tuple[int, int, int],
-                      ) -> tuple[Optional[Mixer], Optional[PatchOperator], Optional[SaliencyProvider], Optional[LabelFuser]]:
+def mixing_components(
+    recipe: Recipe,
+    registry: Registry,
+    context: Context,
+    module: nn.Module,
+    image_size: tuple[int, int, int],
+) -> tuple[Optional[Mixer], Optional[PatchOperator], Optional[SaliencyProvider], Optional[LabelFuser]]:
     """The mixer, patch operator, saliency provider and label fuser, checked against the images and the model."""
     mixer = recipe.mixer.build(registry, context) if recipe.mixer else None
     patch = recipe.patch.build(registry, context) if recipe.patch else None
@@ -202,8 +215,13 @@ def mixing_components(recipe: Recipe, registry: Registry, context: Context, modu
 def build_optimizer(recipe: Recipe, registry: Registry, context: Context, module: nn.Module) -> Optimizer:
     """The optimizer component around the SGD update every optimizer uses (not yet attached to the model)."""
     opt = recipe.optim
-    base = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=opt.lr, momentum=opt.momentum,
-                           weight_decay=opt.weight_decay, nesterov=opt.nesterov and opt.momentum > 0)
+    base = torch.optim.SGD(
+        [p for p in module.parameters() if p.requires_grad],
+        lr=opt.lr,
+        momentum=opt.momentum,
+        weight_decay=opt.weight_decay,
+        nesterov=opt.nesterov and opt.momentum > 0,
+    )
     spec = recipe.optimizer
     return registry.get("optimizer", spec.name)(spec.params, context, base)
 
@@ -217,18 +235,32 @@ def attach_optimizer(recipe: Recipe, optimizer: Optimizer, module: nn.Module) ->
 
 def check_feature_api(recipe: Recipe, module: nn.Module, loss: Loss, optimizer: Optimizer, dist: DistInfo) -> None:
     """A loss or optimizer that reads the features needs the model's documented feature API."""
-    who = " and ".join(w for w, needs in ((f"loss {recipe.loss.name!r}", loss.needs_features),
-                                           (f"optimizer {recipe.optimizer.name!r}", optimizer.needs_features)) if needs)
-    if not (callable(getattr(module, "forward_features", None)) and isinstance(getattr(module, "classifier", None), nn.Module)):
-        raise LSMError(f"{recipe.path} [model] {recipe.model.name}: {who} reads the features the classifier "
-                       "sees, and this model has no forward_features(x) and classifier (docs/contracts.md, model)")
+    who = " and ".join(
+        w
+        for w, needs in (
+            (f"loss {recipe.loss.name!r}", loss.needs_features),
+            (f"optimizer {recipe.optimizer.name!r}", optimizer.needs_features),
+        )
+        if needs
+    )
+    if not (
+        callable(getattr(module, "forward_features", None))
+        and isinstance(getattr(module, "classifier", None), nn.Module)
+    ):
+        raise LSMError(
+            f"{recipe.path} [model] {recipe.model.name}: {who} reads the features the classifier "
+            "sees, and this model has no forward_features(x) and classifier (docs/contracts.md, model)"
+        )
     if dist.enabled:
-        raise LSMError(f"{recipe.path}: {who} reads the model's features, which bypasses DistributedDataParallel's "
-                       "gradient synchronisation; run it in one process")
+        raise LSMError(
+            f"{recipe.path}: {who} reads the model's features, which bypasses DistributedDataParallel's "
+            "gradient synchronisation; run it in one process"
+        )
 
 
-def check_second_batch(recipe: Recipe, module: nn.Module, sampler: Sampler, mixer: Optional[Mixer], loss: Loss,
-                       optimizer: Optimizer) -> None:
+def check_second_batch(
+    recipe: Recipe, module: nn.Module, sampler: Sampler, mixer: Optional[Mixer], loss: Loss, optimizer: Optimizer
+) -> None:
     """A model that trains on the sampler's two batches at once (``takes_second_batch``, the
     ModelFactory contract) needs a sampler that yields a second index set (its first batch of
     epoch 0 tells), and nothing else may claim that batch or bypass the two-input forward:
@@ -237,16 +269,22 @@ def check_second_batch(recipe: Recipe, module: nn.Module, sampler: Sampler, mixe
         return
     model = recipe.model.name
     if mixer is not None:
-        raise LSMError(f"{recipe.path} [mixer].name = {recipe.mixer.name!r}: model {model!r} trains on the sampler's "
-                       "second batch itself, so no mixer can take it as its foreground; remove [mixer]")
+        raise LSMError(
+            f"{recipe.path} [mixer].name = {recipe.mixer.name!r}: model {model!r} trains on the sampler's "
+            "second batch itself, so no mixer can take it as its foreground; remove [mixer]"
+        )
     for table, name, component in (("loss", recipe.loss.name, loss), ("optim", recipe.optimizer.name, optimizer)):
         if component.needs_features:
-            raise LSMError(f"{recipe.path} [{table}] {name}: reads the features of one batch, and model {model!r} trains "
-                           "on two batches at once through its own forward; choose another")
+            raise LSMError(
+                f"{recipe.path} [{table}] {name}: reads the features of one batch, and model {model!r} trains "
+                "on two batches at once through its own forward; choose another"
+            )
     _, second = next(iter(sampler.batches(0, recipe.optim.batch_size)), (None, None))
     if second is None:
-        raise LSMError(f"{recipe.path} [sampler].name = {recipe.sampler.name!r}: model {model!r} trains on the sampler's "
-                       "second index set, and this sampler yields none; use a two-branch sampler (reversed, dual-branch)")
+        raise LSMError(
+            f"{recipe.path} [sampler].name = {recipe.sampler.name!r}: model {model!r} trains on the sampler's "
+            "second index set, and this sampler yields none; use a two-branch sampler (reversed, dual-branch)"
+        )
 
 
 def check_model_outputs(recipe: Recipe, module: nn.Module, loss: Loss, optimizer: Optimizer) -> None:
@@ -260,12 +298,16 @@ def check_model_outputs(recipe: Recipe, module: nn.Module, loss: Loss, optimizer
     where = f"{recipe.path} [loss].name = {recipe.loss.name!r}"
     if missing:
         gives = ", ".join(given) if given else "nothing but its logits"
-        raise LSMError(f"{where}: reads the model's {', '.join(missing)} from its training output, and model "
-                       f"{recipe.model.name!r} gives {gives}; choose a model that gives them (docs: ModelOutput)")
+        raise LSMError(
+            f"{where}: reads the model's {', '.join(missing)} from its training output, and model "
+            f"{recipe.model.name!r} gives {gives}; choose a model that gives them (docs: ModelOutput)"
+        )
     if loss.needs_features or optimizer.needs_features:
         who = f"optimizer {recipe.optimizer.name!r}" if optimizer.needs_features else "its own needs_features"
-        raise LSMError(f"{where}: reads the model's training output, which the feature path of {who} bypasses "
-                       "(it computes the logits from the features); choose another")
+        raise LSMError(
+            f"{where}: reads the model's training output, which the feature path of {who} bypasses "
+            "(it computes the logits from the features); choose another"
+        )
 
 
 def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Optional[DistInfo] = None) -> RunParts:
@@ -279,13 +321,23 @@ def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Op
     seed_everything(recipe.run.seed)
     data, counts = training_data(recipe, registry, dist)
     generator = torch.Generator().manual_seed(recipe.run.seed)
-    context = Context(class_counts=counts, image_size=data.image_size, device=device, generator=generator,
-                      epochs=recipe.run.epochs, seed=recipe.run.seed)
+    context = Context(
+        class_counts=counts,
+        image_size=data.image_size,
+        device=device,
+        generator=generator,
+        epochs=recipe.run.epochs,
+        seed=recipe.run.seed,
+    )
     loss = recipe.loss.build(registry, context)
     memory_format = torch.channels_last if recipe.run.channels_last else torch.contiguous_format
     model_factory = recipe.model.build(registry, context)
-    module = build_model(recipe, registry, context, data, loss, model_factory).to(device).to(memory_format=memory_format)
-    parent = load_parent(recipe, module, data.num_classes) if recipe.stage.init_from is not None and not resume else None
+    module = (
+        build_model(recipe, registry, context, data, loss, model_factory).to(device).to(memory_format=memory_format)
+    )
+    parent = (
+        load_parent(recipe, module, data.num_classes) if recipe.stage.init_from is not None and not resume else None
+    )
     trainable_parameters(module, recipe)
     sampler = recipe.sampler.build(registry, context, data.train.labels, dist.rank, dist.world_size)
     mixer, patch, saliency, fuser = mixing_components(recipe, registry, context, module, data.image_size)
@@ -299,12 +351,33 @@ def build_run(recipe: Recipe, registry: Registry, resume: bool = False, dist: Op
     check_model_outputs(recipe, module, loss, optimizer)
     attach_optimizer(recipe, optimizer, module)
     return RunParts(
-        recipe=recipe, registry=registry, dist=dist, device=device, data=data, class_counts=counts, generator=generator,
-        context=context, loss=loss, module=module, model=model, memory_format=memory_format, parent=parent,
-        sampler=sampler, mixer=mixer, patch=patch, saliency=saliency, fuser=fuser, mixing=mixing, optimizer=optimizer,
-        needs_features=needs_features, scaler=torch.amp.GradScaler(device.type, enabled=recipe.run.amp == "fp16"),
+        recipe=recipe,
+        registry=registry,
+        dist=dist,
+        device=device,
+        data=data,
+        class_counts=counts,
+        generator=generator,
+        context=context,
+        loss=loss,
+        module=module,
+        model=model,
+        memory_format=memory_format,
+        parent=parent,
+        sampler=sampler,
+        mixer=mixer,
+        patch=patch,
+        saliency=saliency,
+        fuser=fuser,
+        mixing=mixing,
+        optimizer=optimizer,
+        needs_features=needs_features,
+        scaler=torch.amp.GradScaler(device.type, enabled=recipe.run.amp == "fp16"),
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.run.amp),
-        batch_norms=batch_norms(module), labels_on_device=data.train.labels.to(device),
+        batch_norms=batch_norms(module),
+        labels_on_device=data.train.labels.to(device),
         # Normalisation constants live on the device once, not one host copy per batch.
-        mean=stats_tensor(data.mean, device), std=stats_tensor(data.std, device), model_factory=model_factory,
+        mean=stats_tensor(data.mean, device),
+        std=stats_tensor(data.std, device),
+        model_factory=model_factory,
     )

@@ -64,7 +64,13 @@ def _legacy_numpy_globals() -> list[Any]:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # NumPy < 2
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [
+        _reconstruct,
+        (_reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def load_weights_only(path: Path, map_location: Any = "cpu") -> Any:
@@ -98,12 +104,19 @@ def unreadable_checkpoint(path: Path, exc: BaseException) -> str:
     except OSError:
         head = b""
     if len(head) == 2 and head[0] == 0x80 and not isinstance(exc, UnsafeCheckpointError):
-        return (f"{path}: not a checkpoint written by torch.save but a plain pickle file (protocol {head[1]}); "
-                "lsm-registry loads checkpoints weights-only and never unpickles other files")
+        return (
+            f"{path}: not a checkpoint written by torch.save but a plain pickle file (protocol {head[1]}); "
+            "lsm-registry loads checkpoints weights-only and never unpickles other files"
+        )
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if any("weights_only" in line for line in lines):
-        lines = [line for line in lines if "weights_only" not in line and "torch.load" not in line
-                 and not line.startswith(("Please file an issue", "Check the documentation"))] or ["refused by the weights-only loader"]
+        lines = [
+            line
+            for line in lines
+            if "weights_only" not in line
+            and "torch.load" not in line
+            and not line.startswith(("Please file an issue", "Check the documentation"))
+        ] or ["refused by the weights-only loader"]
     reason = lines[0] if lines else ""
     return f"{path}: cannot read the checkpoint ({type(exc).__name__}: {reason})"
 
@@ -168,8 +181,13 @@ def rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {"bit_generator": str(name), "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "bit_generator": str(name),
+            "key": key.tolist(),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -183,7 +201,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         py = (py["version"], tuple(py["state"]), py["gauss_next"])
     random.setstate(py)
     if isinstance(npy, dict):  # checkpoints of earlier versions hold NumPy's own tuple
-        npy = (npy["bit_generator"], np.asarray(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+        npy = (
+            npy["bit_generator"],
+            np.asarray(npy["key"], dtype=np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
     np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -235,7 +259,9 @@ class TrainingFacts:
 
     @classmethod
     def of(cls, data: LTData) -> "TrainingFacts":
-        return cls(data.class_counts(), tuple(data.class_names), tuple(data.mean), tuple(data.std), tuple(data.image_size))
+        return cls(
+            data.class_counts(), tuple(data.class_names), tuple(data.mean), tuple(data.std), tuple(data.image_size)
+        )
 
 
 @attrs.frozen(eq=False)
@@ -259,8 +285,13 @@ def _stored_facts(path: Path, stored: Any) -> Optional[TrainingFacts]:
         mean, std, size = stored["mean"], stored["std"], stored["image_size"]
         if not (len(counts) == len(names) and len(mean) == len(std) and len(size) == 3):
             raise ValueError("lengths disagree")
-        return TrainingFacts(tuple(int(n) for n in counts), tuple(str(n) for n in names),
-                             tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(int(v) for v in size))
+        return TrainingFacts(
+            tuple(int(n) for n in counts),
+            tuple(str(n) for n in names),
+            tuple(float(v) for v in mean),
+            tuple(float(v) for v in std),
+            tuple(int(v) for v in size),
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise LSMError(f"{path}: its 'data' entry is not what lsm-registry writes ({exc})") from None
 
@@ -280,7 +311,9 @@ def read_checkpoint(path: Path) -> CheckpointFile:
         epoch = state.get("epoch")
         if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0):
             raise LSMError(f"{path}: its 'epoch' is {epoch!r}, not a count of epochs")
-        return CheckpointFile(path, state["model"], epoch, int(state.get("step") or 0), _stored_facts(path, state.get("data")), state)
+        return CheckpointFile(
+            path, state["model"], epoch, int(state.get("step") or 0), _stored_facts(path, state.get("data")), state
+        )
     if not isinstance(state, dict):
         raise LSMError(f"{path}: expected a state_dict or a dict with key 'model' (got {type(state).__name__})")
     return CheckpointFile(path, state, None, 0, None, {})

@@ -87,8 +87,17 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 #: What a training checkpoint must hold, with the type of each (checked before anything is loaded).
-CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "recipe": dict, "epoch": int, "step": int, "history": list,
-                   "best": (list, tuple), "rng": dict, "scaler": dict}
+CHECKPOINT_KEYS = {
+    "model": dict,
+    "optimizer": dict,
+    "recipe": dict,
+    "epoch": int,
+    "step": int,
+    "history": list,
+    "best": (list, tuple),
+    "rng": dict,
+    "scaler": dict,
+}
 
 
 def checkpoint_structure_problem(state: Any) -> Optional[str]:
@@ -109,11 +118,21 @@ def checkpoint_structure_problem(state: Any) -> Optional[str]:
 
 
 @torch.no_grad()
-def score_split(module: nn.Module, split: Split, loss: Loss, num_classes: int, mean: Tensor, std: Tensor,
-                device: torch.device, indices: Tensor, batch_size: int = 512,
-                memory_format: torch.memory_format = torch.contiguous_format, autocast_dtype: Optional[torch.dtype] = None,
-                confusion: bool = False, on_logits: Optional[Callable[[Tensor, Tensor], None]] = None,
-                ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def score_split(
+    module: nn.Module,
+    split: Split,
+    loss: Loss,
+    num_classes: int,
+    mean: Tensor,
+    std: Tensor,
+    device: torch.device,
+    indices: Tensor,
+    batch_size: int = 512,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    autocast_dtype: Optional[torch.dtype] = None,
+    confusion: bool = False,
+    on_logits: Optional[Callable[[Tensor, Tensor], None]] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Per-class correct and total counts of ``module`` on the images ``indices`` of ``split``, and the
     flat confusion counts when asked; one function, so that ``Trainer.evaluate`` and ``lsm evaluate``
     score alike. ``on_logits(indices, logits)`` sees each batch's prediction logits (on the device)."""
@@ -151,8 +170,14 @@ class _Closure(StepClosure):
     ``second``: the second input of a model that trains on two batches, else None.
     """
 
-    def __init__(self, trainer: "Trainer", x: Tensor, target: Tensor, labels: Optional[MixedBatch | SecondBatch],
-                 second: Optional[Tensor] = None):
+    def __init__(
+        self,
+        trainer: "Trainer",
+        x: Tensor,
+        target: Tensor,
+        labels: Optional[MixedBatch | SecondBatch],
+        second: Optional[Tensor] = None,
+    ):
         self.trainer, self.x, self.target, self.labels, self.second = trainer, x, target, labels, second
         self.calls = 0
 
@@ -188,13 +213,20 @@ class StepStats:
         return cls(zero.clone(), zero.clone(), zero.clone())
 
     def to_state(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum.cpu(), "mixed": self.mixed.cpu(), "fg_weight_sum": self.fg_weight_sum.cpu(),
-                "steps": self.steps, "images": self.images}
+        return {
+            "loss_sum": self.loss_sum.cpu(),
+            "mixed": self.mixed.cpu(),
+            "fg_weight_sum": self.fg_weight_sum.cpu(),
+            "steps": self.steps,
+            "images": self.images,
+        }
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "StepStats":
         stats = cls.zeros(device)
-        stats.loss_sum, stats.mixed, stats.fg_weight_sum = (state[k].to(device) for k in ("loss_sum", "mixed", "fg_weight_sum"))
+        stats.loss_sum, stats.mixed, stats.fg_weight_sum = (
+            state[k].to(device) for k in ("loss_sum", "mixed", "fg_weight_sum")
+        )
         stats.steps, stats.images = state["steps"], state["images"]
         return stats
 
@@ -244,8 +276,15 @@ class Trainer:
     are kept) and on SIGINT / SIGTERM; ``resume=True`` continues from the newest one.
     """
 
-    def __init__(self, recipe: Recipe, registry: Registry, run_dir: Optional[Path] = None, keep: Optional[int] = None,
-                 resume: bool = False, parts: Optional[RunParts] = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        registry: Registry,
+        run_dir: Optional[Path] = None,
+        keep: Optional[int] = None,
+        resume: bool = False,
+        parts: Optional[RunParts] = None,
+    ):
         # The built run's parts become the loop's attributes of the same names (trainer.module, ...).
         self.__dict__.update(attrs.asdict(parts or build_run(recipe, registry, resume), recurse=False))
         self.recipe, self.registry, self.run_dir, self.resume = recipe, registry, run_dir, resume
@@ -272,12 +311,24 @@ class Trainer:
 
     def _build_callbacks(self) -> list[Callback]:
         """The engine's own callbacks, then the components', then the recipe's (the documented order)."""
+
         def own(cls: type[Callback]) -> Callback:
             return cls(cls.Params(), self.context)
 
-        callbacks: list[Callback] = [own(self.registry.get("callback", "lr-schedule")), own(self.registry.get("callback", "nan-guard"))]
-        components = (self.sampler, self.saliency, self.patch, self.mixer, self.fuser, self.loss, self.optimizer,
-                      getattr(self, "model_factory", None))
+        callbacks: list[Callback] = [
+            own(self.registry.get("callback", "lr-schedule")),
+            own(self.registry.get("callback", "nan-guard")),
+        ]
+        components = (
+            self.sampler,
+            self.saliency,
+            self.patch,
+            self.mixer,
+            self.fuser,
+            self.loss,
+            self.optimizer,
+            getattr(self, "model_factory", None),
+        )
         for component in components:
             if component is not None:
                 callbacks.extend(component.configure_callbacks())
@@ -292,8 +343,9 @@ class Trainer:
         training step nothing (``on_batch``, ``on_forward`` and ``on_step_end`` fire every step)."""
         methods = self._hooks.get(hook)
         if methods is None:
-            methods = self._hooks[hook] = [getattr(c, hook) for c in self.callbacks
-                                           if getattr(type(c), hook) is not getattr(Callback, hook)]
+            methods = self._hooks[hook] = [
+                getattr(c, hook) for c in self.callbacks if getattr(type(c), hook) is not getattr(Callback, hook)
+            ]
         for method in methods:
             method(self, *args)
 
@@ -339,7 +391,9 @@ class Trainer:
         x, y, _ = self.prepare_with_crops(idx, fetched)
         return x, y
 
-    def prepare_with_crops(self, idx: Tensor, fetched: Optional[tuple[Tensor, Crops]] = None) -> tuple[Tensor, Tensor, Crops]:
+    def prepare_with_crops(
+        self, idx: Tensor, fetched: Optional[tuple[Tensor, Crops]] = None
+    ) -> tuple[Tensor, Tensor, Crops]:
         """Augmented, normalised images, labels and per-image crops of the training indices ``idx``.
 
         ``fetched``: uint8 crops the split already cut while decoding (the planned loader's);
@@ -355,12 +409,21 @@ class Trainer:
             raw, crops = fetched
             x = normalise(raw.to(self.device, non_blocking=True), self.mean, self.std)
         else:
-            augmented, crops = augment_with_crops(self.data.train.fetch(idx, self.device), self.data.augment, self.generator)
+            augmented, crops = augment_with_crops(
+                self.data.train.fetch(idx, self.device), self.data.augment, self.generator
+            )
             x = normalise(augmented, self.mean, self.std)
         return x.contiguous(memory_format=self.memory_format), self.labels_on_device[idx.to(self.device)], crops
 
-    def mixed_batch(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor],
-                    loaded: Optional[LoadedStep] = None, views_b: Optional[Views] = None) -> Optional[MixedBatch]:
+    def mixed_batch(
+        self,
+        epoch: int,
+        xb: Tensor,
+        yb: Tensor,
+        fg: Optional[Tensor],
+        loaded: Optional[LoadedStep] = None,
+        views_b: Optional[Views] = None,
+    ) -> Optional[MixedBatch]:
         """The mixed batch when this epoch's window and this batch's coin say so, else None.
 
         ``loaded``: the planned step, whose coin was drawn with the plan and whose
@@ -371,14 +434,22 @@ class Trainer:
         if mixer is None or not (loaded.plan.mix if loaded is not None else mixer.active(epoch) and mixer.coin()):
             return None
         crops_b = self.crops[0]
-        xf, yf, crops_f, views_f = self.foreground(epoch, xb, yb, fg, crops_b, views_b,
-                                                   loaded.fg if loaded is not None else None)
+        xf, yf, crops_f, views_f = self.foreground(
+            epoch, xb, yb, fg, crops_b, views_b, loaded.fg if loaded is not None else None
+        )
         self.crops = (crops_b, crops_f)
         return self.mixing(self.module, xb, yb, xf, yf, views_f=views_f, views_b=views_b)
 
-    def foreground(self, epoch: int, xb: Tensor, yb: Tensor, fg: Optional[Tensor], crops_b: Optional[Crops],
-                   views_b: Optional[Views], fetched: Optional[tuple[Tensor, Crops]] = None,
-                   ) -> tuple[Tensor, Tensor, Optional[Crops], Optional[Views]]:
+    def foreground(
+        self,
+        epoch: int,
+        xb: Tensor,
+        yb: Tensor,
+        fg: Optional[Tensor],
+        crops_b: Optional[Crops],
+        views_b: Optional[Views],
+        fetched: Optional[tuple[Tensor, Crops]] = None,
+    ) -> tuple[Tensor, Tensor, Optional[Crops], Optional[Views]]:
         """The foreground of a mix, with its crops and (for a saliency provider) views: the batch
         itself in a drawn order for a single-branch sampler, else the foreground indices ``fg``
         prepared. One place, so that ``lsm preview`` draws what the training step draws."""
@@ -391,7 +462,9 @@ class Trainer:
         views_f = Views(fg.to(self.device), crops_f, epoch) if self.saliency is not None else None
         return xf, yf, crops_f, views_f
 
-    def second_batch(self, yb: Tensor, fg: Optional[Tensor], loaded: Optional[LoadedStep] = None) -> Optional[SecondBatch]:
+    def second_batch(
+        self, yb: Tensor, fg: Optional[Tensor], loaded: Optional[LoadedStep] = None
+    ) -> Optional[SecondBatch]:
         """The sampler's second batch as a model that trains on two batches takes it, else None.
 
         General extension point (the ModelFactory contract): when the module sets
@@ -404,8 +477,10 @@ class Trainer:
         if not self.takes_second_batch:
             return None
         if fg is None:  # build_run checked the sampler; a sampler that stops yielding one mid-run lands here
-            raise TrainingError(f"[sampler].name = {self.recipe.sampler.name!r} yielded no second index set, and model "
-                                f"{self.recipe.model.name!r} trains on one every step")
+            raise TrainingError(
+                f"[sampler].name = {self.recipe.sampler.name!r} yielded no second index set, and model "
+                f"{self.recipe.model.name!r} trains on one every step"
+            )
         x2, y2, _ = self.prepare_with_crops(fg, loaded.fg if loaded is not None else None)
         lam = torch.full(y2.shape, float(self.module.second_batch_share), device=y2.device)
         num_classes = self.data.num_classes
@@ -413,8 +488,9 @@ class Trainer:
         target = (1.0 - lam).unsqueeze(1) * one_hot(yb, num_classes) + lam.unsqueeze(1) * one_hot(y2, num_classes)
         return SecondBatch(images=x2, target=target, y_f=y2, y_b=yb, lam=lam)
 
-    def train_step(self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats,
-                   loaded: Optional[LoadedStep] = None) -> None:
+    def train_step(
+        self, epoch: int, bg: Tensor, fg: Optional[Tensor], stats: StepStats, loaded: Optional[LoadedStep] = None
+    ) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
         views_b = Views(bg.to(self.device), crops_b, epoch) if self.saliency is not None else None
@@ -440,8 +516,14 @@ class Trainer:
         stats.loss_sum += loss
         self.fire("on_step_end", batch, loss)
 
-    def forward_loss(self, x: Tensor, target: Tensor, mixed: Optional[MixedBatch | SecondBatch], head: Optional[Head] = None,
-                     second: Optional[Tensor] = None) -> Tensor:
+    def forward_loss(
+        self,
+        x: Tensor,
+        target: Tensor,
+        mixed: Optional[MixedBatch | SecondBatch],
+        head: Optional[Head] = None,
+        second: Optional[Tensor] = None,
+    ) -> Tensor:
         """The step's loss at the current weights (what the optimizer's closure backpropagates).
 
         Through the feature API (``classifier(mean of forward_features(x))``) when the loss
@@ -451,7 +533,9 @@ class Trainer:
         reads them (``outputs=``).
         """
         parts = None
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+        ):
             if self.needs_features or head is not None:
                 h = self.module.forward_features(x).mean(dim=(2, 3))
                 logits = self.module.classifier(h)
@@ -475,8 +559,11 @@ class Trainer:
     @contextlib.contextmanager
     def held_batch_norm(self):
         """Batch-norm running statistics put back after a pass, so a step's repeated passes count its batch once."""
-        kept = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-                for m in self._batch_norms if m.training and m.track_running_stats and m.running_mean is not None]
+        kept = [
+            (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in self._batch_norms
+            if m.training and m.track_running_stats and m.running_mean is not None
+        ]
         try:
             yield
         finally:
@@ -502,7 +589,9 @@ class Trainer:
         mixer = self.mixer
         # A step's flag says whether its second index set is decoded: where the mixer's coin says mix,
         # or every step for a model that trains on two batches (which has no mixer).
-        coins = [self.takes_second_batch or (mixer is not None and mixer.active(epoch) and mixer.coin()) for _ in batches]
+        coins = [
+            self.takes_second_batch or (mixer is not None and mixer.active(epoch) and mixer.coin()) for _ in batches
+        ]
         seeds = torch.randint(0, 2**62, (len(batches), 2), generator=self.generator)
         return plan_epoch(batches, coins, seeds)
 
@@ -517,7 +606,9 @@ class Trainer:
             split = self.data.train
             assert isinstance(split, DecodingSplit)  # plan() returns None otherwise
             # views: prepare_with_crops turns each step's images into a new tensor at once
-            self._loader = PlannedLoader(split, split.workers, split.prefetch, pin_memory=self.device.type == "cuda", views=True)
+            self._loader = PlannedLoader(
+                split, split.workers, split.prefetch, pin_memory=self.device.type == "cuda", views=True
+            )
         for loaded in self._loader.run(plan[skip:]):
             yield loaded.plan.bg, loaded.plan.fg, loaded
 
@@ -540,9 +631,19 @@ class Trainer:
         num_classes = self.data.num_classes
         shard = torch.arange(self.dist.rank, len(test), self.dist.world_size)
         correct, total, confusion = score_split(
-            self.module, test, self.loss, num_classes, self.mean, self.std, self.device, shard, batch_size=batch_size,
-            memory_format=self.memory_format, autocast_dtype=self.autocast_dtype,
-            confusion=num_classes <= MAX_CONFUSION_CLASSES and split == "test")
+            self.module,
+            test,
+            self.loss,
+            num_classes,
+            self.mean,
+            self.std,
+            self.device,
+            shard,
+            batch_size=batch_size,
+            memory_format=self.memory_format,
+            autocast_dtype=self.autocast_dtype,
+            confusion=num_classes <= MAX_CONFUSION_CLASSES and split == "test",
+        )
         if confusion is not None:
             self.confusion = self._all_reduce(confusion).view(num_classes, num_classes).cpu()
         self._all_reduce(correct)
@@ -572,9 +673,13 @@ class Trainer:
             "keep": self.keep,
             "callbacks": {f"{i}:{c.name}": c.state_dict() for i, c in enumerate(self.callbacks) if c.state_dict()},
             # What the model took from its data, so that evaluate and export need not rebuild it.
-            "data": {"class_counts": list(self.class_counts), "class_names": list(self.data.class_names),
-                     "mean": [float(v) for v in self.data.mean], "std": [float(v) for v in self.data.std],
-                     "image_size": list(self.data.image_size)},
+            "data": {
+                "class_counts": list(self.class_counts),
+                "class_names": list(self.data.class_names),
+                "mean": [float(v) for v in self.data.mean],
+                "std": [float(v) for v in self.data.std],
+                "image_size": list(self.data.image_size),
+            },
         }
 
     def save_checkpoint(self, epoch: int, step: int = 0, stats: Optional[StepStats] = None) -> Optional[Path]:
@@ -608,8 +713,10 @@ class Trainer:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
             previous = list_checkpoints(self.run_dir)  # the failed write left none of its own
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-            raise LSMError(f"{path}: cannot write the checkpoint ({reason}); {kept}; free space and continue with: "
-                           f"lsm resume {self.run_dir}") from None
+            raise LSMError(
+                f"{path}: cannot write the checkpoint ({reason}); {kept}; free space and continue with: "
+                f"lsm resume {self.run_dir}"
+            ) from None
 
     def _gather_saliency_state(self) -> Any:
         """The saliency provider's state; under several processes every rank's, as a list, so that
@@ -633,12 +740,18 @@ class Trainer:
         for note in notes:
             (reporter or Reporter()).note(note)
         if state is None:
-            raise ResumeError(f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})")
+            raise ResumeError(
+                f"{self.run_dir}: no checkpoint to resume from (looked in {self.run_dir / 'checkpoints'})"
+            )
         folder = self.run_dir / CHECKPOINT_DIR
         if not isinstance(state, dict):  # before state.get below
-            raise ResumeError(f"{folder}: the newest checkpoint is not a training checkpoint ({checkpoint_structure_problem(state)})")
-        for value, current, where in ((state.get("format"), CHECKPOINT_FORMAT, f"{folder}"),
-                                      (state.get("recipe_format"), RECIPE_FORMAT, f"{folder} (its recipe)")):
+            raise ResumeError(
+                f"{folder}: the newest checkpoint is not a training checkpoint ({checkpoint_structure_problem(state)})"
+            )
+        for value, current, where in (
+            (state.get("format"), CHECKPOINT_FORMAT, f"{folder}"),
+            (state.get("recipe_format"), RECIPE_FORMAT, f"{folder} (its recipe)"),
+        ):
             problem = format_problem(value, current, where)
             if problem is not None:
                 raise ResumeError(problem)
@@ -648,11 +761,15 @@ class Trainer:
         # An older checkpoint's recipe lacks the keys added since: they take their defaults.
         old_recipe = migrate(state["recipe"], self.registry, where=str(folder))
         # Loggers say where the run is watched: adding or removing one on resume is fine.
-        changes = recipe_diff(without_loggers(old_recipe), without_loggers(self.recipe.to_dict()), ignore={"run.epochs"})
+        changes = recipe_diff(
+            without_loggers(old_recipe), without_loggers(self.recipe.to_dict()), ignore={"run.epochs"}
+        )
         if changes:
             raise ResumeError(f"{self.run_dir}: cannot resume, the recipe differs in " + ", ".join(changes))
         if state.get("world_size", 1) != self.dist.world_size:
-            raise ResumeError(f"{self.run_dir}: the checkpoint was written by {state['world_size']} process(es), this run has {self.dist.world_size}")
+            raise ResumeError(
+                f"{self.run_dir}: the checkpoint was written by {state['world_size']} process(es), this run has {self.dist.world_size}"
+            )
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -665,12 +782,16 @@ class Trainer:
         for key, saved_state in (state.get("callbacks") or {}).items():
             index, _, name = key.partition(":")
             if not (index.isdigit() and int(index) < len(self.callbacks) and self.callbacks[int(index)].name == name):
-                raise ResumeError(f"{folder}: the checkpoint holds the state of callback {name!r}, which this run does not have at that place")
+                raise ResumeError(
+                    f"{folder}: the checkpoint holds the state of callback {name!r}, which this run does not have at that place"
+                )
             self.callbacks[int(index)].load_state_dict(saved_state)
         saved = state.get("saliency")
         if self.saliency is not None and saved:
             own = saved[self.dist.rank] if isinstance(saved, list) else saved
-            self.saliency.load_state_dict({k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in own.items()})
+            self.saliency.load_state_dict(
+                {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in own.items()}
+            )
         return state["epoch"], state["step"], state
 
     # -------------------------------------------------------------- loop
@@ -695,7 +816,9 @@ class Trainer:
         return bool(self._all_reduce(flag, "max").item())
 
     def _running(self, stats: StepStats, lr: float, t0: float) -> dict[str, Optional[float]]:
-        loss_sum, mixed, fg_sum = torch.stack([stats.loss_sum.float(), stats.mixed.float(), stats.fg_weight_sum.float()]).tolist()
+        loss_sum, mixed, fg_sum = torch.stack(
+            [stats.loss_sum.float(), stats.mixed.float(), stats.fg_weight_sum.float()]
+        ).tolist()
         return {
             "loss": loss_sum / stats.steps,
             "lr": lr,
@@ -744,10 +867,14 @@ class Trainer:
         """(epoch, step inside it, checkpoint state) to start from: the newest checkpoint on resume."""
         start_epoch, start_step, state = self.load_checkpoint(reporter) if self.resume else (0, 0, None)
         if start_epoch >= self.recipe.run.epochs and start_step == 0:
-            raise LSMError(f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue")
+            raise LSMError(
+                f"{self.run_dir}: the run already finished {start_epoch} epochs; raise run.epochs to continue"
+            )
         return start_epoch, start_step, state
 
-    def train_epoch(self, epoch: int, reporter: "Reporter", resumed: Optional[tuple[int, dict[str, Any]]] = None) -> dict[str, Any]:
+    def train_epoch(
+        self, epoch: int, reporter: "Reporter", resumed: Optional[tuple[int, dict[str, Any]]] = None
+    ) -> dict[str, Any]:
         """One epoch's steps (from step ``resumed[0]`` of a mid-epoch checkpoint); returns its record."""
         batch_size = self.recipe.optim.batch_size
         self.generator.manual_seed(epoch_seed(self.recipe.run.seed, epoch))
@@ -776,12 +903,21 @@ class Trainer:
     def _interrupt(self, epoch: int, stats: StepStats) -> None:
         self.fire("on_check", epoch)
         path = self.save_checkpoint(epoch, stats.steps, stats)
-        raise Interrupted(f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
-                          f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}")
+        raise Interrupted(
+            f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGINT).name} in epoch {epoch + 1} "
+            f"at step {stats.steps}; checkpoint {path}; continue with: lsm resume {self.run_dir}"
+        )
 
     def _epoch_record(self, epoch: int, lr: float, stats: StepStats, elapsed: float) -> dict[str, Any]:
         """What metrics.jsonl gets for the epoch's training (summed over processes); callbacks may add keys."""
-        totals = torch.stack([stats.loss_sum.float(), torch.tensor(float(stats.steps), device=self.device), stats.mixed.float(), stats.fg_weight_sum.float()])
+        totals = torch.stack(
+            [
+                stats.loss_sum.float(),
+                torch.tensor(float(stats.steps), device=self.device),
+                stats.mixed.float(),
+                stats.fg_weight_sum.float(),
+            ]
+        )
         loss_sum, n_steps, mixed, fg_sum = self._all_reduce(totals).tolist()
         record: dict[str, Any] = {
             "epoch": epoch + 1,

@@ -94,8 +94,10 @@ class FolderLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
-            raise FolderLocked(f"{self.folder}: another process (PID {holder}) is training into this run folder; "
-                               "wait for it, or choose another folder") from None
+            raise FolderLocked(
+                f"{self.folder}: another process (PID {holder}) is training into this run folder; "
+                "wait for it, or choose another folder"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -118,8 +120,12 @@ class FolderLock:
 RUN_FOLDER_MARKS = ("recipe.toml", "checkpoints")
 
 
-def check_output_folder(folder: Path, what: str, may_replace: Optional[Callable[[Path], bool]] = None,
-                        otherwise: str = "choose an empty folder") -> None:
+def check_output_folder(
+    folder: Path,
+    what: str,
+    may_replace: Optional[Callable[[Path], bool]] = None,
+    otherwise: str = "choose an empty folder",
+) -> None:
     """The one guard of a command's output folder, before any work: not a file, never a run folder,
     empty or one that ``may_replace`` accepts (an earlier output of the same command); writable."""
     if folder.exists() and not folder.is_dir():

@@ -171,12 +171,10 @@ class Sampler(Component):
         self.world_size = world_size
 
     @abc.abstractmethod
-    def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
-        ...
+    def batches(self, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]: ...
 
     @abc.abstractmethod
-    def steps_per_epoch(self, batch_size: int) -> int:
-        ...
+    def steps_per_epoch(self, batch_size: int) -> int: ...
 
 
 # ---------------------------------------------------------------------------- saliency
@@ -196,8 +194,7 @@ class SaliencyProvider(Component):
     kind = "saliency"
 
     @abc.abstractmethod
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator") -> Tensor:
-        ...
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, patch: "PatchOperator") -> Tensor: ...
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError before training when this provider cannot explain ``model``."""
@@ -267,16 +264,13 @@ class PatchOperator(Component):
 
     @property
     @abc.abstractmethod
-    def size(self) -> int:
-        ...
+    def size(self) -> int: ...
 
     @abc.abstractmethod
-    def split(self, x: Tensor) -> Tensor:
-        ...
+    def split(self, x: Tensor) -> Tensor: ...
 
     @abc.abstractmethod
-    def merge(self, u: Tensor) -> Tensor:
-        ...
+    def merge(self, u: Tensor) -> Tensor: ...
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         p = self.size
@@ -308,9 +302,7 @@ class MixResult:
     unit_mask: Optional[Tensor] = None
 
 
-_WINDOW_HELP = (
-    "mixing stops at this 0-based epoch; negative counts from the end (-3: the last 3 epochs are not mixed); none: never stops"
-)
+_WINDOW_HELP = "mixing stops at this 0-based epoch; negative counts from the end (-3: the last 3 epochs are not mixed); none: never stops"
 
 
 @attrs.frozen
@@ -331,7 +323,10 @@ class MixerParams:
 
     def __attrs_post_init__(self) -> None:
         if self.end_epoch is not None and 0 <= self.end_epoch <= self.start_epoch:
-            raise ParamError("end_epoch", f"must be > start_epoch = {self.start_epoch} or negative (counted from the end) (got {self.end_epoch})")
+            raise ParamError(
+                "end_epoch",
+                f"must be > start_epoch = {self.start_epoch} or negative (counted from the end) (got {self.end_epoch})",
+            )
 
     def window(self, epochs: int) -> range:
         """The 0-based epochs in which a batch may be mixed, for a run of ``epochs``."""
@@ -383,12 +378,13 @@ class Mixer(Component):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if not (isinstance(cls.Params, type) and issubclass(cls.Params, MixerParams)):
-            raise TypeError(f"mixer {cls.__qualname__}: Params must derive from lsm_registry.interfaces.MixerParams "
-                            "(the mixing probability and epoch window every mixer shares)")
+            raise TypeError(
+                f"mixer {cls.__qualname__}: Params must derive from lsm_registry.interfaces.MixerParams "
+                "(the mixing probability and epoch window every mixer shares)"
+            )
 
     @abc.abstractmethod
-    def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:
-        ...
+    def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult: ...
 
     def active(self, epoch: int) -> bool:
         return epoch in self.params.window(self.context.epochs)
@@ -426,8 +422,7 @@ class LabelFuser(Component):
         y_b: Tensor,
         saliency_f: Optional[Tensor],
         saliency_b: Optional[Tensor],
-    ) -> Tensor:
-        ...
+    ) -> Tensor: ...
 
     def two_label(self, lam_f: Tensor, y_f: Tensor, y_b: Tensor) -> Tensor:
         """``lam_f e_{y_f} + (1 - lam_f) e_{y_b}`` without a Python loop."""
@@ -478,8 +473,7 @@ class Loss(Component):
         self.epoch = epoch
 
     @abc.abstractmethod
-    def __call__(self, logits: Tensor, target: Tensor, mixed: Any = None) -> Tensor:
-        ...
+    def __call__(self, logits: Tensor, target: Tensor, mixed: Any = None) -> Tensor: ...
 
     def eval_logits(self, logits: Tensor) -> Tensor:
         return logits
@@ -529,8 +523,7 @@ class ModelFactory(Component):
     kind = "model"
 
     @abc.abstractmethod
-    def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
-        ...
+    def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module: ...
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
         return None
@@ -607,8 +600,7 @@ class Split(abc.ABC):
     labels: Tensor
 
     @abc.abstractmethod
-    def fetch(self, idx: Tensor, device: torch.device) -> Tensor:
-        ...
+    def fetch(self, idx: Tensor, device: torch.device) -> Tensor: ...
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -628,8 +620,7 @@ class DecodingSplit(Split):
     prefetch: int = 2
 
     @abc.abstractmethod
-    def fetch_train(self, idx: Tensor, seed: int) -> tuple[Tensor, "Crops"]:
-        ...
+    def fetch_train(self, idx: Tensor, seed: int) -> tuple[Tensor, "Crops"]: ...
 
 
 class TensorSplit(Split):
@@ -686,7 +677,9 @@ class LTData:
 
     def __attrs_post_init__(self) -> None:
         if self.augment == "decoded" and not self.decodes_training_view:
-            raise ValueError(f'augment = "decoded" needs a DecodingSplit as the training split (got {type(self.train).__name__})')
+            raise ValueError(
+                f'augment = "decoded" needs a DecodingSplit as the training split (got {type(self.train).__name__})'
+            )
 
     def class_counts(self) -> tuple[int, ...]:
         counts = torch.bincount(self.train.labels, minlength=self.num_classes)
@@ -705,8 +698,7 @@ class DatasetFactory(Component):
     kind = "dataset"
 
     @abc.abstractmethod
-    def build(self) -> LTData:
-        ...
+    def build(self) -> LTData: ...
 
     def test_view(self) -> Optional[list[dict[str, Any]]]:
         """How a test image becomes the model's input, in order (resize, crop, pad), for the
@@ -774,13 +766,14 @@ class Logger(Component):
         return [m for m in cls.requires if importlib.util.find_spec(m) is None]
 
     @abc.abstractmethod
-    def start(self, run: RunInfo) -> None:
-        ...
+    def start(self, run: RunInfo) -> None: ...
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         """Per-step training scalars, every log interval."""
 
-    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
+    def log_evaluation(
+        self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]
+    ) -> None:
         """One evaluation's accuracies (fractions in 0..1), after ``epoch`` (1-based) epochs."""
 
     def log_record(self, record: dict[str, Any]) -> None:
@@ -819,8 +812,7 @@ class StepClosure(abc.ABC):
     """
 
     @abc.abstractmethod
-    def __call__(self, head: Optional[Head] = None) -> Tensor:
-        ...
+    def __call__(self, head: Optional[Head] = None) -> Tensor: ...
 
 
 class Optimizer(Component):
@@ -861,8 +853,7 @@ class Optimizer(Component):
         return None
 
     @abc.abstractmethod
-    def step(self, closure: StepClosure, scaler: "torch.amp.GradScaler") -> Tensor:
-        ...
+    def step(self, closure: StepClosure, scaler: "torch.amp.GradScaler") -> Tensor: ...
 
     def state_dict(self) -> dict[str, Any]:
         return self.base.state_dict()

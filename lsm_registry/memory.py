@@ -28,5 +28,7 @@ def check_fits_in_memory(nbytes: int, what: str) -> None:
     """ValueError (one line) when ``what`` would need more than 80 % of the available memory."""
     free = available_memory()
     if free is not None and nbytes > MEMORY_SHARE * free:
-        raise ValueError(f"{what} needs about {nbytes / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the "
-                         f"{free / 2**30:.1f} GiB available")
+        raise ValueError(
+            f"{what} needs about {nbytes / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the "
+            f"{free / 2**30:.1f} GiB available"
+        )

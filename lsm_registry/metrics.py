@@ -15,7 +15,6 @@ MANY_ABOVE = 100  # Many: n_c > 100
 FEW_BELOW = 20  # Few: n_c < 20; Medium: 20 <= n_c <= 100
 
 
-
 def group_of(count: int) -> str:
     if count > MANY_ABOVE:
         return "many"

@@ -56,8 +56,10 @@ class MixedBatch:
 
         A copy, not a view, so that keeping it does not keep the whole batch alive.
         """
-        cut = {f.name: (v[:n].detach().clone() if isinstance(v := getattr(self, f.name), Tensor) else v)
-               for f in attrs.fields(MixedBatch)}
+        cut = {
+            f.name: (v[:n].detach().clone() if isinstance(v := getattr(self, f.name), Tensor) else v)
+            for f in attrs.fields(MixedBatch)
+        }
         return MixedBatch(**cut)
 
 
@@ -77,12 +79,22 @@ class MixingStep:
     def __attrs_post_init__(self) -> None:
         wants = self.mixer.needs_saliency or self.fuser.needs_saliency or self.fuser.needs_background_saliency
         if wants and self.saliency is None:
-            raise ValueError(f"mixer {self.mixer.name!r} with label fuser {self.fuser.name!r} needs a saliency provider")
+            raise ValueError(
+                f"mixer {self.mixer.name!r} with label fuser {self.fuser.name!r} needs a saliency provider"
+            )
         if (self.mixer.uses_patch or self.saliency is not None) and self.patch is None:
             raise ValueError(f"mixer {self.mixer.name!r} needs a patch operator")
 
-    def __call__(self, model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tensor, y_f: Tensor,
-                 views_f: Optional[Views] = None, views_b: Optional[Views] = None) -> MixedBatch:
+    def __call__(
+        self,
+        model: Optional[nn.Module],
+        x_b: Tensor,
+        y_b: Tensor,
+        x_f: Tensor,
+        y_f: Tensor,
+        views_f: Optional[Views] = None,
+        views_b: Optional[Views] = None,
+    ) -> MixedBatch:
         """Mix foreground ``x_f`` (labels ``y_f``) into background ``x_b`` (labels ``y_b``).
 
         ``model`` is what the saliency provider explains (None for model-free setups).
@@ -102,8 +114,19 @@ class MixingStep:
         # share CMO's per-label loss gives the foreground label then.
         area = mix.weight.float().mean(dim=(1, 2, 3))
         lam = torch.where(y_f == y_b, area, target.gather(1, y_f.view(-1, 1)).squeeze(1))
-        return MixedBatch(images=mix.images, target=target, mask=mix.weight, y_f=y_f, y_b=y_b, lam=lam, x_f=x_f, x_b=x_b,
-                          unit_mask=mix.unit_mask, saliency_f=s_f, saliency_b=s_b)
+        return MixedBatch(
+            images=mix.images,
+            target=target,
+            mask=mix.weight,
+            y_f=y_f,
+            y_b=y_b,
+            lam=lam,
+            x_f=x_f,
+            x_b=x_b,
+            unit_mask=mix.unit_mask,
+            saliency_f=s_f,
+            saliency_b=s_b,
+        )
 
     def _saliency(self, model: Optional[nn.Module], x: Tensor, y: Tensor, views: Optional[Views]) -> Tensor:
         assert self.saliency is not None and self.patch is not None
@@ -112,9 +135,18 @@ class MixingStep:
         return self.saliency(model, x, y, self.patch)
 
 
-def mix_batches(model: Optional[nn.Module], x_b: Tensor, y_b: Tensor, x_f: Tensor, y_f: Tensor, *, mixer: Mixer,
-                fuser: LabelFuser, patch: Optional[PatchOperator] = None,
-                saliency: Optional[SaliencyProvider] = None) -> MixedBatch:
+def mix_batches(
+    model: Optional[nn.Module],
+    x_b: Tensor,
+    y_b: Tensor,
+    x_f: Tensor,
+    y_f: Tensor,
+    *,
+    mixer: Mixer,
+    fuser: LabelFuser,
+    patch: Optional[PatchOperator] = None,
+    saliency: Optional[SaliencyProvider] = None,
+) -> MixedBatch:
     """One-call form of :class:`MixingStep`."""
     return MixingStep(mixer, fuser, patch, saliency)(model, x_b, y_b, x_f, y_f)
 

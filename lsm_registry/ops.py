@@ -44,8 +44,10 @@ def box_masks(lam: Tensor, cy: Tensor, cx: Tensor, height: int, width: int) -> T
     rows = torch.arange(height, device=cy.device).view(1, height, 1)
     cols = torch.arange(width, device=cy.device).view(1, 1, width)
     inside = (
-        (rows >= y1.view(-1, 1, 1)) & (rows < y2.view(-1, 1, 1))
-        & (cols >= x1.view(-1, 1, 1)) & (cols < x2.view(-1, 1, 1))
+        (rows >= y1.view(-1, 1, 1))
+        & (rows < y2.view(-1, 1, 1))
+        & (cols >= x1.view(-1, 1, 1))
+        & (cols < x2.view(-1, 1, 1))
     )
     return inside.unsqueeze(1).to(torch.float32)
 

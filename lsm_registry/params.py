@@ -107,8 +107,15 @@ def is_none(value: Any) -> bool:
 
 
 def _accepts_none(tp: Any) -> bool:
-    return tp is Any or tp is None or tp is _NoneType or (
-        typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and _NoneType in typing.get_args(tp))
+    return (
+        tp is Any
+        or tp is None
+        or tp is _NoneType
+        or (
+            typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+            and _NoneType in typing.get_args(tp)
+        )
+    )
 
 
 def coerce(value: Any, tp: Any) -> Any:

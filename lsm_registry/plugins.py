@@ -135,9 +135,7 @@ def _note_blocked(registry: Registry, name: str, dist: str, blocked: set[str]) -
 
 
 def _unknown_hooks(pm: pluggy.PluginManager) -> list[str]:
-    return sorted(
-        name for name, caller in vars(pm.hook).items() if not name.startswith("_") and not caller.has_spec()
-    )
+    return sorted(name for name, caller in vars(pm.hook).items() if not name.startswith("_") and not caller.has_spec())
 
 
 def _unmarked_hooks(obj: Any) -> list[str]:

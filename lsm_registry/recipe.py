@@ -52,14 +52,23 @@ class RunParams:
     device: str = param("cpu", help='"cpu", "cuda", "cuda:N" or "auto" (CUDA when present)')
     eval_every: int = param(10, help="evaluate every N epochs (and always after the last)", validator=at_least(1))
     channels_last: bool = param(False, help="use the channels_last memory format (faster convolutions on CPU and GPU)")
-    score_train: bool = param(True, help="at each evaluation also score the training split in eval mode with the test-time "
-                              "view (train_top1 ... train_few): whether the model fits its own training set, which the "
-                              "running loss of augmented or mixed batches does not show")
+    score_train: bool = param(
+        True,
+        help="at each evaluation also score the training split in eval mode with the test-time "
+        "view (train_top1 ... train_few): whether the model fits its own training set, which the "
+        "running loss of augmented or mixed batches does not show",
+    )
     amp: Literal["none", "bf16", "fp16"] = param("none", help="mixed precision (fp16 uses a grad scaler; CUDA only)")
-    loggers: tuple[str, ...] = param((), help='trackers that also get the run, e.g. ["tensorboard", "mlflow"]; '
-                                     "parameters in [loggers.NAME] (the run folder is always written)")
-    callbacks: tuple[str, ...] = param((), help="callbacks (kind callback) added to the training loop after the "
-                                       "engine's and the components' own, in this order; parameters in [callbacks.NAME]")
+    loggers: tuple[str, ...] = param(
+        (),
+        help='trackers that also get the run, e.g. ["tensorboard", "mlflow"]; '
+        "parameters in [loggers.NAME] (the run folder is always written)",
+    )
+    callbacks: tuple[str, ...] = param(
+        (),
+        help="callbacks (kind callback) added to the training loop after the "
+        "engine's and the components' own, in this order; parameters in [callbacks.NAME]",
+    )
 
     def __attrs_post_init__(self):
         dev = self.device
@@ -69,7 +78,9 @@ class RunParams:
             raise ParamError("device", f"names no GPU a machine could have (got {dev!r})")
         name = self.name
         if "\0" in name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ParamError("name", f"must be a plain folder name, without '/', '\\' or NUL, and not '.' or '..' (got {name!r})")
+            raise ParamError(
+                "name", f"must be a plain folder name, without '/', '\\' or NUL, and not '.' or '..' (got {name!r})"
+            )
 
 
 @attrs.frozen
@@ -81,8 +92,11 @@ class OptimParams:
     still validated by whoever reads it.
     """
 
-    name: str = param("sgd", help='optimizer component: "sgd", "sam", "cc-sam" or a plugin\'s; the other keys of '
-                      "[optim] that are not listed here are its parameters")
+    name: str = param(
+        "sgd",
+        help='optimizer component: "sgd", "sam", "cc-sam" or a plugin\'s; the other keys of '
+        "[optim] that are not listed here are its parameters",
+    )
     batch_size: int = param(128, help="images per step (per process)", validator=at_least(1))
     lr: float = param(0.1, help="initial learning rate after warm-up", validator=positive)
     momentum: float = param(0.9, help="SGD momentum", validator=non_negative)
@@ -106,30 +120,59 @@ class StageParams:
     starts, not here: a stage-2 recipe validates before its stage 1 has trained.
     """
 
-    init_from: Optional[str] = param(None, help="run folder (its newest checkpoint) or checkpoint file whose model weights "
-                                     "this run starts from; none: a fresh initialisation")
+    init_from: Optional[str] = param(
+        None,
+        help="run folder (its newest checkpoint) or checkpoint file whose model weights "
+        "this run starts from; none: a fresh initialisation",
+    )
     train: Literal["all", "classifier", "classifier+bn", "classifier+bn-stats", "scales"] = param(
-        "all", help='what trains: "all"; "classifier" (backbone frozen, batch norm in eval mode); "classifier+bn" '
+        "all",
+        help='what trains: "all"; "classifier" (backbone frozen, batch norm in eval mode); "classifier+bn" '
         '(also batch-norm affine parameters and statistics); "classifier+bn-stats" (the classifier, and batch-norm '
-        "statistics re-estimated with the affine parameters frozen: MiSLAS's shift learning); \"scales\" (only the "
-        "per-class logit scales of a model with lws = true: LWS)")
-    reset_classifier: bool = param(False, help="start the classifier from a fresh initialisation instead of the parent's (cRT)")
+        'statistics re-estimated with the affine parameters frozen: MiSLAS\'s shift learning); "scales" (only the '
+        "per-class logit scales of a model with lws = true: LWS)",
+    )
+    reset_classifier: bool = param(
+        False, help="start the classifier from a fresh initialisation instead of the parent's (cRT)"
+    )
 
     def __attrs_post_init__(self):
         if self.init_from is not None and not self.init_from.strip():
-            raise ParamError("init_from", "must name a run folder or a checkpoint file (got an empty string); "
-                             "unset it for a fresh initialisation")
+            raise ParamError(
+                "init_from",
+                "must name a run folder or a checkpoint file (got an empty string); "
+                "unset it for a fresh initialisation",
+            )
         if self.init_from is None and self.reset_classifier:
-            raise ParamError("reset_classifier", "true without init_from does nothing: a fresh model's classifier is "
-                             "already freshly initialised; set stage.init_from or remove it")
+            raise ParamError(
+                "reset_classifier",
+                "true without init_from does nothing: a fresh model's classifier is "
+                "already freshly initialised; set stage.init_from or remove it",
+            )
         if self.init_from is None and self.train != "all":
-            raise ParamError("train", f'"{self.train}" without init_from would train part of a randomly initialised '
-                             'model; set stage.init_from to the stage-1 run or use train = "all"')
+            raise ParamError(
+                "train",
+                f'"{self.train}" without init_from would train part of a randomly initialised '
+                'model; set stage.init_from to the stage-1 run or use train = "all"',
+            )
 
 
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams, "stage": StageParams}
-ALL_TABLES = ("run", "data", "model", "optim", "stage", "sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "loggers",
-              "callbacks")
+ALL_TABLES = (
+    "run",
+    "data",
+    "model",
+    "optim",
+    "stage",
+    "sampler",
+    "saliency",
+    "patch",
+    "mixer",
+    "label_fuser",
+    "loss",
+    "loggers",
+    "callbacks",
+)
 #: The table of the loggers' parameters, one sub-table per logger: [loggers.mlflow].
 LOGGERS_TABLE = "loggers"
 #: The table of the recipe's callbacks' parameters: [callbacks.NAME].
@@ -140,8 +183,10 @@ LISTED_TABLES = {LOGGERS_TABLE: "logger", CALLBACKS_TABLE: "callback"}
 ENGINE_CALLBACKS = ("lr-schedule", "nan-guard")
 #: The tables that name one component, whose old names (lsm_registry.renames) are replaced before
 #: validation; [optim] names the optimizer, and its own keys are never an optimizer's parameter.
-RENAME_TARGETS = (*(Target(table, kind, TABLE_DEFAULT_NAMES.get(table)) for table, kind in COMPONENT_TABLES.items()),
-                  Target("optim", "optimizer", OptimParams().name, frozenset(f.name for f in attrs.fields(OptimParams))))
+RENAME_TARGETS = (
+    *(Target(table, kind, TABLE_DEFAULT_NAMES.get(table)) for table, kind in COMPONENT_TABLES.items()),
+    Target("optim", "optimizer", OptimParams().name, frozenset(f.name for f in attrs.fields(OptimParams))),
+)
 
 
 @attrs.frozen
@@ -207,7 +252,11 @@ def without_loggers(recipe: dict[str, Any]) -> dict[str, Any]:
     Resume and run comparisons use it, so adding or removing a tracker never makes a
     run "another setting".
     """
-    out = {table: dict(keys) if isinstance(keys, dict) else keys for table, keys in recipe.items() if table != LOGGERS_TABLE}
+    out = {
+        table: dict(keys) if isinstance(keys, dict) else keys
+        for table, keys in recipe.items()
+        if table != LOGGERS_TABLE
+    }
     if isinstance(out.get("run"), dict):
         out["run"].pop("loggers", None)
     return out
@@ -309,7 +358,9 @@ def apply_overrides(raw: dict[str, Any], parsed: Sequence[tuple[str, str, str, A
         section[key] = value
 
 
-def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = None, errors: Optional[list[str]] = None) -> Recipe:
+def validate(
+    raw: dict[str, Any], where: str, registry: Optional[Registry] = None, errors: Optional[list[str]] = None
+) -> Recipe:
     """A parsed recipe as a frozen :class:`Recipe`; every problem is collected, then raised at once."""
     if registry is None:
         registry = default_registry()
@@ -323,7 +374,9 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     raw = renamed_recipe(raw, registry, where, RENAME_TARGETS, LISTED_TABLES, errors)
     _check_tables(raw, where, errors)
     fixed, optimizer_keys = _fixed_tables(raw, where, errors)
-    specs = {table: _component_table(registry, raw, table, kind, where, errors) for table, kind in COMPONENT_TABLES.items()}
+    specs = {
+        table: _component_table(registry, raw, table, kind, where, errors) for table, kind in COMPONENT_TABLES.items()
+    }
     _fill_mixing_defaults(registry, specs, where, errors)
     _check_mixing_happens(specs.get("mixer"), fixed["run"], where, errors)
     _check_stage(fixed["stage"], specs.get("model"), where, errors)
@@ -332,8 +385,16 @@ def validate(raw: dict[str, Any], where: str, registry: Optional[Registry] = Non
     callbacks = _listed(registry, CALLBACKS_TABLE, fixed["run"], raw.get(CALLBACKS_TABLE), where, errors)
     if errors:
         raise RecipeError(errors)
-    return Recipe(path=where, run=fixed["run"], optim=fixed["optim"], stage=fixed["stage"], loggers=loggers,
-                  callbacks=callbacks, optimizer=optimizer, **specs)
+    return Recipe(
+        path=where,
+        run=fixed["run"],
+        optim=fixed["optim"],
+        stage=fixed["stage"],
+        loggers=loggers,
+        callbacks=callbacks,
+        optimizer=optimizer,
+        **specs,
+    )
 
 
 def _check_tables(raw: dict[str, Any], where: str, errors: list[str]) -> None:
@@ -341,17 +402,22 @@ def _check_tables(raw: dict[str, Any], where: str, errors: list[str]) -> None:
         if table == FORMAT_KEY:
             continue
         if table == EXTENDS_KEY:  # read_recipe merges the bases and drops the key; a dict built otherwise keeps it
-            errors.append(f"{where} {EXTENDS_KEY}: bases are merged when a recipe file is read (load_recipe); "
-                          "this recipe was not read from a file, so its bases would be ignored")
+            errors.append(
+                f"{where} {EXTENDS_KEY}: bases are merged when a recipe file is read (load_recipe); "
+                "this recipe was not read from a file, so its bases would be ignored"
+            )
             continue
         top_hint = None if table in ALL_TABLES or isinstance(value, dict) else suggest(table, (FORMAT_KEY, EXTENDS_KEY))
         if top_hint:
-            errors.append(f"{where} {table}: unknown top-level key. Did you mean {top_hint!r}? "
-                          f"Top-level keys: {FORMAT_KEY}, {EXTENDS_KEY}")
+            errors.append(
+                f"{where} {table}: unknown top-level key. Did you mean {top_hint!r}? "
+                f"Top-level keys: {FORMAT_KEY}, {EXTENDS_KEY}"
+            )
         elif table not in ALL_TABLES:
             hint = suggest(table, ALL_TABLES)
             errors.append(
-                f"{where} [{table}]: unknown table." + (f" Did you mean [{hint}]?" if hint else "")
+                f"{where} [{table}]: unknown table."
+                + (f" Did you mean [{hint}]?" if hint else "")
                 + f" Tables: {', '.join(ALL_TABLES)}"
             )
         elif not isinstance(value, dict):
@@ -379,12 +445,15 @@ def _fixed_tables(raw: dict[str, Any], where: str, errors: list[str]) -> tuple[d
     return fixed, optimizer_keys
 
 
-def _component_table(registry: Registry, raw: dict[str, Any], table: str, kind: str, where: str,
-                     errors: list[str]) -> Optional[ComponentSpec]:
+def _component_table(
+    registry: Registry, raw: dict[str, Any], table: str, kind: str, where: str, errors: list[str]
+) -> Optional[ComponentSpec]:
     body = _section(raw, table)
     if body is None:
         if table == "data":
-            errors.append(f"{where} [data]: missing; a recipe must say which data set to train on (e.g. name = \"synthetic-lt\")")
+            errors.append(
+                f'{where} [data]: missing; a recipe must say which data set to train on (e.g. name = "synthetic-lt")'
+            )
         default = DEFAULT_COMPONENTS.get(table)
         return _component(registry, kind, default, {}, where, table, errors) if default else None
     name = body.get("name", TABLE_DEFAULT_NAMES.get(table))
@@ -398,8 +467,14 @@ def _component_table(registry: Registry, raw: dict[str, Any], table: str, kind: 
     return _component(registry, kind, name, params, where, table, errors)
 
 
-def _optimizer(registry: Registry, optim: Optional[OptimParams], run: Optional[RunParams], keys: dict[str, Any],
-               where: str, errors: list[str]) -> Optional[ComponentSpec]:
+def _optimizer(
+    registry: Registry,
+    optim: Optional[OptimParams],
+    run: Optional[RunParams],
+    keys: dict[str, Any],
+    where: str,
+    errors: list[str],
+) -> Optional[ComponentSpec]:
     """[optim].name's component, built from the keys of [optim] that are not the engine's own."""
     if optim is None:
         return None
@@ -414,23 +489,29 @@ def _optimizer(registry: Registry, optim: Optional[OptimParams], run: Optional[R
     theirs = [f.name for f in attrs.fields(entry.cls.Params)]
     clash = sorted(set(own) & set(theirs))
     if clash:
-        errors.append(f"{where} [optim]: optimizer {name!r} has parameter(s) {', '.join(clash)} of the same name as "
-                      "[optim]'s own keys, so a recipe could not set them; the optimizer must rename them")
+        errors.append(
+            f"{where} [optim]: optimizer {name!r} has parameter(s) {', '.join(clash)} of the same name as "
+            "[optim]'s own keys, so a recipe could not set them; the optimizer must rename them"
+        )
         return None
     unknown = [k for k in keys if k not in theirs]
     for key in unknown:
         hint = suggest(key, own + theirs)
-        errors.append(f"{where} [optim].{key}: neither a key of [optim] nor a parameter of optimizer {name!r}."
-                      + (f" Did you mean {hint!r}?" if hint else "")
-                      + f" [optim] keys: {', '.join(own)}; {name!r} parameters: {', '.join(theirs) or '(none)'}")
+        errors.append(
+            f"{where} [optim].{key}: neither a key of [optim] nor a parameter of optimizer {name!r}."
+            + (f" Did you mean {hint!r}?" if hint else "")
+            + f" [optim] keys: {', '.join(own)}; {name!r} parameters: {', '.join(theirs) or '(none)'}"
+        )
     if unknown:
         return None
     built = build_params(entry.cls.Params, keys, where, "optim", errors, owner=f"optimizer {name!r}")
     if built is None:
         return None
     if run is not None and run.amp == "fp16" and not entry.cls.supports_grad_scaler:
-        errors.append(f'{where} [optim].name: optimizer {name!r} does not work with fp16\'s gradient scaler '
-                      '([run].amp = "fp16"); use amp = "bf16" or "none", or name = "sgd"')
+        errors.append(
+            f"{where} [optim].name: optimizer {name!r} does not work with fp16's gradient scaler "
+            '([run].amp = "fp16"); use amp = "bf16" or "none", or name = "sgd"'
+        )
     return ComponentSpec("optimizer", name, built)
 
 
@@ -439,12 +520,15 @@ def _check_stage(stage: Optional[StageParams], model: Optional[ComponentSpec], w
     if stage is None or model is None or stage.train != "scales":
         return
     if not getattr(model.params, "lws", False):
-        errors.append(f'{where} [stage].train: "scales" trains only the per-class logit scales, and model '
-                      f"{model.name!r} has none; set model.lws = true (LWS)")
+        errors.append(
+            f'{where} [stage].train: "scales" trains only the per-class logit scales, and model '
+            f"{model.name!r} has none; set model.lws = true (LWS)"
+        )
 
 
-def _listed(registry: Registry, table: str, run: Optional[RunParams], body: Any, where: str,
-            errors: list[str]) -> tuple[ComponentSpec, ...]:
+def _listed(
+    registry: Registry, table: str, run: Optional[RunParams], body: Any, where: str, errors: list[str]
+) -> tuple[ComponentSpec, ...]:
     """[run].loggers / [run].callbacks name the components; [TABLE.NAME] holds one's parameters."""
     kind = LISTED_TABLES[table]
     if body is not None and not isinstance(body, dict):
@@ -453,10 +537,14 @@ def _listed(registry: Registry, table: str, run: Optional[RunParams], body: Any,
     names = getattr(run, table) if run is not None else ()
     for name, params in body.items():
         if not isinstance(params, dict):
-            errors.append(f"{where} [{table}].{name}: expected a table [{table}.{name}] of that {kind}'s parameters (got {params!r})")
+            errors.append(
+                f"{where} [{table}].{name}: expected a table [{table}.{name}] of that {kind}'s parameters (got {params!r})"
+            )
         elif name not in names:
-            errors.append(f"{where} [{table}.{name}]: {kind} {name!r} is not in [run].{table} ({list(names)}), "
-                          "so this table is never used; add it there or remove the table")
+            errors.append(
+                f"{where} [{table}.{name}]: {kind} {name!r} is not in [run].{table} ({list(names)}), "
+                "so this table is never used; add it there or remove the table"
+            )
     specs = []
     for name in dict.fromkeys(names):
         if names.count(name) > 1:
@@ -470,13 +558,17 @@ def _listed(registry: Registry, table: str, run: Optional[RunParams], body: Any,
             errors.append(f"{where} [run].{table}: {exc}")
             continue
         params = body.get(name, {})
-        spec = _component(registry, kind, name, params if isinstance(params, dict) else {}, where, f"{table}.{name}", errors)
+        spec = _component(
+            registry, kind, name, params if isinstance(params, dict) else {}, where, f"{table}.{name}", errors
+        )
         if spec is not None:
             specs.append(spec)
     return tuple(specs)
 
 
-def migrate(old: dict[str, Any], registry: Optional[Registry] = None, where: str = "recipe") -> dict[str, dict[str, Any]]:
+def migrate(
+    old: dict[str, Any], registry: Optional[Registry] = None, where: str = "recipe"
+) -> dict[str, dict[str, Any]]:
     """An older resolved recipe (a checkpoint's dict, a run's recipe.toml) as this version resolves it.
 
     Keys added to the library since it was written take their defaults, so it compares
@@ -494,27 +586,37 @@ def migrate(old: dict[str, Any], registry: Optional[Registry] = None, where: str
         return {table: keys for table, keys in old.items() if table != FORMAT_KEY}
 
 
-def _fill_mixing_defaults(registry: Registry, specs: dict[str, Optional[ComponentSpec]], where: str, errors: list[str]) -> None:
+def _fill_mixing_defaults(
+    registry: Registry, specs: dict[str, Optional[ComponentSpec]], where: str, errors: list[str]
+) -> None:
     """A mixer brings what it needs: a patch operator, a saliency provider, a label fuser."""
     mixer = specs.get("mixer")
     if mixer is None:
         for table in ("saliency", "patch", "label_fuser"):
             if specs.get(table) is not None:
-                errors.append(f"{where} [{table}]: there is no [mixer] table, so no batch is mixed and this table is never "
-                              "used; add a [mixer] or remove it")
+                errors.append(
+                    f"{where} [{table}]: there is no [mixer] table, so no batch is mixed and this table is never "
+                    "used; add a [mixer] or remove it"
+                )
         return
     mixer_cls = registry.get("mixer", mixer.name)
     required, sampler = mixer_cls.requires_sampler, specs.get("sampler")
     if required and sampler is not None and sampler.name != required:
-        errors.append(f'{where} [sampler].name: mixer {mixer.name!r} needs name = "{required}" (got {sampler.name!r}); '
-                      "otherwise its foreground would be a permutation of the batch")
+        errors.append(
+            f'{where} [sampler].name: mixer {mixer.name!r} needs name = "{required}" (got {sampler.name!r}); '
+            "otherwise its foreground would be a permutation of the batch"
+        )
     if specs.get("patch") is None and ("patch", "pixel-unshuffle") in registry:
         specs["patch"] = _component(registry, "patch", "pixel-unshuffle", {}, where, "patch", errors)
     if specs.get("label_fuser") is None:
-        specs["label_fuser"] = _component(registry, "label_fuser", mixer_cls.default_fuser, {}, where, "label_fuser", errors)
+        specs["label_fuser"] = _component(
+            registry, "label_fuser", mixer_cls.default_fuser, {}, where, "label_fuser", errors
+        )
     fuser = specs.get("label_fuser")
     fuser_cls = registry.get("label_fuser", fuser.name) if fuser is not None else None
-    wants = mixer_cls.needs_saliency or bool(fuser_cls and (fuser_cls.needs_saliency or fuser_cls.needs_background_saliency))
+    wants = mixer_cls.needs_saliency or bool(
+        fuser_cls and (fuser_cls.needs_saliency or fuser_cls.needs_background_saliency)
+    )
     if wants and specs.get("saliency") is None:
         specs["saliency"] = _component(registry, "saliency", "gradcam", {}, where, "saliency", errors)
 
@@ -529,19 +631,25 @@ def window_fix(params: Any, epochs: int) -> str:
     return " ".join(flags)
 
 
-def _check_mixing_happens(mixer: Optional[ComponentSpec], run: Optional[RunParams], where: str, errors: list[str]) -> None:
+def _check_mixing_happens(
+    mixer: Optional[ComponentSpec], run: Optional[RunParams], where: str, errors: list[str]
+) -> None:
     """A [mixer] that can never mix is refused: the run would silently train without it."""
     if mixer is None or run is None:
         return
     params = mixer.params
     if not params.window(run.epochs):
-        errors.append(f"{where} [mixer] {params.describe_window()} is empty for run.epochs = {run.epochs}: "
-                      f"no batch would be mixed; for a run this short add {window_fix(params, run.epochs)}")
+        errors.append(
+            f"{where} [mixer] {params.describe_window()} is empty for run.epochs = {run.epochs}: "
+            f"no batch would be mixed; for a run this short add {window_fix(params, run.epochs)}"
+        )
     if params.prob == 0.0:
         errors.append(f"{where} [mixer].prob: 0 means no batch would be mixed; raise it or remove the [mixer] table")
 
 
-def _component(registry: Registry, kind: str, name: str, params: dict[str, Any], where: str, table: str, errors: list[str]) -> Optional[ComponentSpec]:
+def _component(
+    registry: Registry, kind: str, name: str, params: dict[str, Any], where: str, table: str, errors: list[str]
+) -> Optional[ComponentSpec]:
     try:
         entry = registry.entry(kind, name)
     except RegistryError as exc:
@@ -563,7 +671,8 @@ def build_params(cls: type, values: dict[str, Any], where: str, table: str, erro
             valid = ", ".join(fields) or "(none)"
             errors.append(
                 f"{where} [{table}].{key}: unknown parameter of {owner}."
-                + (f" Did you mean {hint!r}?" if hint else "") + f" Parameters: {valid}"
+                + (f" Did you mean {hint!r}?" if hint else "")
+                + f" Parameters: {valid}"
             )
             continue
         field = fields[key]

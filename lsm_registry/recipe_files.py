@@ -75,11 +75,19 @@ def _resolve(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     for entry, base in bases:
         if base.resolve() in {p.resolve() for p in chain}:
             names = " -> ".join(_shown(p, chain[0]) for p in (*_from(chain, base), base))
-            raise RecipeError([f"{path} {EXTENDS_KEY}: recipes extend each other in a cycle: {names}; "
-                               "a base may not extend, directly or through others, a file that extends it"])
+            raise RecipeError(
+                [
+                    f"{path} {EXTENDS_KEY}: recipes extend each other in a cycle: {names}; "
+                    "a base may not extend, directly or through others, a file that extends it"
+                ]
+            )
         if not base.exists():
-            raise RecipeError([f"{path} {EXTENDS_KEY}: base {entry!r} not found (no file {base.resolve()}); "
-                               "paths are relative to the file that names them"])
+            raise RecipeError(
+                [
+                    f"{path} {EXTENDS_KEY}: base {entry!r} not found (no file {base.resolve()}); "
+                    "paths are relative to the file that names them"
+                ]
+            )
         merge_tables(merged, _resolve(base, chain))
     return merge_tables(merged, raw)
 
@@ -90,8 +98,12 @@ def _base_paths(path: Path, value: Any) -> list[tuple[str, Path]]:
         return []
     entries = [value] if isinstance(value, str) else value
     if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
-        raise RecipeError([f'{path} {EXTENDS_KEY}: expected a path or a list of paths to base recipe files, relative to '
-                           f'this file (e.g. extends = ["../_base/cifar100_lt.toml"]), got {value!r}'])
+        raise RecipeError(
+            [
+                f"{path} {EXTENDS_KEY}: expected a path or a list of paths to base recipe files, relative to "
+                f'this file (e.g. extends = ["../_base/cifar100_lt.toml"]), got {value!r}'
+            ]
+        )
     return [(entry, Path(os.path.normpath(path.parent / entry))) for entry in entries]
 
 

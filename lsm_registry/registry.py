@@ -99,7 +99,7 @@ def class_problem(cls: Any) -> Optional[str]:
         )
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name.strip():
-        return f"{label} has no name (set the class attribute name = \"...\")"
+        return f'{label} has no name (set the class attribute name = "...")'
     if name != name.strip() or any(ch.isspace() for ch in name):
         return f"{label} has name {name!r}; names cannot contain spaces"
     if inspect.isabstract(cls):
@@ -146,9 +146,13 @@ class Registry:
             if first.cls is cls and first.owner == owner:
                 return first
             if first.owner != owner:
-                raise RegistryError(f"{_class_label(cls)} of {owner.distribution} {owner.version}: duplicate {key[0]} {key[1]!r}, "
-                                    f"already provided by {first.owner} as {_class_label(first.cls)}")
-            raise RegistryError(f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(first.cls)}")
+                raise RegistryError(
+                    f"{_class_label(cls)} of {owner.distribution} {owner.version}: duplicate {key[0]} {key[1]!r}, "
+                    f"already provided by {first.owner} as {_class_label(first.cls)}"
+                )
+            raise RegistryError(
+                f"{_class_label(cls)}: duplicate {key[0]} {key[1]!r}, also provided by {_class_label(first.cls)}"
+            )
         renames = self._renames_of(cls, owner)
         entry = Entry(key[0], key[1], cls, owner)
         self._entries[key] = entry
@@ -165,21 +169,28 @@ class Registry:
         kind, name, label = cls.kind, cls.name, _class_label(cls)
         alias = self._renames.get((kind, name))
         if alias is not None:
-            raise RegistryError(f"{label}: {kind} {name!r} is the old name of {kind} {alias.new!r} ({alias.provider}), "
-                                "kept so that old recipes still work; choose another name")
+            raise RegistryError(
+                f"{label}: {kind} {name!r} is the old name of {kind} {alias.new!r} ({alias.provider}), "
+                "kept so that old recipes still work; choose another name"
+            )
         names, params = declared(cls)
         provider = f"{owner.distribution} {owner.version}"
         for old in names:
             live = self._entries.get((kind, old))
             if live is not None:
-                raise RegistryError(f"{label} ({kind} {name!r}): renamed_from {old!r} is a live {kind}, provided by "
-                                    f"{live.owner} as {_class_label(live.cls)}; an old name cannot shadow a component")
+                raise RegistryError(
+                    f"{label} ({kind} {name!r}): renamed_from {old!r} is a live {kind}, provided by "
+                    f"{live.owner} as {_class_label(live.cls)}; an old name cannot shadow a component"
+                )
             other = self._renames.get((kind, old))
             if other is not None:
-                raise RegistryError(f"{label} ({kind} {name!r}): renamed_from {old!r} is already the old name of "
-                                    f"{kind} {other.new!r} ({other.provider})")
-        return ([Rename(kind, old, name, provider=provider) for old in dict.fromkeys(names)]
-                + [Rename(kind, name, name, param=(old, new), provider=provider) for old, new in params.items()])
+                raise RegistryError(
+                    f"{label} ({kind} {name!r}): renamed_from {old!r} is already the old name of "
+                    f"{kind} {other.new!r} ({other.provider})"
+                )
+        return [Rename(kind, old, name, provider=provider) for old in dict.fromkeys(names)] + [
+            Rename(kind, name, name, param=(old, new), provider=provider) for old, new in params.items()
+        ]
 
     def copy(self) -> "Registry":
         """A registry with the same entries and old names, to stage a plugin's classes before committing them."""
@@ -211,8 +222,12 @@ class Registry:
         new, rename = self.resolve(kind, name)
         if rename is None:
             raise RegistryError(self.unknown_message(kind, name))
-        warnings.warn(f"{kind} {name!r} was renamed {new!r} ({rename.provider}); use {new!r}, the old name stops "
-                      "working in a later release", RenamedWarning, stacklevel=3)
+        warnings.warn(
+            f"{kind} {name!r} was renamed {new!r} ({rename.provider}); use {new!r}, the old name stops "
+            "working in a later release",
+            RenamedWarning,
+            stacklevel=3,
+        )
         return self._entries[(kind, new)]
 
     def get(self, kind: str, name: str) -> type:

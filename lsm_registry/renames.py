@@ -65,7 +65,9 @@ def declaration_problem(cls: Any, label: str) -> Optional[str]:
         if new not in fields:
             return f"{label}: renamed_params maps {old!r} to {new!r}, which is not a parameter; parameters: {', '.join(fields) or '(none)'}"
         if old in fields:
-            return f"{label}: renamed_params maps {old!r}, which is a live parameter; a deprecated name cannot shadow one"
+            return (
+                f"{label}: renamed_params maps {old!r}, which is a live parameter; a deprecated name cannot shadow one"
+            )
     return None
 
 
@@ -79,13 +81,23 @@ def live_name(registry: Any, kind: str, name: str, where: str) -> str:
     """The current name of ``kind`` ``name``; a warning naming ``where`` when it is an old one."""
     new, rename = registry.resolve(kind, name)
     if rename is not None:
-        _warn(f"{where}: {kind} {name!r} was renamed {new!r} ({rename.provider}); write {new!r} instead, the old "
-              "name stops working in a later release")
+        _warn(
+            f"{where}: {kind} {name!r} was renamed {new!r} ({rename.provider}); write {new!r} instead, the old "
+            "name stops working in a later release"
+        )
     return new
 
 
-def live_keys(registry: Any, kind: str, name: str, body: dict[str, Any], where: str, table: str, errors: list[str],
-              keep: Iterable[str] = ()) -> dict[str, Any]:
+def live_keys(
+    registry: Any,
+    kind: str,
+    name: str,
+    body: dict[str, Any],
+    where: str,
+    table: str,
+    errors: list[str],
+    keep: Iterable[str] = (),
+) -> dict[str, Any]:
     """``body`` (a recipe table of ``kind`` ``name``) with renamed parameter keys replaced; ``keep``: keys never renamed."""
     renames = registry.param_renames(kind, name)
     keep = set(keep)
@@ -99,8 +111,10 @@ def live_keys(registry: Any, kind: str, name: str, body: dict[str, Any], where: 
         if new in body or new in out:
             errors.append(f"{where} [{table}].{key}: renamed {new!r}, which the table sets too; remove {key}")
             continue
-        _warn(f"{where} [{table}].{key}: parameter {key!r} of {kind} {name!r} was renamed {new!r} ({rename.provider}); "
-              f"write {new} instead, the old name stops working in a later release")
+        _warn(
+            f"{where} [{table}].{key}: parameter {key!r} of {kind} {name!r} was renamed {new!r} ({rename.provider}); "
+            f"write {new} instead, the old name stops working in a later release"
+        )
         out[new] = value
     return out
 
@@ -116,8 +130,14 @@ class Target:
     keep: frozenset[str] = frozenset()
 
 
-def renamed_recipe(raw: dict[str, Any], registry: Any, where: str, targets: Iterable[Target],
-                   listed: Mapping[str, str], errors: list[str]) -> dict[str, Any]:
+def renamed_recipe(
+    raw: dict[str, Any],
+    registry: Any,
+    where: str,
+    targets: Iterable[Target],
+    listed: Mapping[str, str],
+    errors: list[str],
+) -> dict[str, Any]:
     """A copy of a raw recipe with every old component and parameter name replaced, one warning each.
 
     ``targets``: the tables that name one component. ``listed``: tables of named sub-tables
@@ -140,7 +160,9 @@ def renamed_recipe(raw: dict[str, Any], registry: Any, where: str, targets: Iter
     for table, kind in listed.items():
         names = run.get(table) if isinstance(run, dict) else None
         if isinstance(run, dict) and isinstance(names, (list, tuple)):
-            run[table] = [live_name(registry, kind, n, f"{where} [run].{table}") if isinstance(n, str) else n for n in names]
+            run[table] = [
+                live_name(registry, kind, n, f"{where} [run].{table}") if isinstance(n, str) else n for n in names
+            ]
         subs = out.get(table)
         if not isinstance(subs, dict):
             continue
@@ -148,9 +170,15 @@ def renamed_recipe(raw: dict[str, Any], registry: Any, where: str, targets: Iter
         for sub, body in subs.items():
             new = registry.resolve(kind, sub)[0]  # the [run] list warned about it already
             if new in renamed or (new != sub and new in subs):
-                errors.append(f"{where} [{table}.{sub}]: {kind} {sub!r} was renamed {new!r}, and [{table}.{new}] is "
-                              "there too; keep one table")
+                errors.append(
+                    f"{where} [{table}.{sub}]: {kind} {sub!r} was renamed {new!r}, and [{table}.{new}] is "
+                    "there too; keep one table"
+                )
                 continue
-            renamed[new] = live_keys(registry, kind, new, body, where, f"{table}.{new}", errors) if isinstance(body, dict) else body
+            renamed[new] = (
+                live_keys(registry, kind, new, body, where, f"{table}.{new}", errors)
+                if isinstance(body, dict)
+                else body
+            )
         out[table] = renamed
     return out

@@ -43,8 +43,10 @@ def classifier_of(module: nn.Module, recipe: Recipe) -> nn.Module:
     """The model's ``classifier``: the ABI's name for the head, the one way to tell it from the backbone."""
     head = getattr(module, "classifier", None)
     if not isinstance(head, nn.Module):
-        raise LSMError(f"{recipe.path} [stage]: model {recipe.model.name!r} has no `classifier` module, so its "
-                       "classifier cannot be told apart from its backbone; a stage needs one (docs/contracts.md, model)")
+        raise LSMError(
+            f"{recipe.path} [stage]: model {recipe.model.name!r} has no `classifier` module, so its "
+            "classifier cannot be told apart from its backbone; a stage needs one (docs/contracts.md, model)"
+        )
     return head
 
 
@@ -70,8 +72,10 @@ def trainable_parameters(module: nn.Module, recipe: Recipe) -> list[nn.Parameter
     scale = getattr(module, "logit_scale", None)
     if train == "scales":
         if not isinstance(scale, nn.Parameter):
-            raise LSMError(f'{recipe.path} [stage].train: "scales" needs a model with per-class logit scales '
-                           f"(model.lws = true); model {recipe.model.name!r} has none")
+            raise LSMError(
+                f'{recipe.path} [stage].train: "scales" needs a model with per-class logit scales '
+                f"(model.lws = true); model {recipe.model.name!r} has none"
+            )
         chosen = [scale]
     else:
         chosen = list(classifier_of(module, recipe).parameters()) + ([scale] if isinstance(scale, nn.Parameter) else [])
@@ -108,12 +112,16 @@ def parent_checkpoint(recipe: Recipe) -> tuple[Path, Optional[Path]]:
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
-            raise LSMError(f"{where}: no checkpoint in {path / CHECKPOINT_DIR}; train the stage-1 recipe into that folder first")
+            raise LSMError(
+                f"{where}: no checkpoint in {path / CHECKPOINT_DIR}; train the stage-1 recipe into that folder first"
+            )
         return found[-1], path
     if path.is_file():
         return path, None
-    raise LSMError(f"{where}: no such run folder or checkpoint file (relative paths start in the current folder); "
-                   "train the stage-1 recipe first")
+    raise LSMError(
+        f"{where}: no such run folder or checkpoint file (relative paths start in the current folder); "
+        "train the stage-1 recipe first"
+    )
 
 
 def _summary_class_count(run_dir: Optional[Path]) -> Optional[int]:
@@ -138,14 +146,23 @@ def _check_model_table(recipe: Recipe, parent_recipe: Any, where: str) -> None:
     table = dict(parent_recipe["model"])
     name = table.pop("name", None)
     if name != recipe.model.name:
-        raise LSMError(f"{where}: the parent's model is {name!r}, this recipe's is {recipe.model.name!r}; "
-                       "a stage must keep the parent's model")
+        raise LSMError(
+            f"{where}: the parent's model is {name!r}, this recipe's is {recipe.model.name!r}; "
+            "a stage must keep the parent's model"
+        )
     defaults = attrs.asdict(type(recipe.model.params)(), recurse=False)
     ours = attrs.asdict(recipe.model.params, recurse=False)
-    differ = [f"{key} ({_normalised(table.get(key, defaults[key]))!r} -> {_normalised(ours[key])!r})"
-              for key in ours if key not in HEAD_OPTIONS and _normalised(table.get(key, defaults[key])) != _normalised(ours[key])]
+    differ = [
+        f"{key} ({_normalised(table.get(key, defaults[key]))!r} -> {_normalised(ours[key])!r})"
+        for key in ours
+        if key not in HEAD_OPTIONS and _normalised(table.get(key, defaults[key])) != _normalised(ours[key])
+    ]
     if differ:
-        raise LSMError(f"{where}: the parent's model {name!r} differs in " + ", ".join(differ) + "; a stage must keep the parent's model")
+        raise LSMError(
+            f"{where}: the parent's model {name!r} differs in "
+            + ", ".join(differ)
+            + "; a stage must keep the parent's model"
+        )
 
 
 def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str, Any]:
@@ -162,24 +179,32 @@ def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str
     _check_model_table(recipe, parent_recipe, where)
     parent_classes = _summary_class_count(run_dir)
     if parent_classes is not None and parent_classes != num_classes:
-        raise LSMError(f"{where}: the parent was trained on {parent_classes} classes, this recipe's data has {num_classes}")
+        raise LSMError(
+            f"{where}: the parent was trained on {parent_classes} classes, this recipe's data has {num_classes}"
+        )
     own = module.state_dict()
     head = head_keys(module, recipe)
     for key in sorted(head - set(NEW_KEYS)):
         if key in state and tuple(state[key].shape) != tuple(own[key].shape):
-            raise LSMError(f"{where}: the parent's {key} has shape {tuple(state[key].shape)}, this recipe's model "
-                           f"{tuple(own[key].shape)} ({num_classes} classes): another class count or head")
+            raise LSMError(
+                f"{where}: the parent's {key} has shape {tuple(state[key].shape)}, this recipe's model "
+                f"{tuple(own[key].shape)} ({num_classes} classes): another class count or head"
+            )
     skip = head if recipe.stage.reset_classifier else set()
     wanted = {k: v for k, v in state.items() if k not in skip}
     unexpected = sorted(set(wanted) - set(own))
     missing = sorted(set(own) - set(wanted) - skip - set(NEW_KEYS))
     if unexpected or missing:
-        parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else [])
+        parts = ([f"missing {', '.join(missing[:4])}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected[:4])}"] if unexpected else []
+        )
         raise LSMError(f"{where}: {path} does not fit this recipe's model ({'; '.join(parts)})")
     try:
         module.load_state_dict(wanted, strict=False)
     except RuntimeError as exc:
-        raise LSMError(f"{where}: {path} does not fit this recipe's model ({' '.join(str(exc).splitlines()[:2])})") from None
+        raise LSMError(
+            f"{where}: {path} does not fit this recipe's model ({' '.join(str(exc).splitlines()[:2])})"
+        ) from None
     run = parent_recipe.get("run") if isinstance(parent_recipe, dict) else None
     run_name = run.get("name") if isinstance(run, dict) else None
     grandparent = checkpoint.get("parent")
@@ -212,10 +237,16 @@ def tau_normalised(module: nn.Module, tau: float) -> nn.Module:
         raise LSMError(f"tau-norm: tau must be >= 0 (got {tau})")
     out = copy.deepcopy(module)
     head = getattr(out, "classifier", None)
-    leaves = [m for m in head.modules() if any(True for _ in m.parameters(recurse=False))] if isinstance(head, nn.Module) else []
+    leaves = (
+        [m for m in head.modules() if any(True for _ in m.parameters(recurse=False))]
+        if isinstance(head, nn.Module)
+        else []
+    )
     if not leaves or not isinstance(leaves[-1], nn.Linear):
-        raise LSMError("tau-norm needs a model whose `classifier` ends in a plain linear layer (nn.Linear); "
-                       "this one does not (a cosine head, as LDAM's, is normalised already)")
+        raise LSMError(
+            "tau-norm needs a model whose `classifier` ends in a plain linear layer (nn.Linear); "
+            "this one does not (a cosine head, as LDAM's, is normalised already)"
+        )
     last = leaves[-1]
     with torch.no_grad():
         norm = last.weight.norm(dim=1, keepdim=True).clamp_min(torch.finfo(last.weight.dtype).tiny)

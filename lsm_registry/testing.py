@@ -70,7 +70,9 @@ BATCH = 4
 EPOCHS = 6
 
 
-def tiny_context(seed: int = 0, image_size: tuple[int, int, int] = IMAGE_SIZE, class_counts: tuple[int, ...] = CLASS_COUNTS) -> Context:
+def tiny_context(
+    seed: int = 0, image_size: tuple[int, int, int] = IMAGE_SIZE, class_counts: tuple[int, ...] = CLASS_COUNTS
+) -> Context:
     """A 4-class context on the CPU whose generator is seeded with ``seed``."""
     return Context(
         class_counts=class_counts,
@@ -303,7 +305,12 @@ def _check_mixer(c: _Checker, cls: type, params: Any) -> None:
 
     cases = [
         ("random images", data["x"], data["x2"], saliency(data["s"])),
-        ("constant images and saliency", torch.full_like(data["x"], 0.25), torch.full_like(data["x"], -0.75), saliency(torch.ones_like(data["s"]))),
+        (
+            "constant images and saliency",
+            torch.full_like(data["x"], 0.25),
+            torch.full_like(data["x"], -0.75),
+            saliency(torch.ones_like(data["s"])),
+        ),
     ]
     if not cls.needs_saliency:
         cases.append(("random images with a saliency map", data["x"], data["x2"], data["s"]))
@@ -337,8 +344,12 @@ def _check_mixer(c: _Checker, cls: type, params: Any) -> None:
 
     # The whole mixing step, as the engine, lsm preview and plugin code call it.
     ctx = tiny_context()
-    step = MixingStep(cls(params, ctx), AreaFuser(AreaFuser.Params(), ctx), patch,
-                      RandomSaliency(RandomSaliency.Params(), ctx) if cls.needs_saliency else None)
+    step = MixingStep(
+        cls(params, ctx),
+        AreaFuser(AreaFuser.Params(), ctx),
+        patch,
+        RandomSaliency(RandomSaliency.Params(), ctx) if cls.needs_saliency else None,
+    )
     batch = step(tiny_model(), data["x2"], data["y2"], data["x"], data["y"])
     target = c.tensor("MixingStep target", batch.target, (BATCH, len(CLASS_COUNTS)), "float", lo=0.0, hi=1.0)
     c.check(torch.allclose(target.sum(dim=1), torch.ones(BATCH), atol=1e-5), "MixingStep targets must sum to 1")
@@ -378,7 +389,9 @@ def _check_label_fuser(c: _Checker, cls: type, params: Any) -> None:
         c.tensor(what, out, (BATCH, num_classes), "float", lo=0.0)
         err = float((out.sum(dim=1) - 1.0).abs().max())
         c.check(err <= 1e-5, f"{what}: rows must sum to 1 (max error {err:.3g})")
-    a, b = _twice(lambda ctx: cls(params, ctx), lambda f: f.fuse(cases[0][1], data["y"], data["y2"], *maps(data["s"], data["s2"])))
+    a, b = _twice(
+        lambda ctx: cls(params, ctx), lambda f: f.fuse(cases[0][1], data["y"], data["y2"], *maps(data["s"], data["s2"]))
+    )
     c.same("soft targets", a, b)
 
 
@@ -391,12 +404,19 @@ def _takes_mixed(c: _Checker, cls: type, loss: Loss) -> bool:
         takes_mixed = False
     except ValueError:  # no signature to read
         takes_mixed = True
-    c.check(takes_mixed, "__call__ must take (logits, target, mixed=None" + (", *, features=None" if cls.needs_features else "")
-            + "): the engine passes the mixed batch's labels" + (" and, as needs_features says, the features" if cls.needs_features else ""))
+    c.check(
+        takes_mixed,
+        "__call__ must take (logits, target, mixed=None"
+        + (", *, features=None" if cls.needs_features else "")
+        + "): the engine passes the mixed batch's labels"
+        + (" and, as needs_features says, the features" if cls.needs_features else ""),
+    )
     return takes_mixed
 
 
-def _check_mixed_loss(c: _Checker, loss: Loss, data: dict[str, Tensor], logits: Tensor, feats: dict[str, Tensor]) -> None:
+def _check_mixed_loss(
+    c: _Checker, loss: Loss, data: dict[str, Tensor], logits: Tensor, feats: dict[str, Tensor]
+) -> None:
     num_classes = len(CLASS_COUNTS)
     y_f, y_b = data["y"], data["y2"]
     lam = torch.linspace(0.1, 0.9, BATCH)
@@ -427,7 +447,11 @@ def _check_loss(c: _Checker, cls: type, params: Any) -> None:
         logits = torch.tanh(logits)  # cosine logits lie in [-1, 1]
     loss = cls(params, tiny_context())
     # A loss that reads the classifier's input gets it as the engine passes it: features=h.
-    feats = {"features": torch.rand((BATCH, 8), generator=torch.Generator().manual_seed(9)) + 0.1} if cls.needs_features else {}
+    feats = (
+        {"features": torch.rand((BATCH, 8), generator=torch.Generator().manual_seed(9)) + 0.1}
+        if cls.needs_features
+        else {}
+    )
     for epoch in (0, EPOCHS - 1):
         loss.set_epoch(epoch)
         for label, z, target in (
@@ -470,10 +494,16 @@ def _check_sampler(c: _Checker, cls: type, params: Any) -> None:
     def stream(s: Sampler, epoch: int) -> list[Tensor]:
         out = []
         for i, item in enumerate(s.batches(epoch, batch)):
-            c.check(isinstance(item, tuple) and len(item) == 2, f"batches() must yield (background, foreground) pairs (got {item!r})")
+            c.check(
+                isinstance(item, tuple) and len(item) == 2,
+                f"batches() must yield (background, foreground) pairs (got {item!r})",
+            )
             bg, fg = item
             c.tensor(f"background indices (batch {i})", bg, None, "long", lo=0, hi=n - 1)
-            c.check(bg.dim() == 1 and 0 < bg.numel() <= batch, f"background batch {i} has shape {tuple(bg.shape)}, expected ({batch},) or fewer")
+            c.check(
+                bg.dim() == 1 and 0 < bg.numel() <= batch,
+                f"background batch {i} has shape {tuple(bg.shape)}, expected ({batch},) or fewer",
+            )
             out.append(bg)
             if fg is not None:
                 c.tensor(f"foreground indices (batch {i})", fg, tuple(bg.shape), "long", lo=0, hi=n - 1)
@@ -485,22 +515,35 @@ def _check_sampler(c: _Checker, cls: type, params: Any) -> None:
         for rank in range(world):
             s = cls(params, tiny_context(), labels.clone(), rank=rank, world_size=world)
             steps = s.steps_per_epoch(batch)
-            c.check(isinstance(steps, int) and steps >= 1, f"steps_per_epoch({batch}) must be an int >= 1 (got {steps!r})")
+            c.check(
+                isinstance(steps, int) and steps >= 1, f"steps_per_epoch({batch}) must be an int >= 1 (got {steps!r})"
+            )
             for epoch in (0, 1):
                 items = list(s.batches(epoch, batch))
-                c.check(len(items) == steps, f"yielded {len(items)} batches in epoch {epoch}, steps_per_epoch said {steps}")
+                c.check(
+                    len(items) == steps, f"yielded {len(items)} batches in epoch {epoch}, steps_per_epoch said {steps}"
+                )
                 stream(s, epoch)
             bg = torch.cat([b for b, _ in s.batches(0, batch)])
             if not cls.draws_with_replacement:  # an instance branch: one pass over the shard
-                c.check(bg.unique().numel() == bg.numel(), f"the background stream repeats an index within an epoch (rank {rank} of {world}); "
-                        "a sampler that draws with replacement sets draws_with_replacement = True")
-                c.check(bg.numel() >= n // world - batch, f"the background stream covers {bg.numel()} of {n // world} indices (rank {rank} of {world})")
+                c.check(
+                    bg.unique().numel() == bg.numel(),
+                    f"the background stream repeats an index within an epoch (rank {rank} of {world}); "
+                    "a sampler that draws with replacement sets draws_with_replacement = True",
+                )
+                c.check(
+                    bg.numel() >= n // world - batch,
+                    f"the background stream covers {bg.numel()} of {n // world} indices (rank {rank} of {world})",
+                )
             seen.append(bg)
         if world == 2 and not cls.draws_with_replacement:
             overlap = set(seen[0].tolist()) & set(seen[1].tolist())
             c.check(not overlap, f"ranks 0 and 1 of 2 draw the same background indices {sorted(overlap)[:5]}")
         elif world == 2:  # with replacement indices may recur on both ranks, but the streams must differ
-            c.check(not torch.equal(seen[0], seen[1]), "ranks 0 and 1 of 2 draw the same background stream; seed the draws by rank")
+            c.check(
+                not torch.equal(seen[0], seen[1]),
+                "ranks 0 and 1 of 2 draw the same background stream; seed the draws by rank",
+            )
     a, b = _twice(lambda ctx: cls(params, ctx, labels.clone()), lambda s: stream(s, 1))
     c.same("index stream", a, b)
 
@@ -513,7 +556,10 @@ def _check_patch(c: _Checker, cls: type, params: Any) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn((2, 3, side, side), generator=g)
     cells = side // p
-    c.check(op.grid(side, side) == (cells, cells), f"grid({side}, {side}) = {op.grid(side, side)}, expected {(cells, cells)}")
+    c.check(
+        op.grid(side, side) == (cells, cells),
+        f"grid({side}, {side}) = {op.grid(side, side)}, expected {(cells, cells)}",
+    )
     try:
         op.grid(side + 1, side)
     except ValueError:
@@ -560,10 +606,16 @@ def _check_model(c: _Checker, cls: type, params: Any) -> None:
         logits = net(x)
     c.tensor("logits", logits, (2, num_classes), "float")
     layers = net.saliency_layers() if hasattr(net, "saliency_layers") else None
-    c.check(isinstance(layers, dict) and layers, "the model must expose saliency_layers() -> a non-empty dict of named layers")
+    c.check(
+        isinstance(layers, dict) and layers,
+        "the model must expose saliency_layers() -> a non-empty dict of named layers",
+    )
     modules = {id(m) for m in net.modules()}
     for name, layer in layers.items():
-        c.check(isinstance(layer, nn.Module) and id(layer) in modules, f"saliency layer {name!r} is not a submodule of the model")
+        c.check(
+            isinstance(layer, nn.Module) and id(layer) in modules,
+            f"saliency layer {name!r} is not a submodule of the model",
+        )
     if hasattr(net, "forward_features"):
         with torch.no_grad():
             feats = net.forward_features(x)
@@ -572,9 +624,11 @@ def _check_model(c: _Checker, cls: type, params: Any) -> None:
         c.check(hasattr(net, "classifier"), "a model with forward_features must expose its linear head as classifier")
         with torch.no_grad():
             pooled = net.classifier(feats.mean(dim=(2, 3)))
-        c.check(torch.allclose(pooled, logits, rtol=1e-4, atol=1e-5),
-                "classifier(forward_features(x).mean(dim=(2, 3))) differs from model(x); losses and optimizers that read "
-                "the features compute the logits that way")
+        c.check(
+            torch.allclose(pooled, logits, rtol=1e-4, atol=1e-5),
+            "classifier(forward_features(x).mean(dim=(2, 3))) differs from model(x); losses and optimizers that read "
+            "the features compute the logits that way",
+        )
     normed = build(1, True)
     with torch.no_grad():
         c.tensor("logits of the 1-channel normed-head model", normed(x[:, :1]), (2, num_classes), "float")
@@ -634,10 +688,19 @@ def _check_optimizer(c: _Checker, cls: type, params: Any) -> None:
             closure = _TinyClosure(model, x, target)
             loss = opt.step(closure, scaler)
             c.check(closure.losses, f"step {i}: never called the closure")
-            c.check(len(updates) - before == 1, f"step {i}: updated the base optimizer {len(updates) - before} times, expected once")
-            c.check(cls.needs_features or closure.heads == 0, "passed a head to the closure without declaring needs_features = True")
+            c.check(
+                len(updates) - before == 1,
+                f"step {i}: updated the base optimizer {len(updates) - before} times, expected once",
+            )
+            c.check(
+                cls.needs_features or closure.heads == 0,
+                "passed a head to the closure without declaring needs_features = True",
+            )
             c.tensor(f"loss returned by step {i} ({label})", loss, (), "float")
-            c.check(torch.equal(loss.detach(), closure.losses[0]), f"step {i} must return the loss of its first closure call")
+            c.check(
+                torch.equal(loss.detach(), closure.losses[0]),
+                f"step {i} must return the loss of its first closure call",
+            )
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         c.tensor(f"parameters after two steps ({label})", flat, None, "float")
         state = opt.state_dict()
@@ -668,9 +731,19 @@ def _check_logger(c: _Checker, cls: type, params: Any) -> None:
         run_dir.mkdir()
         picture = run_dir / "per_class.png"
         Image.new("RGB", (8, 8), (200, 30, 30)).save(picture)
-        logger.start(RunInfo(run_name="conformance", run_dir=run_dir, hparams={"run.seed": 0, "optim.milestones": (1, 2)},
-                             recipe_toml="[run]\nseed = 0\n", class_names=names, class_counts=CLASS_COUNTS,
-                             epochs=1, steps_per_epoch=2, resumed=False))
+        logger.start(
+            RunInfo(
+                run_name="conformance",
+                run_dir=run_dir,
+                hparams={"run.seed": 0, "optim.milestones": (1, 2)},
+                recipe_toml="[run]\nseed = 0\n",
+                class_names=names,
+                class_counts=CLASS_COUNTS,
+                epochs=1,
+                steps_per_epoch=2,
+                resumed=False,
+            )
+        )
         try:
             logger.log_scalars(1, {"train/loss": 1.0, "train/lr": 0.1})
             logger.log_evaluation(2, 1, {"test/top1": 0.5}, {n: (0.5 if i else None) for i, n in enumerate(names)})
@@ -721,7 +794,9 @@ def _check_callback(c: _Checker, cls: type, params: Any) -> None:
     if cls.name == "saliency-observer":  # it needs a provider to observe for, and cached-gradcam brings it
         raw["run"]["callbacks"], raw["callbacks"] = [], {}
         raw.update(saliency={"name": "cached-gradcam"}, mixer={"name": "lsm", "start_epoch": 1, "end_epoch": 3})
-    if cls.name == "cumulative-learning":  # it sets the weight of a bilateral-branch model, and bbn needs a second batch
+    if (
+        cls.name == "cumulative-learning"
+    ):  # it sets the weight of a bilateral-branch model, and bbn needs a second batch
         raw.update(model={"name": "bbn", "width": 4}, sampler={"name": "reversed"})
     recipe = validate(raw, "conformance.toml", registry)
     with tempfile.TemporaryDirectory() as tmp:

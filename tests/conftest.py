@@ -114,7 +114,13 @@ def load_export_plainly(export: Path, fmt: str, images, workdir: Path):
 
     torch.save(images, workdir / "images.pt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(export), fmt, str(workdir / "images.pt"),
-                           str(workdir / "logits.pt")], env=env, cwd=workdir, timeout=300, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOADER, str(export), fmt, str(workdir / "images.pt"), str(workdir / "logits.pt")],
+        env=env,
+        cwd=workdir,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(workdir / "logits.pt", weights_only=True)

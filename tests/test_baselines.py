@@ -22,7 +22,13 @@ def registry():
 
 
 def context(counts=(40, 20, 10, 5), size=(3, 16, 16), seed=0, epochs=10):
-    return Context(class_counts=tuple(counts), image_size=size, generator=torch.Generator().manual_seed(seed), epochs=epochs, seed=seed)
+    return Context(
+        class_counts=tuple(counts),
+        image_size=size,
+        generator=torch.Generator().manual_seed(seed),
+        epochs=epochs,
+        seed=seed,
+    )
 
 
 def is_box(mask: torch.Tensor) -> bool:
@@ -188,7 +194,9 @@ def test_remix_is_vectorised_over_a_batch_and_reads_the_mean_weight():
 
 # ------------------------------------------------------------------------ CMO
 
-CMO_RECIPE = TINY_RECIPE + """
+CMO_RECIPE = (
+    TINY_RECIPE
+    + """
 [sampler]
 name = "dual-branch"
 
@@ -201,6 +209,7 @@ end_epoch = 100
 [label_fuser]
 name = "remix"
 """
+)
 
 
 def test_cmo_needs_the_dual_branch_sampler(write_recipe, registry):
@@ -220,7 +229,9 @@ def test_cmo_defaults_follow_the_reference_window():
 
 
 def test_cmo_foreground_comes_from_the_rebalanced_branch(write_recipe, registry):
-    path = write_recipe(CMO_RECIPE.replace("n_max = 24", "n_max = 64").replace("imbalance_factor = 6.0", "imbalance_factor = 16.0"))
+    path = write_recipe(
+        CMO_RECIPE.replace("n_max = 24", "n_max = 64").replace("imbalance_factor = 6.0", "imbalance_factor = 16.0")
+    )
     trainer = Trainer(load_recipe(path, ["run.epochs=6"], registry), registry)
     seen: dict[str, list[torch.Tensor]] = {"f": [], "b": []}
     fuse = trainer.fuser.fuse

@@ -29,8 +29,18 @@ BBN_TINY = TINY_RECIPE.replace('name = "resnet32"', 'name = "bbn"') + '\n[sample
 #: A data set small enough for one epoch in a second, in place of the recipe's own.
 TINY_DATA = {"name": "synthetic-lt", "num_classes": 4, "n_max": 24, "imbalance_factor": 6.0, "test_per_class": 4}
 #: What shrinks a shipped recipe to one tiny epoch on the CPU.
-SHRINK = ["--set", "run.epochs=1", "--set", "optim.batch_size=16", "--set", "model.width=4", "--set", "optim.warmup_epochs=0",
-          "--set", "run.device=cpu"]
+SHRINK = [
+    "--set",
+    "run.epochs=1",
+    "--set",
+    "optim.batch_size=16",
+    "--set",
+    "model.width=4",
+    "--set",
+    "optim.warmup_epochs=0",
+    "--set",
+    "run.device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +73,9 @@ def test_the_callback_sets_alpha_on_the_model_every_epoch_and_logs_it(write_reci
     trainer = Trainer(recipe, registry)
     assert [c.name for c in trainer.callbacks].count("cumulative-learning") == 1  # brought by the model factory
     seen = []
-    trainer.module.register_forward_pre_hook(lambda module, args: seen.append(module.alpha) if module.training else None)
+    trainer.module.register_forward_pre_hook(
+        lambda module, args: seen.append(module.alpha) if module.training else None
+    )
     trainer.fit()
     expected = [1.0, 1 - (1 / 3) ** 2, 1 - (2 / 3) ** 2]
     steps = trainer.sampler.steps_per_epoch(recipe.optim.batch_size)
@@ -84,13 +96,17 @@ def test_the_reversed_branch_draws_classes_in_proportion_to_n_max_over_n():
     counts = (400, 160, 64, 26, 10, 4)
     labels = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(1))]
-    sampler = ReversedSampler(ReversedSampler.Params(), Context(class_counts=counts, image_size=(3, 32, 32), seed=7), labels)
+    sampler = ReversedSampler(
+        ReversedSampler.Params(), Context(class_counts=counts, image_size=(3, 32, 32), seed=7), labels
+    )
     drawn, backgrounds = [], []
     for epoch in range(60):
         for bg, fg in sampler.batches(epoch, 64):
             drawn.append(labels[fg])
             backgrounds.append(bg)
-        assert torch.cat(backgrounds[-sampler.steps_per_epoch(64):]).unique().numel() == sampler.steps_per_epoch(64) * 64
+        assert (
+            torch.cat(backgrounds[-sampler.steps_per_epoch(64) :]).unique().numel() == sampler.steps_per_epoch(64) * 64
+        )
     observed = torch.bincount(torch.cat(drawn), minlength=len(counts)).double()
     n = torch.tensor(counts, dtype=torch.float64)
     expected_p = (n.max() / n) / (n.max() / n).sum()
@@ -164,8 +180,11 @@ def test_the_step_target_and_loss_are_alpha_weighted_over_the_two_labels(write_r
     # With DRW weights: each label's term normalised by its own weights, the reference's weighted CE pair.
     drw = CrossEntropy(CrossEntropy.Params(reweight="cb"), trainer.context)
     w = drw.class_weights()
-    assert torch.allclose(drw(z, second.target, second),
-                          0.7 * F.cross_entropy(z, yb, weight=w) + 0.3 * F.cross_entropy(z, y2, weight=w), atol=1e-6)
+    assert torch.allclose(
+        drw(z, second.target, second),
+        0.7 * F.cross_entropy(z, yb, weight=w) + 0.3 * F.cross_entropy(z, y2, weight=w),
+        atol=1e-6,
+    )
 
 
 def test_a_training_step_feeds_both_batches_to_the_model(write_recipe, registry):
@@ -174,7 +193,7 @@ def test_a_training_step_feeds_both_batches_to_the_model(write_recipe, registry)
     calls = []
     trainer.module.register_forward_hook(lambda m, args, out: calls.append(len(args)))
     trainer.fit()
-    assert calls and set(calls[:trainer.sampler.steps_per_epoch(recipe.optim.batch_size)]) == {2}
+    assert calls and set(calls[: trainer.sampler.steps_per_epoch(recipe.optim.batch_size)]) == {2}
     assert trainer.history[-1]["bbn_alpha"] == 1.0 and "top1" in trainer.history[-1]
 
 
@@ -210,11 +229,17 @@ name = "ce"
     assert trainer.history[-1]["top1"] is not None
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["sampler.name='instance'"], "[sampler].name = 'instance': model 'bbn' trains on the sampler's second index set"),
-    (["sampler.name='dual-branch'", "mixer.name='cutmix'"], "[mixer].name = 'cutmix': model 'bbn' trains on"),
-    (["sampler.name='reversed'", "optim.name='cc-sam'"], "[optim] cc-sam: reads the features of one batch"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["sampler.name='instance'"],
+            "[sampler].name = 'instance': model 'bbn' trains on the sampler's second index set",
+        ),
+        (["sampler.name='dual-branch'", "mixer.name='cutmix'"], "[mixer].name = 'cutmix': model 'bbn' trains on"),
+        (["sampler.name='reversed'", "optim.name='cc-sam'"], "[optim] cc-sam: reads the features of one batch"),
+    ],
+)
 def test_what_cannot_train_bbn_is_refused_in_one_line(write_recipe, registry, overrides, words):
     path = write_recipe(TINY_RECIPE.replace('name = "resnet32"', 'name = "bbn"'))
     with pytest.raises(LSMError) as info:

@@ -15,8 +15,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _summary(seed: int, top1: float, many: float, medium: float, rare3: float, **extra) -> dict:
-    return {"format": 2, "top1": top1, "many": many, "medium": medium, "few": None, "rare3": rare3,
-            "wall_time_s": 30.0, "seed": seed, "epochs": 1, **extra}
+    return {
+        "format": 2,
+        "top1": top1,
+        "many": many,
+        "medium": medium,
+        "few": None,
+        "rare3": rare3,
+        "wall_time_s": 30.0,
+        "seed": seed,
+        "epochs": 1,
+        **extra,
+    }
 
 
 def test_t_interval_on_hand_numbers():
@@ -39,8 +49,10 @@ def test_t_interval_on_hand_numbers():
 def test_markdown_two_methods_three_seeds():
     runs = {
         "ce": {s: _summary(s, t, 0.8, 0.5, r) for s, t, r in zip((0, 1, 2), (0.50, 0.52, 0.54), (0.1, 0.2, 0.3))},
-        "lsm_ce": {s: _summary(s, t, 0.9, m, r) for s, t, m, r in
-                   zip((0, 1, 2), (0.51, 0.54, 0.57), (0.40, 0.45, 0.50), (0.3, 0.4, 0.5))},
+        "lsm_ce": {
+            s: _summary(s, t, 0.9, m, r)
+            for s, t, m, r in zip((0, 1, 2), (0.51, 0.54, 0.57), (0.40, 0.45, 0.50), (0.3, 0.4, 0.5))
+        },
     }
     methods = bench.method_table(runs, "ce").splitlines()
     assert methods[0] == "| method | seeds | top-1 | Many | Medium | Few | rarest 3 | wall time / run |"
@@ -49,24 +61,38 @@ def test_markdown_two_methods_three_seeds():
     diffs = bench.difference_table(runs, "ce").splitlines()
     assert diffs[0] == "| method | paired seeds | top-1 | Many | Medium | Few | rarest 3 | within spread? |"
     assert len(diffs) == 3  # header, rule, lsm_ce: no row for the base
-    assert diffs[2] == ("| lsm_ce | 3 | +2.0 [−0.5, +4.5] | +10.0 [+10.0, +10.0] | −5.0 [−17.4, +7.4] | — "
-                        "| +20.0 [+20.0, +20.0] | yes |")
+    assert diffs[2] == (
+        "| lsm_ce | 3 | +2.0 [−0.5, +4.5] | +10.0 [+10.0, +10.0] | −5.0 [−17.4, +7.4] | — "
+        "| +20.0 [+20.0, +20.0] | yes |"
+    )
     assert "Paired difference to ce" in bench.tables(runs, "ce")
     # a validation split adds its column; one seed gives n/a
-    one = {"ce": {0: _summary(0, 0.5, 0.8, 0.5, 0.1, val_top1=0.6)}, "cmo": {0: _summary(0, 0.6, 0.8, 0.5, 0.1, val_top1=0.55)}}
+    one = {
+        "ce": {0: _summary(0, 0.5, 0.8, 0.5, 0.1, val_top1=0.6)},
+        "cmo": {0: _summary(0, 0.6, 0.8, 0.5, 0.1, val_top1=0.55)},
+    }
     row = bench.difference_table(one, "ce").splitlines()
-    assert "val top-1" in row[0] and row[2] == "| cmo | 1 | +10.0 [n/a] | +0.0 [n/a] | +0.0 [n/a] | — | +0.0 [n/a] | −5.0 [n/a] | n/a |"
+    assert (
+        "val top-1" in row[0]
+        and row[2] == "| cmo | 1 | +10.0 [n/a] | +0.0 [n/a] | +0.0 [n/a] | — | +0.0 [n/a] | −5.0 [n/a] | n/a |"
+    )
 
 
 def test_write_block_keeps_other_text_and_protocols(tmp_path):
     results = tmp_path / "results.md"
-    results.write_text("# Results\n\nintro\n\n<!-- bench/accuracy.py: begin -->\nold\n<!-- bench/accuracy.py: end -->\n\nafter\n")
+    results.write_text(
+        "# Results\n\nintro\n\n<!-- bench/accuracy.py: begin -->\nold\n<!-- bench/accuracy.py: end -->\n\nafter\n"
+    )
     bench.write_block(results, "new untagged", "")
     bench.write_block(results, "tagged one", "e4-val")
     bench.write_block(results, "tagged two", "e4-val")
     text = results.read_text()
     assert "old" not in text and "intro" in text and "after" in text and "new untagged" in text
-    assert text.count("<!-- bench/accuracy.py e4-val: begin -->") == 1 and "tagged two" in text and "tagged one" not in text
+    assert (
+        text.count("<!-- bench/accuracy.py e4-val: begin -->") == 1
+        and "tagged two" in text
+        and "tagged one" not in text
+    )
 
 
 def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
@@ -86,8 +112,24 @@ def test_stored_run_is_not_retrained(tmp_path, monkeypatch, tiny_recipe):
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(_summary(seed, 0.5 + seed / 10, 0.8, 0.5, 0.2)))
         (folder / "recipe.toml").write_text(recipe.to_toml())
-    argv = ["--recipe-dir", str(tiny_recipe.parent), "--recipes", "tiny", "--epochs", "1", "--seeds", "0,1", "--tag", "t",
-            "--store", str(store), "--out", str(tmp_path / "out"), "--results", str(results)]
+    argv = [
+        "--recipe-dir",
+        str(tiny_recipe.parent),
+        "--recipes",
+        "tiny",
+        "--epochs",
+        "1",
+        "--seeds",
+        "0,1",
+        "--tag",
+        "t",
+        "--store",
+        str(store),
+        "--out",
+        str(tmp_path / "out"),
+        "--results",
+        str(results),
+    ]
     assert bench.main(argv) == 0
     text = results.read_text()
     assert "<!-- bench/accuracy.py t: begin -->" in text and "| tiny (base) | 0,1 | 55.0 ± 7.1 |" in text
@@ -116,8 +158,26 @@ def test_base_tag_reuses_the_stored_base_of_another_protocol(tmp_path, monkeypat
             folder.mkdir(parents=True)
             (folder / "summary.json").write_text(json.dumps(_summary(seed, top1 + seed / 10, 0.8, 0.5, 0.2)))
             (folder / "recipe.toml").write_text(recipe.to_toml())
-    argv = ["--recipe-dir", str(tiny_recipe.parent), "--recipes", "tiny,tiny2", "--epochs", "1", "--seeds", "0,1",
-            "--tag", "new", "--base-tag", "old", "--store", str(store), "--out", str(tmp_path / "out"), "--results", str(results)]
+    argv = [
+        "--recipe-dir",
+        str(tiny_recipe.parent),
+        "--recipes",
+        "tiny,tiny2",
+        "--epochs",
+        "1",
+        "--seeds",
+        "0,1",
+        "--tag",
+        "new",
+        "--base-tag",
+        "old",
+        "--store",
+        str(store),
+        "--out",
+        str(tmp_path / "out"),
+        "--results",
+        str(results),
+    ]
     assert bench.main(argv) == 0 and trained == []
     text = results.read_text()
     assert "<!-- bench/accuracy.py new: begin -->" in text and "| tiny2 | 2 | +10.0 [+10.0, +10.0] |" in text
@@ -134,8 +194,12 @@ def test_stored_recipe_names_no_data_folder(tmp_path):
     run.mkdir()
     (run / "recipe.toml").write_text('[run]\nname = "x"\n\n[data]\nname = "imagefolder-lt"\nroot = "/home/me/images"\n')
     (run / "summary.json").write_text(json.dumps({"top1": 0.5}))
-    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 2.0}) + "\n"
-                                       + json.dumps({"epoch": 2, "top1": 0.5, "few": 0.1, "per_class": [0.9, 0.1]}) + "\n")
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"epoch": 1, "train_loss": 2.0})
+        + "\n"
+        + json.dumps({"epoch": 2, "top1": 0.5, "few": 0.1, "per_class": [0.9, 0.1]})
+        + "\n"
+    )
     stored = run_store.store_run(run, tmp_path / "store")
     text = (stored / "recipe.toml").read_text()
     assert "/home/me/images" not in text and f'root = "{run_store.ROOT_PLACEHOLDER}"' in text
@@ -146,8 +210,10 @@ def test_stored_recipe_names_no_data_folder(tmp_path):
 def test_a_run_stored_before_a_measuring_key_counts_as_its_old_value(tmp_path, registry, write_recipe):
     from lsm_registry.recipe import load_recipe
 
-    lsm = ('[run]\nepochs = 10\n[data]\nname = "synthetic-lt"\n[model]\nname = "resnet32"\n[sampler]\nname = "dual-branch"\n'
-           '[saliency]\nname = "gradcam"\n[mixer]\nname = "lsm"\n[loss]\nname = "ce"\n')
+    lsm = (
+        '[run]\nepochs = 10\n[data]\nname = "synthetic-lt"\n[model]\nname = "resnet32"\n[sampler]\nname = "dual-branch"\n'
+        '[saliency]\nname = "gradcam"\n[mixer]\nname = "lsm"\n[loss]\nname = "ce"\n'
+    )
     recipe = load_recipe(write_recipe(lsm), [], registry)
     folder = tmp_path / "old"
     folder.mkdir()

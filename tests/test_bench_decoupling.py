@@ -16,8 +16,19 @@ TAU_CSV = "tau,top1,many,medium,few,rare3\n0.5,{a},0.8,0.6,,0.5\n1,{b},0.7,0.8,,
 
 
 def _summary(seed: int, top1: float, rare3: float, **extra) -> dict:
-    return {"format": 2, "top1": top1, "many": 0.8, "medium": 0.6, "few": None, "rare3": rare3, "val_top1": top1,
-            "wall_time_s": 10.0, "seed": seed, "epochs": 1, **extra}
+    return {
+        "format": 2,
+        "top1": top1,
+        "many": 0.8,
+        "medium": 0.6,
+        "few": None,
+        "rare3": rare3,
+        "val_top1": top1,
+        "wall_time_s": 10.0,
+        "seed": seed,
+        "epochs": 1,
+        **extra,
+    }
 
 
 def test_choose_tau_takes_the_best_validation_top1_and_the_smaller_tau_on_a_tie(tmp_path):
@@ -72,4 +83,3 @@ def test_stored_runs_are_reused_and_the_block_is_written(tmp_path, monkeypatch):
     assert bench.main(argv) == 1
     # a second run rewrites the block in place
     assert results.read_text().count(bench.BEGIN) == 1
-

@@ -70,7 +70,7 @@ def cut(source: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch
     padded = F.pad(source, (4, 4, 4, 4))
     views = []
     for img, (left, top, _, _), flip in zip(padded, boxes.long().tolist(), flips.tolist()):
-        v = img[:, top + 4:top + 36, left + 4:left + 36]
+        v = img[:, top + 4 : top + 36, left + 4 : left + 36]
         views.append(v.flip(-1) if flip else v)
     return torch.stack(views)
 
@@ -90,7 +90,7 @@ def source_columns(offsets: torch.Tensor, flips: torch.Tensor, n: int, step: int
 
 
 def random_views(g: torch.Generator, b: int, multiple: int):
-    offsets = (torch.randint(-4 // multiple, 4 // multiple + 1, (b, 2), generator=g) * multiple)
+    offsets = torch.randint(-4 // multiple, 4 // multiple + 1, (b, 2), generator=g) * multiple
     flips = torch.rand(b, generator=g) < 0.5
     return offsets, flips
 
@@ -108,10 +108,18 @@ def test_warp_is_exact_for_integer_crops_and_flips_at_full_resolution(uncovered)
     off2[0], flip2[0] = off1[0] + torch.tensor([3, -2]), ~flip1[0]  # surely a partly uncovered, mirrored view
     cached = provider(uncovered=uncovered)
     with torch.no_grad():
-        cam1 = class_activation_of(model, model.forward_features(cut(source, crops(off1, flip1).boxes, flip1)), y).clamp_min(0)
-        cached.observe(model, model.forward_features(cut(source, crops(off1, flip1).boxes, flip1)), y,
-                       Views(idx, crops(off1, flip1), 0))
-        cam2 = class_activation_of(model, model.forward_features(cut(source, crops(off2, flip2).boxes, flip2)), y).clamp_min(0)
+        cam1 = class_activation_of(
+            model, model.forward_features(cut(source, crops(off1, flip1).boxes, flip1)), y
+        ).clamp_min(0)
+        cached.observe(
+            model,
+            model.forward_features(cut(source, crops(off1, flip1).boxes, flip1)),
+            y,
+            Views(idx, crops(off1, flip1), 0),
+        )
+        cam2 = class_activation_of(
+            model, model.forward_features(cut(source, crops(off2, flip2).boxes, flip2)), y
+        ).clamp_min(0)
     got, covered = cached.stored_activation(Views(idx, crops(off2, flip2), 1), 32, 32)
     assert got.shape == covered.shape == (b, 32, 32)
     # Covered: the view pixel's source pixel lies inside the stored box.
@@ -147,7 +155,9 @@ def test_warp_is_exact_for_shifts_that_are_multiples_of_the_feature_stride():
     with torch.no_grad():
         feats1 = model.forward_features(cut(source, crops(off1, flip1).boxes, flip1))
         cached.observe(model, feats1, y, Views(idx, crops(off1, flip1), 0))
-        cam2 = class_activation_of(model, model.forward_features(cut(source, crops(off2, flip2).boxes, flip2)), y).clamp_min(0)
+        cam2 = class_activation_of(
+            model, model.forward_features(cut(source, crops(off2, flip2).boxes, flip2)), y
+        ).clamp_min(0)
     assert feats1.shape[-2:] == cam2.shape[-2:] == (8, 8)
     scale = float(cam2.abs().max())
     # At the map's own resolution every covered cell is a stored cell, unchanged.
@@ -162,7 +172,9 @@ def test_warp_is_exact_for_shifts_that_are_multiples_of_the_feature_stride():
     # At image resolution: the shifted bilinear resize, wherever neither resize clamps at a border.
     got, covered = cached.stored_activation(Views(idx, crops(off2, flip2), 0), 32, 32)
     # (of the float16-rounded map: an interpolated value near 0 is far smaller than the rounding of its ends)
-    resized = F.interpolate(cam2.half().float().unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False).squeeze(1)
+    resized = F.interpolate(
+        cam2.half().float().unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False
+    ).squeeze(1)
     xs, ys = source_columns(off2.float(), flip2, 32, 1)
     away = torch.arange(32)
     away = (away >= 2) & (away < 30)
@@ -190,7 +202,9 @@ def test_the_stored_view_reads_back_the_plain_resize():
         cached.observe(model, feats, y, Views(idx, crops(off, flip), 0))
     for h, w in ((32, 32), (8, 8), (16, 32)):
         got, covered = cached.stored_activation(Views(idx, crops(off, flip), 0), h, w)
-        expected = F.interpolate(cam.half().float().unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False).squeeze(1)
+        expected = F.interpolate(
+            cam.half().float().unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False
+        ).squeeze(1)
         assert bool(covered.all())
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())), (h, w)
 
@@ -326,7 +340,9 @@ def test_uniform_fallback_scores_unseen_rows_equally_without_a_pass():
 
 # ------------------------------------------------------------------ the engine
 
-MIXING = TINY_RECIPE.replace("epochs = 1", "epochs = 3") + """
+MIXING = (
+    TINY_RECIPE.replace("epochs = 1", "epochs = 3")
+    + """
 [sampler]
 name = "dual-branch"
 
@@ -339,6 +355,7 @@ prob = 0.5
 start_epoch = 1
 end_epoch = { none = true }
 """
+)
 
 
 def instrument(trainer: Trainer) -> list[dict]:
@@ -352,7 +369,14 @@ def instrument(trainer: Trainer) -> list[dict]:
 
     def recording_step(epoch, bg, fg, stats, loaded=None):
         mixed = int(stats.mixed)
-        steps.append({"epoch": epoch, "bg": bg.clone(), "observed": [], "weight": trainer.module.classifier.weight.detach().clone()})
+        steps.append(
+            {
+                "epoch": epoch,
+                "bg": bg.clone(),
+                "observed": [],
+                "weight": trainer.module.classifier.weight.detach().clone(),
+            }
+        )
         train_step(epoch, bg, fg, stats, loaded)
         steps[-1]["mixed"] = int(stats.mixed) > mixed
 
@@ -395,7 +419,9 @@ def test_fresh_fraction_counts_the_fallbacks_in_the_engine(write_recipe, registr
 
 
 def test_single_branch_foreground_views_are_the_permuted_background(write_recipe, registry):
-    recipe = load_recipe(write_recipe(MIXING.replace('"dual-branch"', '"instance"')), ["mixer.prob=1.0", "run.epochs=2"], registry)
+    recipe = load_recipe(
+        write_recipe(MIXING.replace('"dual-branch"', '"instance"')), ["mixer.prob=1.0", "run.epochs=2"], registry
+    )
     trainer = Trainer(recipe, registry)
     scored, backgrounds = [], []
     mixed_batch, scores_of_views = trainer.mixed_batch, trainer.saliency.scores_of_views
@@ -440,7 +466,7 @@ def test_sam_caches_from_the_first_forward_only(write_recipe, registry):
     unmixed = [s for s in steps if not s["mixed"]]
     assert len(unmixed) >= 3 and sum(len(s["observed"]) for s in steps) == len(unmixed)
     for s in unmixed:
-        (_, _, weight), = s["observed"]
+        ((_, _, weight),) = s["observed"]
         assert torch.equal(weight, s["weight"])  # observed at the weights before SAM's ascent
     assert len(forwards) >= 2 * len(steps)  # SAM did make two forwards per step
 
@@ -474,8 +500,12 @@ def test_check_model_refuses_a_head_without_a_closed_form(write_recipe):
     text = str(info.value)
     assert "\n" not in text and text.startswith("cached-gradcam:") and "Sequential" in text
     provider().check_model(tiny_resnet(normed=True))  # the heads it knows pass
-    registry = build_registry(extra=[("seq", SequentialHeadPlugin(), Owner("seq", "lsm-tests", "0"))], entry_points=False)
-    recipe = load_recipe(write_recipe(MIXING.replace('name = "resnet32"\nwidth = 4', 'name = "sequential-head"')), [], registry)
+    registry = build_registry(
+        extra=[("seq", SequentialHeadPlugin(), Owner("seq", "lsm-tests", "0"))], entry_points=False
+    )
+    recipe = load_recipe(
+        write_recipe(MIXING.replace('name = "resnet32"\nwidth = 4', 'name = "sequential-head"')), [], registry
+    )
     with pytest.raises(LSMError) as info:
         Trainer(recipe, registry)
     text = str(info.value)
@@ -511,7 +541,12 @@ def uninterrupted(tmp_path_factory):
     path.write_text(MIXING)
     trainer = Trainer(load_recipe(path, ["mixer.prob=0.6"], registry), registry, run_dir=folder / "run")
     trainer.fit()
-    return path, {k: v.clone() for k, v in trainer.module.state_dict().items()}, saliency_state(trainer), trainer.history
+    return (
+        path,
+        {k: v.clone() for k, v in trainer.module.state_dict().items()},
+        saliency_state(trainer),
+        trainer.history,
+    )
 
 
 @pytest.mark.parametrize("epoch,step", [(1, 1), (0, 3)], ids=["mid-epoch", "epoch-end"])
@@ -542,11 +577,29 @@ def test_an_interrupted_run_resumes_bit_identical(uninterrupted, registry, tmp_p
 
 def test_two_process_gloo_run_merges_maps_and_records_the_fresh_fraction(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text(MIXING.replace("n_max = 24", "n_max = 64").replace("epochs = 3", "epochs = 2").replace("prob = 0.5", "prob = 1.0"))
+    recipe.write_text(
+        MIXING.replace("n_max = 24", "n_max = 64")
+        .replace("epochs = 3", "epochs = 2")
+        .replace("prob = 0.5", "prob = 1.0")
+    )
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
-           "-m", "lsm_registry", "run", str(recipe), "--out", str(run_dir), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29547",
+        "-m",
+        "lsm_registry",
+        "run",
+        str(recipe),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

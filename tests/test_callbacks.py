@@ -91,8 +91,11 @@ def test_list_components_shows_the_built_in_callbacks():
 
 
 def test_hooks_fire_in_the_documented_order(tiny_recipe, registry_with_recorder):
-    recipe = load_recipe(tiny_recipe, ["run.callbacks=['t-recorder']", "callbacks.t-recorder.tag='y'",
-                                       "run.epochs=2", "run.eval_every=2"], registry_with_recorder)
+    recipe = load_recipe(
+        tiny_recipe,
+        ["run.callbacks=['t-recorder']", "callbacks.t-recorder.tag='y'", "run.epochs=2", "run.eval_every=2"],
+        registry_with_recorder,
+    )
     trainer = Trainer(recipe, registry_with_recorder)
     names = [c.name for c in trainer.callbacks]
     assert names[:2] == ["lr-schedule", "nan-guard"] and names[-1] == "t-recorder"
@@ -102,9 +105,13 @@ def test_hooks_fire_in_the_documented_order(tiny_recipe, registry_with_recorder)
     one_step = ["batch", "forward"]
     assert calls[0] == "fit_start" and calls[-1] == "fit_end"
     assert calls[1] == f"epoch_start 0 lr={recipe.optim.lr:.4f}"
-    first_epoch = calls[2: 2 + steps * 3]
+    first_epoch = calls[2 : 2 + steps * 3]
     assert first_epoch == [x for s in range(1, steps + 1) for x in (*one_step, f"step_end {s}")]
-    assert calls[2 + steps * 3:2 + steps * 3 + 3] == ["check", "check", "epoch_end"]  # at the last step's log and the epoch's end
+    assert calls[2 + steps * 3 : 2 + steps * 3 + 3] == [
+        "check",
+        "check",
+        "epoch_end",
+    ]  # at the last step's log and the epoch's end
     assert calls.count("evaluate True") == 1 and calls.index("evaluate True") > calls.index("epoch_start 1 lr=0.0500")
     assert [r["t_steps"] for r in trainer.history] == [steps, 2 * steps]
     assert recorder(trainer).params.tag == "y" and summary["epochs"] == 2
@@ -116,18 +123,25 @@ def test_a_callbacks_state_is_checkpointed_and_restored_on_resume(tiny_recipe, r
     trainer = Trainer(load_recipe(tiny_recipe, args, registry_with_recorder), registry_with_recorder, run_dir=folder)
     trainer.fit()
     steps = recorder(trainer).steps
-    resumed = Trainer(load_recipe(tiny_recipe, [*args, "run.epochs=2"], registry_with_recorder), registry_with_recorder,
-                      run_dir=folder, resume=True)
+    resumed = Trainer(
+        load_recipe(tiny_recipe, [*args, "run.epochs=2"], registry_with_recorder),
+        registry_with_recorder,
+        run_dir=folder,
+        resume=True,
+    )
     resumed.fit()
     assert steps > 0 and recorder(resumed).steps == 2 * steps
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["run.callbacks=['nan-guard']"], "'nan-guard' is always on"),
-    (["run.callbacks=['t-recordr']"], "Did you mean 't-recorder'"),
-    (["callbacks.t-recorder.tag='y'"], "is not in [run].callbacks"),
-    (["run.callbacks=['t-recorder']", "callbacks.t-recorder.tga='y'"], "tga"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["run.callbacks=['nan-guard']"], "'nan-guard' is always on"),
+        (["run.callbacks=['t-recordr']"], "Did you mean 't-recorder'"),
+        (["callbacks.t-recorder.tag='y'"], "is not in [run].callbacks"),
+        (["run.callbacks=['t-recorder']", "callbacks.t-recorder.tga='y'"], "tga"),
+    ],
+)
 def test_bad_callback_settings_are_refused_at_validation(tiny_recipe, registry_with_recorder, overrides, words):
     with pytest.raises(RecipeError) as info:
         load_recipe(tiny_recipe, overrides, registry_with_recorder)
@@ -155,8 +169,17 @@ class LegacyCached(CachedGradCAM):
 def test_a_provider_of_the_deprecated_observing_form_still_observes_and_warns(tiny_recipe):
     registry = build_registry(entry_points=False)
     registry.register(LegacyCached, Owner("t", "t-dist", "0"))
-    recipe = load_recipe(tiny_recipe, ["saliency.name='t-legacy-cached'", "mixer.name='lsm'", "mixer.start_epoch=1", "mixer.end_epoch=2",
-                                       "run.epochs=2"], registry)
+    recipe = load_recipe(
+        tiny_recipe,
+        [
+            "saliency.name='t-legacy-cached'",
+            "mixer.name='lsm'",
+            "mixer.start_epoch=1",
+            "mixer.end_epoch=2",
+            "run.epochs=2",
+        ],
+        registry,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = Trainer(recipe, registry)

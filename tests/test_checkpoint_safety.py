@@ -48,7 +48,9 @@ def tiny_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("safety")
     recipe = folder / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
-    res = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(folder / "run"), "--no-progress"], catch_exceptions=False)
+    res = CliRunner().invoke(
+        cli, ["run", str(recipe), "--out", str(folder / "run"), "--no-progress"], catch_exceptions=False
+    )
     assert res.exit_code == 0, res.output
     return folder / "run"
 
@@ -132,7 +134,9 @@ def test_lsm_resume_refuses_pickled_code_with_one_line(tiny_run, tmp_path, kind)
     marker = tmp_path / "pwned"
     evil = plant(tiny_run / "checkpoints" / "epoch-0002.pt", kind, marker)
     try:
-        res = CliRunner().invoke(cli, ["resume", str(tiny_run), "--set", "run.epochs=3", "--no-progress"], catch_exceptions=False)
+        res = CliRunner().invoke(
+            cli, ["resume", str(tiny_run), "--set", "run.epochs=3", "--no-progress"], catch_exceptions=False
+        )
     finally:
         evil.unlink()
     assert not marker.exists(), "the payload ran"
@@ -149,8 +153,15 @@ def preview(*args) -> object:
 
 
 def test_lsm_preview_loads_an_engine_checkpoint_weights_only(tiny_run, tmp_path):
-    res = preview(tiny_run / "recipe.toml", "--out", tmp_path / "p.png",
-                  "--checkpoint", tiny_run / "checkpoints" / "epoch-0001.pt", "--rows", 1)
+    res = preview(
+        tiny_run / "recipe.toml",
+        "--out",
+        tmp_path / "p.png",
+        "--checkpoint",
+        tiny_run / "checkpoints" / "epoch-0001.pt",
+        "--rows",
+        1,
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "p.png").is_file()
 
@@ -159,8 +170,7 @@ def test_lsm_preview_loads_an_engine_checkpoint_weights_only(tiny_run, tmp_path)
 def test_lsm_preview_refuses_pickled_code_with_one_line(tiny_run, tmp_path, kind):
     marker = tmp_path / "pwned"
     evil = plant(tmp_path / "evil.pt", kind, marker)
-    res = preview(tiny_run / "recipe.toml", "--out", tmp_path / "p.png",
-                  "--checkpoint", evil, "--rows", 1)
+    res = preview(tiny_run / "recipe.toml", "--out", tmp_path / "p.png", "--checkpoint", evil, "--rows", 1)
     assert not marker.exists(), "the payload ran"
     assert res.exit_code == 2, res.output
     assert "Traceback" not in res.output

@@ -10,8 +10,19 @@ from lsm_registry import __version__
 from lsm_registry.cli import cli
 from lsm_registry.plugins import default_registry
 
-COMMANDS = ("compare", "evaluate", "export", "list-components", "preview", "report", "resume", "run", "show", "sweep",
-            "tau-norm")
+COMMANDS = (
+    "compare",
+    "evaluate",
+    "export",
+    "list-components",
+    "preview",
+    "report",
+    "resume",
+    "run",
+    "show",
+    "sweep",
+    "tau-norm",
+)
 
 
 def help_commands(output: str) -> list[str]:
@@ -107,8 +118,25 @@ def test_run_writes_the_run_folder(tiny_recipe, tmp_path):
 
 def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(tiny_recipe), "--out", str(out), "--no-progress", "--set", "sampler.name=dual-branch",
-            "--set", "mixer.name=lsm", "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--set", "mixer.end_epoch=1", "--set", "mixer.prob=1.0"]
+    args = [
+        "run",
+        str(tiny_recipe),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "sampler.name=dual-branch",
+        "--set",
+        "mixer.name=lsm",
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=100",
+        "--set",
+        "mixer.end_epoch=1",
+        "--set",
+        "mixer.prob=1.0",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert (out / "mixed_samples.png").read_bytes()[:4] == b"\x89PNG"
@@ -118,8 +146,22 @@ def test_a_mixing_run_draws_its_mixed_samples(tiny_recipe, tmp_path):
 
 def test_an_unknown_saliency_layer_is_refused_before_training(tiny_recipe, tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(tiny_recipe), "--out", str(out), "--set", "sampler.name=dual-branch", "--set", "mixer.name=lsm",
-            "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--set", "saliency.layer=nope"]
+    args = [
+        "run",
+        str(tiny_recipe),
+        "--out",
+        str(out),
+        "--set",
+        "sampler.name=dual-branch",
+        "--set",
+        "mixer.name=lsm",
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=100",
+        "--set",
+        "saliency.layer=nope",
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -134,16 +176,21 @@ def test_run_of_two_recipes_trains_both_and_compares(tmp_path, monkeypatch):
     base = tmp_path / "base.toml"
     base.write_text(TINY_RECIPE.replace('name = "tiny"', 'name = "base"'))
     mixed = tmp_path / "mixed.toml"
-    mixed.write_text(TINY_RECIPE.replace('name = "tiny"', 'name = "mixed"')
-                     + '\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nprob = 1.0\nstart_epoch = 0\n'
-                     + "end_epoch = { none = true }\n")
+    mixed.write_text(
+        TINY_RECIPE.replace('name = "tiny"', 'name = "mixed"')
+        + '\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nprob = 1.0\nstart_epoch = 0\n'
+        + "end_epoch = { none = true }\n"
+    )
     result = CliRunner().invoke(cli, ["run", str(base), str(mixed), "--no-progress"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "base" / "summary.json").is_file()
     assert (tmp_path / "runs" / "mixed" / "summary.json").is_file()
-    table = result.output[result.output.index("comparison: last epoch"):]
+    table = result.output[result.output.index("comparison: last epoch") :]
     assert "│ base" in table and "│ mixed" in table and "mixer lsm" in table
-    assert f"mixed samples: {Path('runs') / 'mixed' / 'mixed_samples.png'}" in result.output or "matplotlib" in result.output
+    assert (
+        f"mixed samples: {Path('runs') / 'mixed' / 'mixed_samples.png'}" in result.output
+        or "matplotlib" in result.output
+    )
 
 
 def test_run_validates_every_recipe_before_training(tmp_path, monkeypatch):
@@ -178,8 +225,10 @@ def test_help_and_version_do_not_import_torch(args):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom lsm_registry.cli import cli\ntry:\n    cli(%r, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)" % (args,))
+    code = (
+        "import sys\nfrom lsm_registry.cli import cli\ntry:\n    cli(%r, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)" % (args,)
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"

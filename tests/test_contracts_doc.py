@@ -23,7 +23,12 @@ def base_classes() -> dict[str, type]:
     """kind -> the base class of interfaces.py that declares it."""
     found: dict[str, type] = {}
     for value in vars(interfaces).values():
-        if isinstance(value, type) and issubclass(value, Component) and value is not Component and "kind" in vars(value):
+        if (
+            isinstance(value, type)
+            and issubclass(value, Component)
+            and value is not Component
+            and "kind" in vars(value)
+        ):
             assert value.kind not in found, f"two base classes declare kind {value.kind!r}"
             found[value.kind] = value
     return found
@@ -62,7 +67,9 @@ def test_a_section_names_only_what_its_base_class_has(kind):
     missing = [name for name in methods + tables(body, "attribute") if not hasattr(base, name)]
     assert not missing, f"docs/contracts.md, {kind}: {base.__name__} has no {', '.join(missing)}"
     undocumented = sorted(set(getattr(base, "__abstractmethods__", ())) - set(methods))
-    assert not undocumented, f"docs/contracts.md, {kind}: abstract {', '.join(undocumented)} of {base.__name__} not in a method table"
+    assert not undocumented, (
+        f"docs/contracts.md, {kind}: abstract {', '.join(undocumented)} of {base.__name__} not in a method table"
+    )
 
 
 def test_the_section_parser_sees_a_wrong_name():

@@ -112,7 +112,9 @@ def test_fashion_mnist_reads_idx_and_pads(tmp_path):
     x = data.test.images
     assert x.shape == (10, 1, 32, 32)
     assert torch.equal(x[:, 0, 2:30, 2:30], torch.from_numpy(images[::3]))
-    assert x[:, :, :2].sum() == 0 and x[:, :, 30:].sum() == 0 and x[:, :, :, :2].sum() == 0 and x[:, :, :, 30:].sum() == 0
+    assert (
+        x[:, :, :2].sum() == 0 and x[:, :, 30:].sum() == 0 and x[:, :, :, :2].sum() == 0 and x[:, :, :, 30:].sum() == 0
+    )
     assert data.test.labels.tolist() == list(range(10))
     train = data.train.images.double() / 255
     assert data.mean[0] == pytest.approx(train.mean().item(), rel=1e-6)
@@ -121,7 +123,9 @@ def test_fashion_mnist_reads_idx_and_pads(tmp_path):
 
 def test_fashion_mnist_missing_folder(tmp_path):
     msg = one_line_error(FileNotFoundError, FashionMnistLT, root=str(tmp_path / "nowhere"))
-    assert str(tmp_path / "nowhere") in msg and "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    assert (
+        str(tmp_path / "nowhere") in msg and "train-images-idx3-ubyte.gz" in msg and "t10k-labels-idx1-ubyte.gz" in msg
+    )
 
 
 def test_fashion_mnist_bad_idx_names_the_file(tmp_path):
@@ -151,12 +155,23 @@ def cifar_tree(root: Path, which: str, per_batch: int = 4) -> np.ndarray:
     rng = np.random.default_rng(1)
     if which == "cifar10":
         folder, train, test, meta, key, names_key, classes = (
-            root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
-            b"labels", b"label_names", 10,
+            root / "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+            b"labels",
+            b"label_names",
+            10,
         )
     else:
         folder, train, test, meta, key, names_key, classes = (
-            root / "cifar-100-python", ["train"], "test", "meta", b"fine_labels", b"fine_label_names", 100,
+            root / "cifar-100-python",
+            ["train"],
+            "test",
+            "meta",
+            b"fine_labels",
+            b"fine_label_names",
+            100,
         )
     folder.mkdir(parents=True)
     first = None
@@ -336,7 +351,9 @@ def test_decoding_a_large_tree_shows_progress_without_changing_the_images(tmp_pa
     monkeypatch.setattr(folders, "PROGRESS_MIN_IMAGES", 10)
     for workers in (0, 3):  # in-process and with the thread pool
         out = io.StringIO()
-        monkeypatch.setattr(folders, "_progress_console", lambda out=out: Console(file=out, force_terminal=True, width=100))
+        monkeypatch.setattr(
+            folders, "_progress_console", lambda out=out: Console(file=out, force_terminal=True, width=100)
+        )
         assert torch.equal(folders.decode_images(paths, 8, workers=workers), quiet)
         shown = out.getvalue()
         assert "decoding 12 images to 8x8" in shown and "12/12" in shown  # the bar, ticked once per image

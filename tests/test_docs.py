@@ -47,7 +47,9 @@ def python_block(doc: str, heading: str, containing: str = "") -> str:
     for block in re.findall(r"^```python\n(.*?)^```", section, re.S | re.M):
         if containing in block:
             return block
-    raise AssertionError(f"docs/{doc}, section '{heading}': no python block" + (f" with {containing!r}" if containing else ""))
+    raise AssertionError(
+        f"docs/{doc}, section '{heading}': no python block" + (f" with {containing!r}" if containing else "")
+    )
 
 
 def run_block(code: str, where: str) -> dict:
@@ -90,7 +92,9 @@ def test_plugins_md_example_saliency_provider_conforms():
     code = python_block("plugins.md", "A saliency provider", containing="class LocalContrast(SaliencyProvider)")
     cls = run_block(code, "docs/plugins.md: A saliency provider")["LocalContrast"]
     check_component(cls)
-    flat = cls(cls.Params(), tiny_context())(None, torch.full((2, 3, 16, 16), 0.3), torch.zeros(2, dtype=torch.long), ReferencePatch(4))
+    flat = cls(cls.Params(), tiny_context())(
+        None, torch.full((2, 3, 16, 16), 0.3), torch.zeros(2, dtype=torch.long), ReferencePatch(4)
+    )
     torch.testing.assert_close(flat, torch.full((2, 4, 4), 1 / 16))  # a flat image scores uniformly, as promised
 
 
@@ -101,7 +105,9 @@ def test_plugins_md_listing_shows_every_saliency_provider():
     from lsm_registry.plugins import build_registry
 
     text = (ROOT / "docs" / "plugins.md").read_text()
-    shown = re.search(r"`COLUMNS=120 lsm list-components --kind saliency`.*?^```\n(.*?)^```", text, re.S | re.M).group(1)
+    shown = re.search(r"`COLUMNS=120 lsm list-components --kind saliency`.*?^```\n(.*?)^```", text, re.S | re.M).group(
+        1
+    )
     names = {row[1] for row in table_rows(shown)}
     assert names == set(build_registry(entry_points=False).names("saliency")) | {"spectral-residual"}
 
@@ -138,7 +144,9 @@ def test_compatibility_md_rename_example_resolves_old_names(tmp_path):
         parsed = load_recipe(recipe, registry=registry)
     assert (parsed.mixer.name, parsed.mixer.params.area) == ("box-paste", 0.3)
     messages = [str(w.message) for w in record if issubclass(w.category, RenamedWarning)]
-    shown = re.search(r"`(r\.toml \[mixer\]\.name: .*?)`", (ROOT / "docs" / "compatibility.md").read_text(), re.S).group(1)
+    shown = re.search(
+        r"`(r\.toml \[mixer\]\.name: .*?)`", (ROOT / "docs" / "compatibility.md").read_text(), re.S
+    ).group(1)
     assert messages[0] == f"{tmp_path}/{' '.join(shown.split())}" and len(messages) == 2
 
 
@@ -166,7 +174,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     ns = run_block(code, "README.md: Python")
     run, folder = ns["run"], ns["folder"]
     assert (tmp_path / "runs" / "notebook-demo" / "summary.json").is_file()
-    assert {k: v for k, v in folder.summary.items() if k != "format"} == run.summary and folder.metrics[-1]["epoch"] == 2
+    assert {k: v for k, v in folder.summary.items() if k != "format"} == run.summary and folder.metrics[-1][
+        "epoch"
+    ] == 2
     assert folder.trained.epoch == run.summary["best_epoch"]
     assert isinstance(folder.model, torch.nn.Module) and not folder.model.training
 

@@ -39,7 +39,11 @@ def test_another_seed_changes_the_run(tiny_recipe, registry):
 
 
 def test_lr_schedule_warmup_then_steps(tiny_recipe, registry):
-    recipe = load_recipe(tiny_recipe, ["optim.warmup_epochs=2", "optim.lr=0.1", "optim.milestones=[4, 6]", "optim.gamma=0.1", "run.epochs=8"], registry)
+    recipe = load_recipe(
+        tiny_recipe,
+        ["optim.warmup_epochs=2", "optim.lr=0.1", "optim.milestones=[4, 6]", "optim.gamma=0.1", "run.epochs=8"],
+        registry,
+    )
     trainer = Trainer(recipe, registry)
     lrs = [round(trainer.lr_at(e), 8) for e in range(8)]
     assert lrs == [0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]

@@ -35,8 +35,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 def run_files(run_dir: Path) -> dict[str, str]:
     """Digest of every file of the run itself (its evaluations aside)."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run_dir.rglob("*")) if p.is_file() and EVALUATIONS_DIR not in p.relative_to(run_dir).parts}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and EVALUATIONS_DIR not in p.relative_to(run_dir).parts
+    }
 
 
 def one_error_line(result) -> str:
@@ -67,7 +70,9 @@ def test_evaluate_reproduces_the_runs_own_scores(run_dir):
 
 
 def test_evaluate_on_other_data_keeps_the_training_groups(run_dir):
-    result = CliRunner().invoke(cli, ["evaluate", str(run_dir), "--set", "data.seed=1", "--set", "data.test_per_class=3"])
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(run_dir), "--set", "data.seed=1", "--set", "data.test_per_class=3"]
+    )
     assert result.exit_code == 0, result.output
     folder = run_dir / EVALUATIONS_DIR / "test,data.seed=1,data.test_per_class=3"
     summary = json.loads((folder / "summary.json").read_text())
@@ -87,7 +92,9 @@ def test_evaluate_errors_are_one_line(run_dir, tmp_path):
     assert "no checkpoint" in one_error_line(runner.invoke(cli, ["evaluate", str(bare)]))
     line = one_error_line(runner.invoke(cli, ["evaluate", str(run_dir), "--set", "model.width=8"]))
     assert "model.width" in line
-    line = one_error_line(runner.invoke(cli, ["evaluate", str(run_dir), "--set", f"data.num_classes={NUM_CLASSES - 1}"]))
+    line = one_error_line(
+        runner.invoke(cli, ["evaluate", str(run_dir), "--set", f"data.num_classes={NUM_CLASSES - 1}"])
+    )
     assert f"{NUM_CLASSES - 1} classes" in line and f"trained on {NUM_CLASSES}" in line
     assert "validation split" in one_error_line(runner.invoke(cli, ["evaluate", str(run_dir), "--split", "val"]))
     assert "no such run folder" in one_error_line(runner.invoke(cli, ["evaluate", str(tmp_path / "absent")]))
@@ -116,7 +123,9 @@ def test_export_formats_combine_and_bad_ones_are_one_line(run_dir, tmp_path):
     result = CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(out), "--format", "pt2,torchscript"])
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {PT2_FILE, TORCHSCRIPT_FILE, STATE_DICT_FILE, META_FILE}
-    line = one_error_line(CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "tflite"]))
+    line = one_error_line(
+        CliRunner().invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "tflite"])
+    )
     assert "tflite" in line and "pt2" in line
     assert not (tmp_path / "x").exists()
 
@@ -164,7 +173,9 @@ def test_export_errors_are_one_line(run_dir, tmp_path):
     line = one_error_line(runner.invoke(cli, ["export", str(tmp_path / "absent"), "--out", str(tmp_path / "x")]))
     assert "no such run folder" in line
     missing = tmp_path / "nope.pt"
-    line = one_error_line(runner.invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "y"), "--checkpoint", str(missing)]))
+    line = one_error_line(
+        runner.invoke(cli, ["export", str(run_dir), "--out", str(tmp_path / "y"), "--checkpoint", str(missing)])
+    )
     assert str(missing) in line
     line = one_error_line(runner.invoke(cli, ["export", str(run_dir), "--out", str(run_dir), "--force"]))
     assert "run folder" in line

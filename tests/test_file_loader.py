@@ -49,7 +49,9 @@ def jpeg_tree(root: Path, n: int = 48, classes: int = 4, bad: int | None = None)
         path = root / "imgs" / f"c{y}" / f"{i}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         noise = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(np.clip(np.asarray(gradient(w, h)) // 2 + noise + 40 * y, 0, 255).astype(np.uint8)).save(path, quality=90)
+        Image.fromarray(np.clip(np.asarray(gradient(w, h)) // 2 + noise + 40 * y, 0, 255).astype(np.uint8)).save(
+            path, quality=90
+        )
         if i == bad:
             path.write_bytes(b"\xff\xd8 not really a jpeg")
         lines.append(f"imgs/c{y}/{i}.jpg {y}")
@@ -59,7 +61,9 @@ def jpeg_tree(root: Path, n: int = 48, classes: int = 4, bad: int | None = None)
 
 
 def split_of(root: Path, size: int = 32, workers: int = 0) -> FileSplit:
-    data = ImageNetLT(ImageNetLT.Params(root=str(root), image_size=size, workers=workers), Context((), (0, 0, 0))).build()
+    data = ImageNetLT(
+        ImageNetLT.Params(root=str(root), image_size=size, workers=workers), Context((), (0, 0, 0))
+    ).build()
     assert data.augment == "decoded"
     return data.train
 
@@ -132,7 +136,9 @@ def test_jpeg_decoded_by_torchvision_gives_the_pixels_pil_gives(tmp_path, monkey
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(3)
             views[decoder] = transforms.train_view(path, 32)[0], transforms.eval_view(path, 32)[0]
-    assert torch.equal(views["torchvision"][0], views["pil"][0]) and torch.equal(views["torchvision"][1], views["pil"][1])
+    assert torch.equal(views["torchvision"][0], views["pil"][0]) and torch.equal(
+        views["torchvision"][1], views["pil"][1]
+    )
 
 
 def test_train_view_is_torchvisions_resized_crop_then_flip_to_the_last_bit(tmp_path):
@@ -159,8 +165,13 @@ def test_train_view_is_torchvisions_resized_crop_then_flip_to_the_last_bit(tmp_p
 def test_jpeg_frame_reads_the_size_pil_reads_and_declines_what_torchvision_should_not_decode(tmp_path):
     rng = np.random.default_rng(2)
     rgb = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
-    cases = {"base.jpg": (rgb, {}), "prog.jpg": (rgb, {"progressive": True}), "grey.jpg": (rgb.convert("L"), {}),
-             "cmyk.jpg": (rgb.convert("CMYK"), {}), "exif.jpg": (rgb, {"exif": Image.Exif()})}
+    cases = {
+        "base.jpg": (rgb, {}),
+        "prog.jpg": (rgb, {"progressive": True}),
+        "grey.jpg": (rgb.convert("L"), {}),
+        "cmyk.jpg": (rgb.convert("CMYK"), {}),
+        "exif.jpg": (rgb, {"exif": Image.Exif()}),
+    }
     for name, (img, options) in cases.items():
         img.save(tmp_path / name, quality=85, **options)
         width, height, components = transforms.jpeg_frame((tmp_path / name).read_bytes())
@@ -190,7 +201,9 @@ def test_eval_view_is_resize_256_then_center_crop_224(tmp_path):
     out, box, hw = transforms.eval_view(path, 224)
     standard = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224)])
     assert torch.equal(out, standard(Image.open(path).convert("RGB")))
-    on_pil = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.PILToTensor()])(Image.open(path).convert("RGB"))
+    on_pil = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.PILToTensor()])(
+        Image.open(path).convert("RGB")
+    )
     assert (out.float() - on_pil.float()).abs().max() <= 2  # torchvision's uint8 kernel vs PIL's
     assert hw == (300, 400) and box == pytest.approx([(400 - 224 * 300 / 256) / 2, (300 - 262.5) / 2, 262.5, 262.5])
     big = tmp_path / "big.jpg"
@@ -343,7 +356,9 @@ def test_an_unreadable_file_stops_training_naming_it(tmp_path):
     root = jpeg_tree(tmp_path, bad=7)
     train = split_of(root, workers=1)
     loader = PlannedLoader(train, workers=1)
-    plan = plan_epoch([(torch.arange(8), None), (torch.arange(8, 16), None)], [False, False], torch.zeros(2, 2, dtype=torch.int64))
+    plan = plan_epoch(
+        [(torch.arange(8), None), (torch.arange(8, 16), None)], [False, False], torch.zeros(2, 2, dtype=torch.int64)
+    )
     with pytest.raises(DataError) as info:
         list(loader.run(plan))
     loader.close()
@@ -358,7 +373,9 @@ def test_imagefolder_files_storage_uses_the_file_backed_path(tmp_path):
                 path = tmp_path / split / name / f"{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 gradient(60 + 10 * i, 45 + 5 * c).save(path)
-    params = ImageFolderLT.Params(root=str(tmp_path), profile="none", storage="files", image_size=32, workers=0, val_per_class=1)
+    params = ImageFolderLT.Params(
+        root=str(tmp_path), profile="none", storage="files", image_size=32, workers=0, val_per_class=1
+    )
     data = ImageFolderLT(params, Context((), (0, 0, 0))).build()
     assert isinstance(data.train, FileSplit) and data.augment == "decoded" and data.image_size == (3, 32, 32)
     assert data.class_counts() == (4, 4) and len(data.val) == 2 and len(data.test) == 4
@@ -375,8 +392,14 @@ def run_lsm(script: Path, *args: str, signal_at: str | None = None) -> subproces
     env = {k: v for k, v in ENV.items() if k != "LSM_TRIPWIRE"}
     if signal_at is not None:
         env["LSM_TRIPWIRE"] = signal_at
-    return subprocess.run([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
@@ -414,15 +437,26 @@ def test_idle_priority_puts_the_decoding_workers_under_sched_idle_and_decodes_th
 
     from lsm_registry.data.split_files import worker_init
 
-    code = ("import os; from lsm_registry.data.split_files import worker_init; "
-            "worker_init('idle')(0); print(os.sched_getscheduler(0) == os.SCHED_IDLE)")
+    code = (
+        "import os; from lsm_registry.data.split_files import worker_init; "
+        "worker_init('idle')(0); print(os.sched_getscheduler(0) == os.SCHED_IDLE)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
     assert worker_init("normal") is None and os.sched_getscheduler(0) != os.SCHED_IDLE  # this process untouched
-    plan = plan_epoch([(torch.arange(6), None), (torch.arange(6, 12), None)], [False, False], torch.ones(2, 2, dtype=torch.int64))
+    plan = plan_epoch(
+        [(torch.arange(6), None), (torch.arange(6, 12), None)], [False, False], torch.ones(2, 2, dtype=torch.int64)
+    )
     got = {}
     for priority in ("normal", "idle"):
-        train = ImageNetLT(ImageNetLT.Params(root=str(tree), image_size=32, workers=1, worker_priority=priority), Context((), (0, 0, 0))).build().train
+        train = (
+            ImageNetLT(
+                ImageNetLT.Params(root=str(tree), image_size=32, workers=1, worker_priority=priority),
+                Context((), (0, 0, 0)),
+            )
+            .build()
+            .train
+        )
         loader = PlannedLoader(train, workers=1)
         got[priority] = [step.bg[0] for step in loader.run(plan)]
         loader.close()
@@ -440,10 +474,14 @@ def test_worker_priority_is_refused_where_it_would_do_nothing_or_is_unknown(tmp_
                 path = tmp_path / split / name / f"{i}.jpg"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 gradient(40 + i, 30 + c).save(path)
-    params = ImageFolderLT.Params(root=str(tmp_path), profile="none", storage="memory", image_size=32, workers=0, worker_priority="idle")
-    with pytest.raises(ValueError, match="^worker_priority applies to storage = \"files\" only"):
+    params = ImageFolderLT.Params(
+        root=str(tmp_path), profile="none", storage="memory", image_size=32, workers=0, worker_priority="idle"
+    )
+    with pytest.raises(ValueError, match='^worker_priority applies to storage = "files" only'):
         ImageFolderLT(params, Context((), (0, 0, 0))).build()
     with pytest.raises(ValueError, match="^test_resize, prefetch applies to storage"):  # nor do these
-        ImageFolderLT(attrs.evolve(params, worker_priority="normal", test_resize=40, prefetch=3), Context((), (0, 0, 0))).build()
+        ImageFolderLT(
+            attrs.evolve(params, worker_priority="normal", test_resize=40, prefetch=3), Context((), (0, 0, 0))
+        ).build()
     with pytest.raises(ValueError, match="needs workers >= 1"):
         ImageFolderLT(attrs.evolve(params, storage="files"), Context((), (0, 0, 0))).build()

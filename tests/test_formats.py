@@ -21,8 +21,10 @@ from lsm_registry.formats import CHECKPOINT_FORMAT, RECIPE_FORMAT, SUMMARY_FORMA
 from lsm_registry.recipe import load_recipe
 from lsm_registry.runfolder import reader as runs
 
-MIXING_RECIPE = TINY_RECIPE.replace('[loss]\nname = "ce"', '[loss]\nname = "ce"\n\n[sampler]\nname = "dual-branch"\n\n'
-                                    '[mixer]\nname = "lsm"\nstart_epoch = 0\nend_epoch = 100')
+MIXING_RECIPE = TINY_RECIPE.replace(
+    '[loss]\nname = "ce"',
+    '[loss]\nname = "ce"\n\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nstart_epoch = 0\nend_epoch = 100',
+)
 
 
 def invoke(*args: str):
@@ -110,8 +112,12 @@ def test_an_older_run_folder_resumes_with_the_new_keys_at_their_defaults(trained
     shown = invoke("show", path)
     assert shown.exit_code == 0, shown.output
     old = tmp_path / "old-recipe.toml"  # as an older run folder holds it: no format, no mixed_weighting
-    old.write_text("\n".join(line for line in shown.output.splitlines()
-                             if not line.startswith(("format = ", "mixed_weighting = "))) + "\n")
+    old.write_text(
+        "\n".join(
+            line for line in shown.output.splitlines() if not line.startswith(("format = ", "mixed_weighting = "))
+        )
+        + "\n"
+    )
     assert invoke("show", old).output == shown.output
     result = invoke("preview", old, "--out", tmp_path / "p.png", "--rows", 2)
     assert result.exit_code == 0, result.output
@@ -132,28 +138,38 @@ def test_compare_groups_an_older_run_with_a_new_one_of_the_same_setting(trained,
 def test_a_newer_format_is_refused_in_one_line(trained, tmp_path, tiny_recipe):
     newer = RECIPE_FORMAT + 1
     path = tmp_path / "future.toml"
-    path.write_text(f"format = {newer}\n\n[data]\nname = \"synthetic-lt\"\nadded_later = 1\n\n[table_added_later]\nx = 1\n")
+    path.write_text(
+        f'format = {newer}\n\n[data]\nname = "synthetic-lt"\nadded_later = 1\n\n[table_added_later]\nx = 1\n'
+    )
     result = invoke("show", path)
     assert result.exit_code == 2
-    assert error_lines(result) == [f"error: {path}: written by a newer lsm-registry (format {newer} > {RECIPE_FORMAT}); upgrade"]
-    path.write_text(f"format = \"two\"\n\n{TINY_RECIPE}")
+    assert error_lines(result) == [
+        f"error: {path}: written by a newer lsm-registry (format {newer} > {RECIPE_FORMAT}); upgrade"
+    ]
+    path.write_text(f'format = "two"\n\n{TINY_RECIPE}')
     assert error_lines(invoke("show", path)) == [f"error: {path}: format must be a whole number >= 1 (got 'two')"]
     path.write_text(f"format = 1\n\n{TINY_RECIPE}")  # an older format loads
     assert invoke("show", path).exit_code == 0
 
     run_dir = copy_run(trained, tmp_path / "run")
-    (run_dir / "summary.json").write_text(json.dumps({**json.loads((run_dir / "summary.json").read_text()), "format": SUMMARY_FORMAT + 1}))
+    (run_dir / "summary.json").write_text(
+        json.dumps({**json.loads((run_dir / "summary.json").read_text()), "format": SUMMARY_FORMAT + 1})
+    )
     result = invoke("compare", run_dir)
     assert result.exit_code == 2
-    assert error_lines(result) == [f"error: {run_dir / 'summary.json'}: written by a newer lsm-registry "
-                                   f"(format {SUMMARY_FORMAT + 1} > {SUMMARY_FORMAT}); upgrade"]
+    assert error_lines(result) == [
+        f"error: {run_dir / 'summary.json'}: written by a newer lsm-registry "
+        f"(format {SUMMARY_FORMAT + 1} > {SUMMARY_FORMAT}); upgrade"
+    ]
     checkpoint = list_checkpoints(run_dir)[-1]
     state = load_weights_only(checkpoint)
     torch.save({**state, "format": CHECKPOINT_FORMAT + 1}, checkpoint)
     result = invoke("resume", run_dir, "--set", "run.epochs=2", "--no-progress")
     assert result.exit_code == 2
-    assert error_lines(result) == [f"error: {run_dir / 'checkpoints'}: written by a newer lsm-registry "
-                                   f"(format {CHECKPOINT_FORMAT + 1} > {CHECKPOINT_FORMAT}); upgrade"]
+    assert error_lines(result) == [
+        f"error: {run_dir / 'checkpoints'}: written by a newer lsm-registry "
+        f"(format {CHECKPOINT_FORMAT + 1} > {CHECKPOINT_FORMAT}); upgrade"
+    ]
 
 
 def test_a_missing_key_counts_as_its_default_only(trained, tmp_path):

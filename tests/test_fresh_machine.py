@@ -72,11 +72,17 @@ def test_every_import_is_declared(pyproject, folders):
 def test_make_stops_with_the_fix_when_venv_is_missing(tmp_path):
     """A Python whose venv module fails (Debian without python3-venv) gets the one-line fix."""
     fake = tmp_path / "python3"
-    fake.write_text("#!/bin/sh\necho 'The virtual environment was not created successfully because ensurepip is not available.' >&2\nexit 1\n")
+    fake.write_text(
+        "#!/bin/sh\necho 'The virtual environment was not created successfully because ensurepip is not available.' >&2\nexit 1\n"
+    )
     fake.chmod(0o755)
     venv = tmp_path / "venv"
-    result = subprocess.run(["make", "-s", "-C", str(ROOT), "install", f"PYTHON={fake}", f"VENV={venv}"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install", f"PYTHON={fake}", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "apt-get install python3-venv" in result.stderr
     assert not venv.exists(), "a half-made environment is left behind"
@@ -84,8 +90,13 @@ def test_make_stops_with_the_fix_when_venv_is_missing(tmp_path):
 
 def test_make_targets_use_the_project_environment():
     """`make run` / `make test` never call a bare python or pip that may be a PEP 668 system one."""
-    dry = subprocess.run(["make", "-n", "-C", str(ROOT), "run", "test", "VENV=/nonexistent-venv"],
-                         capture_output=True, text=True, timeout=60, env={**os.environ, "MAKEFLAGS": ""})
+    dry = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), "run", "test", "VENV=/nonexistent-venv"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAKEFLAGS": ""},
+    )
     assert dry.returncode == 0, dry.stderr
     commands = [line for line in dry.stdout.splitlines() if "lsm run" in line or "pytest" in line]
     assert commands and all(line.startswith("/nonexistent-venv/bin/") for line in commands), commands

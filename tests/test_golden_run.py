@@ -59,11 +59,26 @@ print(json.dumps({"mixed_batches": hashes}))
 
 def replay(tmp_path: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(ROOT / "recipes" / "quickstart_lsm.toml"), str(tmp_path),
-                           str(MIXED_BATCHES), *OVERRIDES], env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            str(ROOT / "recipes" / "quickstart_lsm.toml"),
+            str(tmp_path),
+            str(MIXED_BATCHES),
+            *OVERRIDES,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return {"mixed_batches": json.loads(done.stdout.strip().splitlines()[-1])["mixed_batches"],
-            "metrics": [{k: v for k, v in record.items() if k not in TIMING} for record in history(tmp_path)]}
+    return {
+        "mixed_batches": json.loads(done.stdout.strip().splitlines()[-1])["mixed_batches"],
+        "metrics": [{k: v for k, v in record.items() if k not in TIMING} for record in history(tmp_path)],
+    }
 
 
 def history(tmp_path: Path) -> list[dict]:

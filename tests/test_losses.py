@@ -131,7 +131,12 @@ def test_cb_weights_from_the_start():
 
 
 def test_drw_applies_to_every_loss():
-    for cls, params in ((Focal, FocalParams), (LDAM, LDAMParams), (BalancedSoftmax, ReweightParams), (LogitAdjust, LogitAdjustParams)):
+    for cls, params in (
+        (Focal, FocalParams),
+        (LDAM, LDAMParams),
+        (BalancedSoftmax, ReweightParams),
+        (LogitAdjust, LogitAdjustParams),
+    ):
         loss = cls(params(reweight="drw", reweight_epoch=1), ctx())
         loss.set_epoch(0)
         assert loss.class_weights() is None
@@ -191,10 +196,17 @@ def test_two_label_soft_target_is_the_mix_of_hard_losses(cls, params):
     loss = cls(params, ctx())
     for b in range(5):
         soft = loss(z[b : b + 1], target[b : b + 1]).item()
-        mixed = lam[b].item() * loss(z[b : b + 1], ya[b : b + 1]).item() + (1 - lam[b].item()) * loss(z[b : b + 1], yb[b : b + 1]).item()
+        mixed = (
+            lam[b].item() * loss(z[b : b + 1], ya[b : b + 1]).item()
+            + (1 - lam[b].item()) * loss(z[b : b + 1], yb[b : b + 1]).item()
+        )
         assert soft == pytest.approx(mixed, rel=1e-5, abs=1e-6)
     batch = loss(z, target).item()
-    per = [lam[b].item() * loss(z[b : b + 1], ya[b : b + 1]).item() + (1 - lam[b].item()) * loss(z[b : b + 1], yb[b : b + 1]).item() for b in range(5)]
+    per = [
+        lam[b].item() * loss(z[b : b + 1], ya[b : b + 1]).item()
+        + (1 - lam[b].item()) * loss(z[b : b + 1], yb[b : b + 1]).item()
+        for b in range(5)
+    ]
     assert batch == pytest.approx(sum(per) / 5, rel=1e-5)
 
 
@@ -232,9 +244,11 @@ def test_focal_gradient_finite_when_confident():
 
 # ---------------------------------------------------------------- class weights on mixed batches
 
+
 def test_per_label_is_the_default():
     assert ReweightParams().mixed_weighting == "per-label"
     assert FocalParams().mixed_weighting == LDAMParams().mixed_weighting == "per-label"
+
 
 W3 = [0.5, 1.0, 1.5]
 Z3 = [[0.8, -0.4, 0.1], [0.2, 0.9, -0.6], [-0.5, 0.3, 0.7]]

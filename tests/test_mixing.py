@@ -19,7 +19,9 @@ N = (H // P) * (W // P)
 
 
 def ctx(seed=0, classes=6, epochs=10):
-    return Context(class_counts=(1,) * classes, image_size=(3, H, W), generator=torch.Generator().manual_seed(seed), epochs=epochs)
+    return Context(
+        class_counts=(1,) * classes, image_size=(3, H, W), generator=torch.Generator().manual_seed(seed), epochs=epochs
+    )
 
 
 def lsm(seed=0, **kw):
@@ -108,7 +110,12 @@ def test_mask_all_gives_the_foreground_and_none_the_background(monkeypatch):
 
 def test_mix_is_vectorised_and_keeps_channels_last():
     xf, xb = images(2)
-    cl = lsm(seed=4).mix(xf.contiguous(memory_format=torch.channels_last), xb.contiguous(memory_format=torch.channels_last), distinct_scores(), PATCH)
+    cl = lsm(seed=4).mix(
+        xf.contiguous(memory_format=torch.channels_last),
+        xb.contiguous(memory_format=torch.channels_last),
+        distinct_scores(),
+        PATCH,
+    )
     plain = lsm(seed=4).mix(xf, xb, distinct_scores(), PATCH)
     assert torch.equal(cl.images, plain.images)
 
@@ -252,7 +259,11 @@ def test_mixed_training_is_deterministic_for_a_seed():
     from lsm_registry.plugins import default_registry
 
     recipe = tiny_recipe()
-    assert recipe.saliency.name == "gradcam" and recipe.label_fuser.name == "saliency" and recipe.patch.name == "pixel-unshuffle"
+    assert (
+        recipe.saliency.name == "gradcam"
+        and recipe.label_fuser.name == "saliency"
+        and recipe.patch.name == "pixel-unshuffle"
+    )
     records = []
     for _ in range(2):
         trainer = Trainer(recipe, default_registry())

@@ -11,7 +11,9 @@ from lsm_registry.recipe import load_recipe
 from lsm_registry.testing import ReferencePatch, tiny_context, tiny_model
 from lsm_registry.viz.pictures import preview_batch
 
-MIXING = TINY_RECIPE + """
+MIXING = (
+    TINY_RECIPE
+    + """
 [sampler]
 name = "dual-branch"
 
@@ -21,6 +23,7 @@ prob = 1.0
 start_epoch = 0
 end_epoch = { none = true }
 """
+)
 
 
 def _first_training_mix(trainer: Trainer) -> MixedBatch:
@@ -66,7 +69,9 @@ def test_anyone_can_mix_two_batches(registry):
     b, (ch, h, w), c = 4, ctx.image_size, ctx.num_classes
     x_b, x_f = torch.randn(b, ch, h, w, generator=g), torch.randn(b, ch, h, w, generator=g)
     y_b, y_f = torch.tensor([0, 1, 2, 0]), torch.tensor([3, 3, 1, 0])
-    batch = mix_batches(tiny_model(), x_b, y_b, x_f, y_f, mixer=mixer, fuser=fuser, patch=ReferencePatch(), saliency=saliency)
+    batch = mix_batches(
+        tiny_model(), x_b, y_b, x_f, y_f, mixer=mixer, fuser=fuser, patch=ReferencePatch(), saliency=saliency
+    )
     assert batch.images.shape == (b, ch, h, w) and batch.target.shape == (b, c)
     assert torch.allclose(batch.images, batch.mask * x_f + (1 - batch.mask) * x_b)
     two_label = batch.lam[:, None] * torch.eye(c)[y_f] + (1 - batch.lam[:, None]) * torch.eye(c)[y_b]

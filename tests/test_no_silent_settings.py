@@ -24,8 +24,10 @@ def test_an_empty_mixing_window_is_a_recipe_error(write_recipe, registry, mixer,
     with pytest.raises(RecipeError) as info:
         load_recipe(path, [f"run.epochs={epochs}"], registry)
     (line,) = info.value.lines
-    assert line.startswith(f"{path} [mixer] start_epoch = 4 .. end_epoch = -3 is empty for run.epochs = {epochs}: "
-                           "no batch would be mixed; for a run this short add --set mixer.start_epoch=")
+    assert line.startswith(
+        f"{path} [mixer] start_epoch = 4 .. end_epoch = -3 is empty for run.epochs = {epochs}: "
+        "no batch would be mixed; for a run this short add --set mixer.start_epoch="
+    )
     recipe = load_recipe(path, ["run.epochs=8"], registry)  # 4 <= epoch < 5: one epoch mixes
     assert list(recipe.mixer.params.window(8)) == [4]
 
@@ -53,6 +55,7 @@ def test_a_mixer_without_the_shared_knobs_cannot_be_defined():
     from lsm_registry import Mixer
 
     with pytest.raises(TypeError, match="MixerParams"):
+
         class Broken(Mixer):  # noqa: F841
             name = "broken"
 
@@ -145,7 +148,9 @@ def test_unset_of_a_required_key_is_one_line(write_recipe):
     path = write_recipe(TINY_RECIPE)
     result = CliRunner().invoke(cli, ["show", str(path), "--unset", "run.epochs"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: {path} [run].epochs: cannot be unset: it takes int, and none is not one of its values"]
+    assert result.output.strip().splitlines() == [
+        f"error: {path} [run].epochs: cannot be unset: it takes int, and none is not one of its values"
+    ]
 
 
 def test_none_like_strings_stay_strings(write_recipe):
@@ -155,7 +160,10 @@ def test_none_like_strings_stay_strings(write_recipe):
         recipe = load_recipe(path, [f"data.root={word}"])
         assert recipe.data.params.root == word
     assert load_recipe(path, ["data.root=x", "data.root={ none = true }"]).data.params.root is None
-    assert tomllib.loads(load_recipe(path, ["model.name=torchvision", "model.weights=null"]).to_toml())["model"]["weights"] == "null"
+    assert (
+        tomllib.loads(load_recipe(path, ["model.name=torchvision", "model.weights=null"]).to_toml())["model"]["weights"]
+        == "null"
+    )
 
 
 def test_mixing_tables_without_a_mixer_are_refused(write_recipe, registry):

@@ -129,8 +129,15 @@ def cc_sam_by_loop(classifier, h, y, noise_ratio, flat_ratio, counts):
         shifted = []
         for p, g in zip(params, grads):
             g_norm = g.norm()
-            magnitude = (noise_ratio * p.detach().norm().sqrt() / g_norm.sqrt() / math.sqrt(2)
-                         / max(counts[c] - 1, 1) ** 0.25 / n_params ** 0.25 * math.sqrt(n_params))
+            magnitude = (
+                noise_ratio
+                * p.detach().norm().sqrt()
+                / g_norm.sqrt()
+                / math.sqrt(2)
+                / max(counts[c] - 1, 1) ** 0.25
+                / n_params**0.25
+                * math.sqrt(n_params)
+            )
             shifted.append(p + (magnitude * g / g_norm).detach())
         z_c = F.linear(h[idx], shifted[0], shifted[1])
         flat = flat.index_put((idx,), F.cross_entropy(z_c, y[idx], reduction="none"))
@@ -152,7 +159,11 @@ def test_cc_sam_head_matches_the_per_class_loop_in_value_and_gradients():
         model.zero_grad(set_to_none=True)
         value = fn(h)
         value.backward()
-        return value.detach(), [model.classifier.weight.grad.clone(), model.classifier.bias.grad.clone(), h.grad.clone()]
+        return value.detach(), [
+            model.classifier.weight.grad.clone(),
+            model.classifier.bias.grad.clone(),
+            h.grad.clone(),
+        ]
 
     ours, g_ours = grads(lambda h: opt.head(h, model.classifier(h), y, lambda z: F.cross_entropy(z, y)))
     ref, g_ref = grads(lambda h: cc_sam_by_loop(model.classifier, h, y, 0.5, 0.5, counts))
@@ -237,8 +248,12 @@ def test_a_tiny_crt_like_stage_with_cc_sam_feature_trains_only_the_classifier(tm
     registry = build_registry(entry_points=False)
     parent = Trainer(load_recipe("recipes/quickstart.toml", TINY, registry), registry, run_dir=tmp_path / "s1")
     parent.fit()
-    stage = TINY + [f"stage.init_from={tmp_path / 's1'}", "stage.train=classifier+bn-stats", "sampler.name=class-balanced",
-                    "optim.name=cc-sam-feature"]
+    stage = TINY + [
+        f"stage.init_from={tmp_path / 's1'}",
+        "stage.train=classifier+bn-stats",
+        "sampler.name=class-balanced",
+        "optim.name=cc-sam-feature",
+    ]
     trainer = Trainer(load_recipe("recipes/quickstart.toml", stage, registry), registry)
     before = {k: v.clone() for k, v in trainer.module.named_parameters()}
     assert math.isfinite(trainer.fit()["final_loss"])
@@ -272,14 +287,17 @@ def test_optim_keeps_its_keys_and_takes_the_optimizer_parameters():
     assert load_recipe("recipes/ce.toml", registry=registry).optimizer.name == "sgd"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["optim.rho=0.1"], r"\[optim\]\.rho: neither a key of \[optim\] nor a parameter of optimizer 'sgd'"),
-    (["optim.name=sam", "optim.rh=0.1"], r"Did you mean 'rho'\?"),
-    (["optim.name=sam", "optim.rho=-1"], r"\[optim\]\.rho: must be > 0"),
-    (["optim.name=sam", "run.amp=fp16"], r"\[optim\]\.name: optimizer 'sam' does not work with fp16"),
-    (["optim.name=cc-sam", "optim.flat_ratio=0"], r"\[optim\]\.flat_ratio: must be in \(0, 1\]"),
-    (["optim.name=adam"], r"\[optim\]\.name: unknown optimizer 'adam'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.rho=0.1"], r"\[optim\]\.rho: neither a key of \[optim\] nor a parameter of optimizer 'sgd'"),
+        (["optim.name=sam", "optim.rh=0.1"], r"Did you mean 'rho'\?"),
+        (["optim.name=sam", "optim.rho=-1"], r"\[optim\]\.rho: must be > 0"),
+        (["optim.name=sam", "run.amp=fp16"], r"\[optim\]\.name: optimizer 'sam' does not work with fp16"),
+        (["optim.name=cc-sam", "optim.flat_ratio=0"], r"\[optim\]\.flat_ratio: must be in \(0, 1\]"),
+        (["optim.name=adam"], r"\[optim\]\.name: unknown optimizer 'adam'"),
+    ],
+)
 def test_bad_optimizer_settings_are_one_line_errors(overrides, message):
     with pytest.raises(RecipeError, match=message) as info:
         load_recipe("recipes/ce.toml", overrides, build_registry(entry_points=False))
@@ -317,8 +335,18 @@ def test_a_plugin_can_add_an_optimizer():
 
 # ------------------------------------------------------------------ the engine
 
-TINY = ["run.epochs=1", "run.device=cpu", "run.eval_every=1", "data.n_max=120", "data.imbalance_factor=10", "data.test_per_class=5",
-        "data.val_per_class=2", "model.width=4", "optim.batch_size=32", "optim.warmup_epochs=0"]
+TINY = [
+    "run.epochs=1",
+    "run.device=cpu",
+    "run.eval_every=1",
+    "data.n_max=120",
+    "data.imbalance_factor=10",
+    "data.test_per_class=5",
+    "data.val_per_class=2",
+    "model.width=4",
+    "optim.batch_size=32",
+    "optim.warmup_epochs=0",
+]
 
 
 def test_a_tiny_run_with_sam_trains_end_to_end():
@@ -346,7 +374,9 @@ def test_sam_counts_its_batch_once_in_the_batch_norm_statistics():
         trainer.generator.manual_seed(5)
         bg, fg = next(iter(trainer.sampler.batches(0, 32)))
         trainer.train_step(0, bg, fg, StepStats.zeros(trainer.device))
-        buffers[name] = {k: v.clone() for k, v in trainer.module.state_dict().items() if "running" in k or "tracked" in k}
+        buffers[name] = {
+            k: v.clone() for k, v in trainer.module.state_dict().items() if "running" in k or "tracked" in k
+        }
     for key, value in buffers["sgd"].items():
         assert torch.equal(value, buffers["sam"][key]), key
 

@@ -37,8 +37,11 @@ def log_softmax(z):
 
 def eps_by_hand(shape, head=0.4, tail=0.1):
     t = [(n - 10) / 990 for n in COUNTS]
-    f = {"concave": [math.sin(math.pi / 2 * v) for v in t], "linear": t,
-         "convex": [1 - math.cos(math.pi / 2 * v) for v in t]}[shape]
+    f = {
+        "concave": [math.sin(math.pi / 2 * v) for v in t],
+        "linear": t,
+        "convex": [1 - math.cos(math.pi / 2 * v) for v in t],
+    }[shape]
     return [tail + (head - tail) * v for v in f]
 
 
@@ -87,8 +90,13 @@ def lade_by_hand(z, q, alpha, lam, counts=COUNTS):
     n = sum(counts)
     pi = [c / n for c in counts]
     b, c = len(z), len(counts)
-    pc = sum(-sum(q[i][k] * log_softmax([z[i][j] + math.log(pi[j]) for j in range(c)])[k] for k in range(c))
-             for i in range(b)) / b
+    pc = (
+        sum(
+            -sum(q[i][k] * log_softmax([z[i][j] + math.log(pi[j]) for j in range(c)])[k] for k in range(c))
+            for i in range(b)
+        )
+        / b
+    )
     lader = 0.0
     for k in range(c):
         mass = sum(q[i][k] for i in range(b))
@@ -143,7 +151,9 @@ def test_ib_is_plain_cross_entropy_before_start_epoch():
     loss = InfluenceBalanced(IBParams(start_epoch=3), ctx())
     loss.set_epoch(2)
     z, y = torch.tensor(Z), torch.tensor([0, 2])
-    assert loss(z, y, features=torch.tensor(H)).item() == pytest.approx(torch.nn.functional.cross_entropy(z, y).item(), rel=1e-6)
+    assert loss(z, y, features=torch.tensor(H)).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(z, y).item(), rel=1e-6
+    )
 
 
 def test_ib_by_hand_hard_and_soft_from_start_epoch():

@@ -200,7 +200,9 @@ def test_abstract_class_and_bad_params_defaults():
 
     registry = load(("abstract", plugin(Abstract)), ("baddefault", plugin(BadDefault)))
     assert "is abstract: it does not implement mix" in only_problem(registry, "abstract")
-    assert "Params() fails with its defaults: ParamError: must be > 0 (got -1.0)" in only_problem(registry, "baddefault")
+    assert "Params() fails with its defaults: ParamError: must be > 0 (got -1.0)" in only_problem(
+        registry, "baddefault"
+    )
 
 
 def test_misspelt_hook_is_reported_by_check_pending():
@@ -268,7 +270,9 @@ def test_unknown_name_names_the_blocked_plugins():
         "(plugins blocked by LSM_DISABLE_PLUGINS: good-dist, other (other-dist); one of them may provide it)"
     )
     one = load(good, env={"LSM_DISABLE_PLUGINS": "good"})
-    with pytest.raises(RegistryError, match=r"\(plugin blocked by LSM_DISABLE_PLUGINS: good \(good-dist\); it may provide it\)"):
+    with pytest.raises(
+        RegistryError, match=r"\(plugin blocked by LSM_DISABLE_PLUGINS: good \(good-dist\); it may provide it\)"
+    ):
         one.get("loss", "good-loss")
     nothing_blocked = load(good, env={"LSM_DISABLE_PLUGINS": "not-installed"})
     assert nothing_blocked.blocked == []
@@ -285,7 +289,9 @@ def test_recipe_error_names_a_blocked_installed_plugin(broken_site):
     assert "broken-plug" in registry.blocked and not [p for p in registry.problems if "broken-plug" in p]
     with pytest.raises(RecipeError) as info:
         validate({"data": {"name": "synthetic-lt"}, "loss": {"name": "scipy-loss"}}, "r.toml", registry)
-    assert any("unknown loss 'scipy-loss'" in line and "LSM_DISABLE_PLUGINS: broken-plug;" in line for line in info.value.lines)
+    assert any(
+        "unknown loss 'scipy-loss'" in line and "LSM_DISABLE_PLUGINS: broken-plug;" in line for line in info.value.lines
+    )
 
 
 def test_a_module_plugin_is_named_by_its_module():
@@ -315,7 +321,9 @@ def make_distribution(site: Path, dist: str, module: str, source: str, entry: st
 def broken_site(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    make_distribution(site, "broken-plug", "broken_plug_mod", "raise ImportError('needs scipy, which is not installed')\n")
+    make_distribution(
+        site, "broken-plug", "broken_plug_mod", "raise ImportError('needs scipy, which is not installed')\n"
+    )
     make_distribution(site, "exiting-plug", "exiting_plug_mod", "import sys\nsys.exit(3)\n", entry="exiting")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(plugins, "_default", None)
@@ -368,7 +376,9 @@ def _spectral_installed() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _spectral_installed(), reason="lsm-spectral is not installed (pip install -e plugins/lsm-spectral)")
+@pytest.mark.skipif(
+    not _spectral_installed(), reason="lsm-spectral is not installed (pip install -e plugins/lsm-spectral)"
+)
 def test_entry_point_discovery_with_the_example_plugin(monkeypatch):
     registry = build_registry(env={})
     for kind, name in (("saliency", "spectral-residual"), ("mixer", "saliencymix")):

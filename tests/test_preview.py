@@ -56,12 +56,39 @@ def expected_size(rows: int, footnote: bool, image_side: int = 32) -> tuple[int,
 
 def test_preview_draws_one_row_per_pair(recipe, tmp_path):
     out = tmp_path / "p.png"
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", out, "--rows", 3)
+    res = run(
+        recipe,
+        "--set",
+        'mixer.name="lsm"',
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=100",
+        "--out",
+        out,
+        "--rows",
+        3,
+    )
     assert res.exit_code == 0, res.output
     assert "3 rows, mixer lsm, label fuser saliency" in res.output
     img = Image.open(out)
     two = tmp_path / "p2.png"
-    assert run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", two, "--rows", 2).exit_code == 0
+    assert (
+        run(
+            recipe,
+            "--set",
+            'mixer.name="lsm"',
+            "--set",
+            "mixer.start_epoch=0",
+            "--set",
+            "mixer.end_epoch=100",
+            "--out",
+            two,
+            "--rows",
+            2,
+        ).exit_code
+        == 0
+    )
     # five columns of 32x32 images upscaled x3 to 96 px tiles; lsm uses saliency, so no footnote
     assert tile_side() == 96 and len(COLUMNS) == 5
     assert img.size == expected_size(3, footnote=False) == (504, 386)
@@ -74,11 +101,39 @@ def test_preview_loads_a_checkpoint_and_rejects_a_wrong_one(recipe, tmp_path):
 
     good = tmp_path / "good.pt"
     torch.save({"model": CifarResNet(32, 4, width=4).state_dict(), "epoch": 1}, good)
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", tmp_path / "c.png", "--checkpoint", good, "--rows", 1)
+    res = run(
+        recipe,
+        "--set",
+        'mixer.name="lsm"',
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=100",
+        "--out",
+        tmp_path / "c.png",
+        "--checkpoint",
+        good,
+        "--rows",
+        1,
+    )
     assert res.exit_code == 0, res.output
     bad = tmp_path / "bad.pt"
     torch.save(CifarResNet(32, 4, width=8).state_dict(), bad)
-    res = run(recipe, "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100", "--out", tmp_path / "d.png", "--checkpoint", bad, "--rows", 1)
+    res = run(
+        recipe,
+        "--set",
+        'mixer.name="lsm"',
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=100",
+        "--out",
+        tmp_path / "d.png",
+        "--checkpoint",
+        bad,
+        "--rows",
+        1,
+    )
     assert res.exit_code == 2
     assert "bad.pt: does not fit the recipe's model" in res.output
 
@@ -104,9 +159,26 @@ def test_preview_of_a_mixer_without_unit_masks(recipe, tmp_path):
 
 
 def test_preview_of_a_run_folder_uses_its_best_or_last_checkpoint(recipe, tmp_path):
-    trained = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "run"), "--no-progress",
-                                       "--set", 'mixer.name="lsm"', "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=100",
-                                       "--set", "run.epochs=2", "--set", "data.val_per_class=2"])
+    trained = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            str(recipe),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "--set",
+            'mixer.name="lsm"',
+            "--set",
+            "mixer.start_epoch=0",
+            "--set",
+            "mixer.end_epoch=100",
+            "--set",
+            "run.epochs=2",
+            "--set",
+            "data.val_per_class=2",
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     folder = tmp_path / "run"
     last = run(folder, "--out", tmp_path / "last.png", "--rows", 1)

@@ -27,7 +27,16 @@ def epoch_lines(output: str) -> list[int]:
 
 @pytest.mark.parametrize("flags", [[], ["--no-progress"]], ids=["progress", "no-progress"])
 def test_one_plain_line_per_epoch_when_not_a_terminal(tiny_recipe, tmp_path, builtins_only, flags):
-    args = ["run", str(tiny_recipe), "--out", str(tmp_path / "run"), "--set", "run.epochs=3", "--set", "run.eval_every=2"]
+    args = [
+        "run",
+        str(tiny_recipe),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        "run.epochs=3",
+        "--set",
+        "run.eval_every=2",
+    ]
     result = CliRunner().invoke(cli, args + flags)
     assert result.exit_code == 0, result.output
     assert epoch_lines(result.output) == [1, 2, 3]  # also epoch 1, which is not evaluated

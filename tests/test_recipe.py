@@ -80,7 +80,7 @@ def test_zero_epochs(write_recipe):
 
 
 def test_bad_choice(write_recipe):
-    path = write_recipe(TINY_RECIPE.replace('warmup_epochs = 0', 'warmup_epochs = 0\nschedule = "linear"'))
+    path = write_recipe(TINY_RECIPE.replace("warmup_epochs = 0", 'warmup_epochs = 0\nschedule = "linear"'))
     (line,) = errors_of(path)
     assert "[optim].schedule: must be one of 'step' | 'cosine' (got 'linear')" in line
 
@@ -98,7 +98,11 @@ def test_bad_device(write_recipe):
 
 
 def test_all_errors_are_reported_at_once(write_recipe):
-    text = TINY_RECIPE.replace("epochs = 1", "epochs = 0").replace('name = "ce"', 'name = "cee"').replace("lr = 0.05", "lr = -1.0")
+    text = (
+        TINY_RECIPE.replace("epochs = 1", "epochs = 0")
+        .replace('name = "ce"', 'name = "cee"')
+        .replace("lr = 0.05", "lr = -1.0")
+    )
     lines = errors_of(write_recipe(text))
     assert len(lines) == 3
 
@@ -130,12 +134,15 @@ def test_run_name_defaults_to_the_file_stem(write_recipe):
     assert load_recipe(path).run.name == "my_exp"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr=inf", "[optim].lr"),
-    ("optim.weight_decay=1e400", "[optim].weight_decay"),
-    ("optim.lr=nan", "[optim].lr"),
-    ("run.seed=18446744073709551616", "[run].seed"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=inf", "[optim].lr"),
+        ("optim.weight_decay=1e400", "[optim].weight_decay"),
+        ("optim.lr=nan", "[optim].lr"),
+        ("run.seed=18446744073709551616", "[run].seed"),
+    ],
+)
 def test_numbers_that_are_not_finite_or_too_large_are_refused_at_validation(tiny_recipe, override, key):
     (line,) = errors_of(tiny_recipe, [override])
     assert key in line and ("finite" in line or "64 bits" in line)
@@ -146,11 +153,14 @@ def test_sam_rho_infinity_is_refused(tiny_recipe):
     assert "rho" in line and "finite" in line
 
 
-@pytest.mark.parametrize("override, key", [
-    ('run.name="a\\u0000b"', "[run].name"),
-    ('run.name="../elsewhere"', "[run].name"),
-    ('run.device="cuda:123456789012"', "[run].device"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ('run.name="a\\u0000b"', "[run].name"),
+        ('run.name="../elsewhere"', "[run].name"),
+        ('run.device="cuda:123456789012"', "[run].device"),
+    ],
+)
 def test_run_names_and_devices_that_cannot_work_are_refused(tiny_recipe, override, key):
     (line,) = errors_of(tiny_recipe, [override])
     assert key in line

@@ -77,8 +77,11 @@ def test_a_recipe_with_extends_resolves_like_the_same_recipe_written_out(tmp_pat
 
 def test_the_file_wins_over_its_bases_and_set_wins_over_both(tmp_path, registry):
     _write(tmp_path, "base.toml", TINY_BASE)
-    path = _write(tmp_path, "r.toml", 'extends = ["base.toml"]\n\n[optim]\nlr = 0.2\nmilestones = [5]\n\n'
-                  '[loss]\nname = "focal"\ngamma = 2.0\n')
+    path = _write(
+        tmp_path,
+        "r.toml",
+        'extends = ["base.toml"]\n\n[optim]\nlr = 0.2\nmilestones = [5]\n\n[loss]\nname = "focal"\ngamma = 2.0\n',
+    )
     recipe = load_recipe(path, ["optim.lr=0.3", "run.epochs=2"], registry)
     assert recipe.optim.lr == 0.3 and recipe.run.epochs == 2  # --set, after the merge
     assert recipe.optim.batch_size == 16 and recipe.optim.warmup_epochs == 0  # the base's other [optim] keys
@@ -99,8 +102,12 @@ def test_later_bases_win_over_earlier_ones(tmp_path, registry):
 
 def test_a_two_level_chain_merges_with_paths_relative_to_each_file(tmp_path, registry):
     _write(tmp_path, "_base/common/tiny.toml", TINY_BASE)
-    _write(tmp_path, "_base/lsm.toml", 'extends = "common/tiny.toml"\n\n[sampler]\nname = "dual-branch"\n\n'
-           '[mixer]\nname = "lsm"\nprob = 0.5\nstart_epoch = 0\nend_epoch = { none = true }\n\n[label_fuser]\nname = "saliency"\n')
+    _write(
+        tmp_path,
+        "_base/lsm.toml",
+        'extends = "common/tiny.toml"\n\n[sampler]\nname = "dual-branch"\n\n'
+        '[mixer]\nname = "lsm"\nprob = 0.5\nstart_epoch = 0\nend_epoch = { none = true }\n\n[label_fuser]\nname = "saliency"\n',
+    )
     path = _write(tmp_path, "exp/deep/r.toml", 'extends = "../../_base/lsm.toml"\n\n[mixer]\nprob = 0.25\n')
     recipe = load_recipe(path, [], registry)
     assert recipe.data.name == "synthetic-lt" and recipe.optim.lr == 0.05  # two levels up
@@ -110,8 +117,11 @@ def test_a_two_level_chain_merges_with_paths_relative_to_each_file(tmp_path, reg
 
 def test_nested_tables_merge_key_by_key(tmp_path, registry):
     _write(tmp_path, "base.toml", TINY_BASE + '\n[loggers.mlflow]\ntracking_uri = "file:./mlruns"\nexperiment = "a"\n')
-    path = _write(tmp_path, "r.toml", 'extends = "base.toml"\n\n[run]\nloggers = ["mlflow"]\n\n'
-                  '[loggers.mlflow]\nexperiment = "b"\n')
+    path = _write(
+        tmp_path,
+        "r.toml",
+        'extends = "base.toml"\n\n[run]\nloggers = ["mlflow"]\n\n[loggers.mlflow]\nexperiment = "b"\n',
+    )
     recipe = load_recipe(path, [], registry)
     (mlflow,) = recipe.loggers
     assert (mlflow.params.tracking_uri, mlflow.params.experiment) == ("file:./mlruns", "b")
@@ -156,7 +166,7 @@ def test_a_missing_base_is_one_line_naming_the_file_and_the_path(tmp_path, regis
     assert line.startswith(f"{tmp_path / 'base.toml'} extends:") and "../_base/nothing.toml" in line
 
 
-@pytest.mark.parametrize("value", ["3", '[""]', '["a.toml", 1]', "{ path = \"a.toml\" }"])
+@pytest.mark.parametrize("value", ["3", '[""]', '["a.toml", 1]', '{ path = "a.toml" }'])
 def test_extends_must_be_a_path_or_a_list_of_paths(value, tmp_path, registry):
     path = _write(tmp_path, "r.toml", f"extends = {value}\n" + TINY_BASE)
     with pytest.raises(RecipeError) as exc:

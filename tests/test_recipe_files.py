@@ -19,8 +19,22 @@ def registry():
 
 def test_the_paper_table_rows_have_recipes():
     names = {p.stem for p in (ROOT / "recipes").glob("*.toml")}
-    expected = {"ce", "ce_drw", "ldam_drw", "focal", "balanced_softmax", "cutmix", "mixup", "remix", "cmo",
-                "cmo_ldam_drw", "lsm_ce", "lsm_ce_drw", "lsm_ldam_drw", "quickstart"}
+    expected = {
+        "ce",
+        "ce_drw",
+        "ldam_drw",
+        "focal",
+        "balanced_softmax",
+        "cutmix",
+        "mixup",
+        "remix",
+        "cmo",
+        "cmo_ldam_drw",
+        "lsm_ce",
+        "lsm_ce_drw",
+        "lsm_ldam_drw",
+        "quickstart",
+    }
     assert expected <= names
 
 

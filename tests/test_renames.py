@@ -89,8 +89,10 @@ def test_an_old_component_name_resolves_with_one_warning(write_recipe, registry)
 def test_an_old_parameter_name_resolves_with_one_warning(write_recipe, registry):
     path, recipe, messages = load(write_recipe, registry, '[loss]\nname = "soft-ce"\nsmooth = 0.1\n')
     assert recipe.loss.params.smoothing == 0.1
-    assert messages == [f"{path} [loss].smooth: parameter 'smooth' of loss 'soft-ce' was renamed 'smoothing' "
-                        "(renamer-dist 2.0); write smoothing instead, the old name stops working in a later release"]
+    assert messages == [
+        f"{path} [loss].smooth: parameter 'smooth' of loss 'soft-ce' was renamed 'smoothing' "
+        "(renamer-dist 2.0); write smoothing instead, the old name stops working in a later release"
+    ]
 
 
 def test_old_names_from_the_command_line_resolve_too(write_recipe, registry):
@@ -126,7 +128,9 @@ def test_old_names_of_listed_callbacks_resolve_with_their_tables(write_recipe, r
 
 
 def test_old_and_new_parameter_together_is_one_error(write_recipe, registry):
-    path = write_recipe(TINY_RECIPE.replace('[loss]\nname = "ce"\n', '[loss]\nname = "soft-ce"\nsmooth = 0.1\nsmoothing = 0.2\n'))
+    path = write_recipe(
+        TINY_RECIPE.replace('[loss]\nname = "ce"\n', '[loss]\nname = "soft-ce"\nsmooth = 0.1\nsmoothing = 0.2\n')
+    )
     with pytest.raises(RecipeError) as info:
         load_recipe(path, registry=registry)
     assert info.value.lines == [f"{path} [loss].smooth: renamed 'smoothing', which the table sets too; remove smooth"]
@@ -154,9 +158,12 @@ def test_listings_hide_the_old_names(registry):
     assert "old-ce" not in registry.names("loss") and ("loss", "old-ce") not in registry
     assert [e.name for e in registry.list(pattern="old-ce")] == []
     olds = {(r.kind, r.old, r.new, r.param) for r in registry.renames()}
-    assert olds == {("loss", "old-ce", "soft-ce", None), ("loss", "soft-ce", "soft-ce", ("smooth", "smoothing")),
-                    ("callback", "counter", "epoch-counter", None),
-                    ("callback", "epoch-counter", "epoch-counter", ("every", "period"))}
+    assert olds == {
+        ("loss", "old-ce", "soft-ce", None),
+        ("loss", "soft-ce", "soft-ce", ("smooth", "smoothing")),
+        ("callback", "counter", "epoch-counter", None),
+        ("callback", "epoch-counter", "epoch-counter", ("every", "period")),
+    }
 
 
 def test_list_components_hides_old_names_and_lists_them_with_deprecated(registry, monkeypatch):
@@ -170,8 +177,10 @@ def test_list_components_hides_old_names_and_lists_them_with_deprecated(registry
     assert "soft-ce" in names and "old-ce" not in names and "deprecated" not in listed.output
     old = runner.invoke(cli, ["list-components", "--deprecated", "--kind", "loss"], env={"COLUMNS": "200"})
     assert old.exit_code == 0, old.output
-    assert table_rows(old.output) == [["loss", "old-ce", "soft-ce", "renamer-dist 2.0"],
-                                      ["loss", "soft-ce.smooth", "soft-ce.smoothing", "renamer-dist 2.0"]]
+    assert table_rows(old.output) == [
+        ["loss", "old-ce", "soft-ce", "renamer-dist 2.0"],
+        ["loss", "soft-ce.smooth", "soft-ce.smoothing", "renamer-dist 2.0"],
+    ]
 
 
 def test_lsm_show_prints_one_warning_line_per_old_name(write_recipe, registry, monkeypatch):
@@ -182,9 +191,11 @@ def test_lsm_show_prints_one_warning_line_per_old_name(write_recipe, registry, m
     result = CliRunner().invoke(cli, ["show", str(path)])
     assert result.exit_code == 0, result.output
     assert 'name = "soft-ce"' in result.stdout and "old-ce" not in result.stdout
-    assert result.stderr.splitlines() == [f"warning: {path} [loss].name: loss 'old-ce' was renamed 'soft-ce' "
-                                          "(renamer-dist 2.0); write 'soft-ce' instead, the old name stops working "
-                                          "in a later release"]
+    assert result.stderr.splitlines() == [
+        f"warning: {path} [loss].name: loss 'old-ce' was renamed 'soft-ce' "
+        "(renamer-dist 2.0); write 'soft-ce' instead, the old name stops working "
+        "in a later release"
+    ]
 
 
 # ------------------------------------------------------------------ clashes are refused at registration
@@ -194,9 +205,13 @@ def _loss(name: str, **attributes) -> type:
     def call(self, logits, target, mixed=None):
         return logits.sum()
 
-    body = {"__doc__": "A test loss.", "name": name, "__call__": call,
-            "Params": attrs.frozen(type("Params", (), {"__annotations__": {"k": "float"}, "k": param(1.0, help="k")})),
-            **attributes}
+    body = {
+        "__doc__": "A test loss.",
+        "name": name,
+        "__call__": call,
+        "Params": attrs.frozen(type("Params", (), {"__annotations__": {"k": "float"}, "k": param(1.0, help="k")})),
+        **attributes,
+    }
     return type(f"Loss_{name.replace('-', '_')}", (Loss,), body)
 
 
@@ -218,17 +233,22 @@ def test_a_live_name_equal_to_an_old_name_is_refused_in_one_line(registry):
 
 
 def test_a_plugin_whose_old_name_clashes_is_skipped_with_one_problem():
-    registry = build_registry(extra=[("clash", plugin(_loss("my-ce", renamed_from=("ce",))), OWNER)], entry_points=False)
+    registry = build_registry(
+        extra=[("clash", plugin(_loss("my-ce", renamed_from=("ce",))), OWNER)], entry_points=False
+    )
     assert len(registry.problems) == 1 and "renamed_from 'ce' is a live loss" in registry.problems[0]
     assert "my-ce" not in registry.names("loss") and registry.renames() == []
 
 
-@pytest.mark.parametrize("attributes, problem", [
-    ({"renamed_params": {"k": "k"}}, "renamed_params maps 'k', which is a live parameter"),
-    ({"renamed_params": {"old": "nope"}}, "renamed_params maps 'old' to 'nope', which is not a parameter"),
-    ({"renamed_from": "old"}, "renamed_from must be a tuple of old names"),
-    ({"renamed_from": ("my-loss",)}, "renamed_from holds its own name 'my-loss'"),
-])
+@pytest.mark.parametrize(
+    "attributes, problem",
+    [
+        ({"renamed_params": {"k": "k"}}, "renamed_params maps 'k', which is a live parameter"),
+        ({"renamed_params": {"old": "nope"}}, "renamed_params maps 'old' to 'nope', which is not a parameter"),
+        ({"renamed_from": "old"}, "renamed_from must be a tuple of old names"),
+        ({"renamed_from": ("my-loss",)}, "renamed_from holds its own name 'my-loss'"),
+    ],
+)
 def test_a_bad_declaration_is_refused_in_one_line(attributes, problem):
     with pytest.raises(RegistryError, match=problem):
         Registry().register(_loss("my-loss", **attributes), OWNER)

@@ -46,29 +46,69 @@ def images(page: str) -> list[bytes]:
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def fake_run(folder: Path, name: str, top1: float, finished: bool = True, mixer: bool = False, epochs: int = 3,
-             alpha: float = 1.0) -> Path:
+def fake_run(
+    folder: Path,
+    name: str,
+    top1: float,
+    finished: bool = True,
+    mixer: bool = False,
+    epochs: int = 3,
+    alpha: float = 1.0,
+) -> Path:
     """A run folder with the files the loaders read, written by hand (no training)."""
     folder.mkdir(parents=True)
-    recipe = {"run": {"name": name, "seed": 0, "epochs": epochs}, "data": {"name": "synthetic-lt", "n_max": 24},
-              "optim": {"lr": 0.1 * alpha}}
+    recipe = {
+        "run": {"name": name, "seed": 0, "epochs": epochs},
+        "data": {"name": "synthetic-lt", "n_max": 24},
+        "optim": {"lr": 0.1 * alpha},
+    }
     if mixer:
         recipe["mixer"] = {"name": "lsm"}
     (folder / "recipe.toml").write_text(dumps_toml(recipe))
     evaluated = epochs if finished else epochs - 1
-    lines = [{"epoch": e, "lr": 0.1, "train_loss": 2.0 / e, "mixed_fraction": 0.0, "wall_s": 10.0 * e,
-              "top1": top1 * e / epochs, "many": 0.9, "medium": 0.5 * e / epochs, "few": 0.1, "rare3": 0.05}
-             for e in range(1, evaluated + 1)]
+    lines = [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "train_loss": 2.0 / e,
+            "mixed_fraction": 0.0,
+            "wall_s": 10.0 * e,
+            "top1": top1 * e / epochs,
+            "many": 0.9,
+            "medium": 0.5 * e / epochs,
+            "few": 0.1,
+            "rare3": 0.05,
+        }
+        for e in range(1, evaluated + 1)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     if finished:
         summary = {
-            "format": 2, "top1": top1, "many": 0.9, "medium": 0.5, "few": 0.1, "rare3": 0.05,
-            "per_class": [0.95, 0.85, 0.5, 0.1], "epochs": epochs, "best_top1": top1, "best_epoch": epochs,
-            "best_on": "test", "final_loss": 0.667, "wall_time_s": 30.0, "class_counts": [300, 150, 40, 5],
-            "class_names": ["disk", "square", "ring", "cross"], "recipe": "r.toml", "run_name": name, "seed": 0,
+            "format": 2,
+            "top1": top1,
+            "many": 0.9,
+            "medium": 0.5,
+            "few": 0.1,
+            "rare3": 0.05,
+            "per_class": [0.95, 0.85, 0.5, 0.1],
+            "epochs": epochs,
+            "best_top1": top1,
+            "best_epoch": epochs,
+            "best_on": "test",
+            "final_loss": 0.667,
+            "wall_time_s": 30.0,
+            "class_counts": [300, 150, 40, 5],
+            "class_names": ["disk", "square", "ring", "cross"],
+            "recipe": "r.toml",
+            "run_name": name,
+            "seed": 0,
         }
         (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -81,9 +121,23 @@ def real_run(tmp_path_factory) -> Path:
     recipe = root / "tiny.toml"
     recipe.write_text(TINY_RECIPE)
     out = root / "tiny-run"
-    result = invoke("run", str(recipe), "--out", str(out), "--no-progress", "--set", "sampler.name=dual-branch",
-                    "--set", "mixer.name=lsm", "--set", "mixer.start_epoch=0", "--set", "mixer.end_epoch=1",
-                    "--set", "mixer.prob=1.0")
+    result = invoke(
+        "run",
+        str(recipe),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "sampler.name=dual-branch",
+        "--set",
+        "mixer.name=lsm",
+        "--set",
+        "mixer.start_epoch=0",
+        "--set",
+        "mixer.end_epoch=1",
+        "--set",
+        "mixer.prob=1.0",
+    )
     assert result.exit_code == 0, result.output
     for name in ("summary.json", "per_class.png", "confusion.png", "mixed_samples.png"):
         assert (out / name).is_file(), name
@@ -143,8 +197,9 @@ def test_a_path_that_is_not_a_run_folder_fails_in_one_line(tmp_path):
     (empty / "notes.txt").write_text("x")
     result = invoke("report", str(empty))
     assert result.exit_code == 2
-    assert error_lines(result) == [f"error: {empty}: not a run folder (it holds neither recipe.toml nor summary.json), "
-                                   "and no run folder is in it"]
+    assert error_lines(result) == [
+        f"error: {empty}: not a run folder (it holds neither recipe.toml nor summary.json), and no run folder is in it"
+    ]
     assert len(result.output.strip().splitlines()) == 1 and not (empty / "report.html").exists()
     result = invoke("report", str(tmp_path / "missing"))
     assert result.exit_code == 2 and error_lines(result) == [f"error: {tmp_path / 'missing'}: no such run folder"]
@@ -156,7 +211,8 @@ def test_a_path_that_is_not_a_run_folder_fails_in_one_line(tmp_path):
     (broken / "metrics.jsonl").write_text('{"epoch": 1, "top1": 0.1}\n{"epoch": 2,\n')
     result = invoke("report", str(broken))
     assert result.exit_code == 2 and error_lines(result) == [
-        f"error: {broken / 'metrics.jsonl'}:2: not a JSON line (Expecting property name enclosed in double quotes)"]
+        f"error: {broken / 'metrics.jsonl'}:2: not a JSON line (Expecting property name enclosed in double quotes)"
+    ]
 
 
 def test_several_runs_get_the_comparison_table(tmp_path, monkeypatch):
@@ -172,7 +228,12 @@ def test_several_runs_get_the_comparison_table(tmp_path, monkeypatch):
     head = "".join(f"<th>{column}</th>" for column in runs.columns_of(groups))
     assert '<section id="comparison">' in page and head in page
     for row in runs.text_rows(groups):  # the cells of `lsm compare`
-        assert "<tr>" + "".join(f"<td>{c}</td>" if i < 2 else f'<td class="num">{c}</td>' for i, c in enumerate(row)) + "</tr>" in page
+        assert (
+            "<tr>"
+            + "".join(f"<td>{c}</td>" if i < 2 else f'<td class="num">{c}</td>' for i, c in enumerate(row))
+            + "</tr>"
+            in page
+        )
     assert "optim.lr=0.1" in page and "optim.lr=0.2" in page
     assert "not in the table (unfinished): lsm" in page
     # overlaid curves and overlaid per-class accuracy, then per run: curves (+ per-class when finished)
@@ -192,13 +253,25 @@ def test_without_matplotlib_the_hint_is_one_line(tmp_path, monkeypatch):
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", *args]
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); .ci/run installs it"
+)
 def test_two_run_page_renders_in_headless_chromium(real_run, tmp_path):
     np = pytest.importorskip("numpy")
     Image = pytest.importorskip("PIL.Image")
@@ -217,7 +290,9 @@ def test_two_run_page_renders_in_headless_chromium(real_run, tmp_path):
     assert "comparison" in dom.stdout and "tiny" in dom.stdout
 
     shot = tmp_path / "shot.png"
-    rendered = chromium([f"--screenshot={shot}", "--window-size=1200,3000", "--hide-scrollbars", url], tmp_path / "profile-shot")
+    rendered = chromium(
+        [f"--screenshot={shot}", "--window-size=1200,3000", "--hide-scrollbars", url], tmp_path / "profile-shot"
+    )
     assert rendered.returncode == 0 and shot.is_file(), rendered.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.int16)
     assert pixels.shape[:2] == (3000, 1200) and pixels.std() > 20  # not one colour

@@ -28,7 +28,14 @@ ENV = {**os.environ, "LSM_DISABLE_PLUGINS": os.environ.get("LSM_DISABLE_PLUGINS"
 
 
 def lsm(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lsm_registry", *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lsm_registry", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def summary(folder: Path) -> dict:
@@ -113,16 +120,29 @@ def tripwire_lsm(script: Path, *args: str, signal_at: str | None = None) -> subp
     env = {k: v for k, v in ENV.items() if k != "LSM_TRIPWIRE"}
     if signal_at is not None:
         env["LSM_TRIPWIRE"] = signal_at
-    return subprocess.run([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(reference, tripwire, tmp_path):
     _, expected = reference
     script, recipe = tripwire
     run_dir = tmp_path / "run"
-    killed = tripwire_lsm(script, "run", str(recipe), "--out", str(run_dir), "--no-progress",
-                          signal_at=f"SIGKILL:{KILL_EPOCH}:{KILL_STEP}")
+    killed = tripwire_lsm(
+        script,
+        "run",
+        str(recipe),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+        signal_at=f"SIGKILL:{KILL_EPOCH}:{KILL_STEP}",
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stdout
     # killed inside epoch 2: only epoch 1's checkpoint and metrics exist
     assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0001.pt"]
@@ -141,8 +161,15 @@ def test_sigterm_writes_a_step_checkpoint_and_resume_is_exact(reference, tripwir
     _, expected = reference
     script, recipe = tripwire
     run_dir = tmp_path / "run"
-    stopped = tripwire_lsm(script, "run", str(recipe), "--out", str(run_dir), "--no-progress",
-                           signal_at=f"SIGTERM:{KILL_EPOCH}:{KILL_STEP}")
+    stopped = tripwire_lsm(
+        script,
+        "run",
+        str(recipe),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+        signal_at=f"SIGTERM:{KILL_EPOCH}:{KILL_STEP}",
+    )
     assert stopped.returncode == 130, stopped.stdout
     assert f"stopped by signal SIGTERM in epoch {KILL_EPOCH} at step {KILL_STEP}" in stopped.stdout
     assert f"lsm resume {run_dir}" in stopped.stdout
@@ -203,7 +230,9 @@ class NanPlugin:
 
 def test_nan_guard_names_epoch_and_step_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path):
     registry = build_registry(extra=[("nan", NanPlugin(), Owner("nan", "test", "0"))], entry_points=False)
-    recipe = load_recipe(write_recipe(TINY_RECIPE.replace('name = "ce"', 'name = "nan-later"')), ["run.epochs=3"], registry)
+    recipe = load_recipe(
+        write_recipe(TINY_RECIPE.replace('name = "ce"', 'name = "nan-later"')), ["run.epochs=3"], registry
+    )
     trainer = Trainer(recipe, registry, run_dir=tmp_path / "run")
     with pytest.raises(TrainingError, match=r"not finite at epoch 2, step 1;.*epoch-0001\.pt"):
         trainer.fit()
@@ -216,7 +245,10 @@ def test_resume_with_a_changed_recipe_is_refused_with_the_diff(tiny_recipe, tmp_
     run_dir = tmp_path / "run"
     runner = CliRunner()
     assert runner.invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--no-progress"]).exit_code == 0
-    result = runner.invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--resume", "--set", "optim.lr=0.2", "--set", "run.epochs=2"])
+    result = runner.invoke(
+        cli,
+        ["run", str(tiny_recipe), "--out", str(run_dir), "--resume", "--set", "optim.lr=0.2", "--set", "run.epochs=2"],
+    )
     assert result.exit_code == 2
     assert "cannot resume, the recipe differs in optim.lr (0.05 -> 0.2)" in result.output
     assert "run.epochs" not in result.output
@@ -227,7 +259,9 @@ def test_resume_with_a_changed_recipe_is_refused_with_the_diff(tiny_recipe, tmp_
 
 def test_keep_policy_prunes_old_checkpoints(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--set", "run.epochs=3", "--keep", "2", "--no-progress"])
+    result = CliRunner().invoke(
+        cli, ["run", str(tiny_recipe), "--out", str(run_dir), "--set", "run.epochs=3", "--keep", "2", "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     assert [p.name for p in list_checkpoints(run_dir)] == ["epoch-0002.pt", "epoch-0003.pt"]
 
@@ -236,8 +270,22 @@ def test_two_process_gloo_run_writes_one_run_folder(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(TINY_RECIPE.replace("n_max = 24", "n_max = 64"))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "lsm_registry", "run", str(recipe), "--out", str(run_dir), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "lsm_registry",
+        "run",
+        str(recipe),
+        "--out",
+        str(run_dir),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     got = summary(run_dir)

@@ -29,8 +29,9 @@ from lsm_registry.testing import check_component
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = (50, 20, 8, 3, 1)
-RIDE_TINY = (TINY_RECIPE.replace('name = "resnet32"', 'name = "ride"')
-             .replace('[loss]\nname = "ce"', '[loss]\nname = "ride"\nreweight = "drw"\nreweight_epoch = 1'))
+RIDE_TINY = TINY_RECIPE.replace('name = "resnet32"', 'name = "ride"').replace(
+    '[loss]\nname = "ce"', '[loss]\nname = "ride"\nreweight = "drw"\nreweight_epoch = 1'
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def registry():
 
 def _net(normed: bool = True, experts: int = 3) -> MultiExpertNet:
     torch.manual_seed(0)
-    return MultiExpertNet(num_classes=5, in_channels=3, width=4, num_experts=experts, expert_widths=(6, 12), normed_head=normed)
+    return MultiExpertNet(
+        num_classes=5, in_channels=3, width=4, num_experts=experts, expert_widths=(6, 12), normed_head=normed
+    )
 
 
 # ------------------------------------------------------------------------ the model
@@ -114,7 +117,9 @@ def test_the_diversity_term_against_its_formula(epoch):
         t_mean = float(t.mean())
     mean_dist = F.softmax(s * experts.mean(dim=0) / t, dim=1)
     # The reference's RIDELoss: per expert, T_mean^2 * KL(mean || expert), batch mean, summed over experts.
-    expected = sum(t_mean ** 2 * F.kl_div(F.log_softmax(s * z / t, dim=1), mean_dist, reduction="batchmean") for z in experts)
+    expected = sum(
+        t_mean**2 * F.kl_div(F.log_softmax(s * z / t, dim=1), mean_dist, reduction="batchmean") for z in experts
+    )
     assert torch.allclose(loss.diversity(experts), expected, atol=1e-5)
     # By hand on one expert: sum_c q_c (log q_c - log p_c) / B.
     p0 = F.softmax(s * experts[0] / t, dim=1)
@@ -218,8 +223,10 @@ def test_gradcam_explains_the_experts_mean_logit_on_every_experts_last_stage():
     assert torch.allclose(cam, expected, atol=1e-6)
     # ... which is the mean over experts of each expert's own Grad-CAM of the mean logit.
     k = maps.shape[1] // 3
-    per_expert = [(grad[:, e * k:(e + 1) * k].mean(dim=(2, 3), keepdim=True) * maps[:, e * k:(e + 1) * k]).sum(dim=1)
-                  for e in range(3)]
+    per_expert = [
+        (grad[:, e * k : (e + 1) * k].mean(dim=(2, 3), keepdim=True) * maps[:, e * k : (e + 1) * k]).sum(dim=1)
+        for e in range(3)
+    ]
     assert torch.allclose(cam, sum(per_expert), atol=1e-6)
     scores = gradcam(net, x, y, patch)
     assert scores.shape == (4, 8, 8) and bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())
@@ -227,8 +234,10 @@ def test_gradcam_explains_the_experts_mean_logit_on_every_experts_last_stage():
 
 
 def test_cached_gradcam_refuses_the_multi_expert_model_in_one_line(write_recipe, registry):
-    text = (RIDE_TINY + '\n[sampler]\nname = "dual-branch"\n\n[saliency]\nname = "cached-gradcam"\n\n'
-            '[mixer]\nname = "lsm"\nstart_epoch = 0\nend_epoch = { none = true }\n')
+    text = (
+        RIDE_TINY + '\n[sampler]\nname = "dual-branch"\n\n[saliency]\nname = "cached-gradcam"\n\n'
+        '[mixer]\nname = "lsm"\nstart_epoch = 0\nend_epoch = { none = true }\n'
+    )
     with pytest.raises(LSMError, match=r"\[saliency\]: cached-gradcam: model MultiExpertNet has no forward_features"):
         Trainer(load_recipe(write_recipe(text), [], registry), registry)
 
@@ -236,10 +245,16 @@ def test_cached_gradcam_refuses_the_multi_expert_model_in_one_line(write_recipe,
 # ------------------------------------------------------------------------ recipes
 
 
-@pytest.mark.parametrize("name", ["ride.toml", "ride_lsm.toml", "fashion_mnist_lt/ride.toml", "fashion_mnist_lt/ride_lsm.toml"])
+@pytest.mark.parametrize(
+    "name", ["ride.toml", "ride_lsm.toml", "fashion_mnist_lt/ride.toml", "fashion_mnist_lt/ride_lsm.toml"]
+)
 def test_the_recipe_trains_one_tiny_epoch(name, tmp_path, registry):
     recipe = tiny_copy(ROOT / "recipes" / name, tmp_path, registry)
-    mixing = ["--set", "mixer.start_epoch=0", "--unset", "mixer.end_epoch", "--set", "mixer.prob=1.0"] if "lsm" in name else []
+    mixing = (
+        ["--set", "mixer.start_epoch=0", "--unset", "mixer.end_epoch", "--set", "mixer.prob=1.0"]
+        if "lsm" in name
+        else []
+    )
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--no-progress", *SHRINK, *mixing])
     assert result.exit_code == 0, result.output

@@ -110,9 +110,18 @@ def test_names_with_dollar_signs_are_drawn_as_text(tmp_path):
     pytest.importorskip("matplotlib")
     from lsm_registry.viz.plots import plot_confusion, plot_per_class
 
-    summary = {"per_class": [0.5, 0.25], "class_counts": [10, 2], "class_names": ["$x^$", "a$b"], "run_name": "$x^$", "top1": 0.4}
+    summary = {
+        "per_class": [0.5, 0.25],
+        "class_counts": [10, 2],
+        "class_names": ["$x^$", "a$b"],
+        "run_name": "$x^$",
+        "top1": 0.4,
+    }
     assert plot_per_class(summary, tmp_path / "per_class.png", title="$x^$").stat().st_size > 0
-    assert plot_confusion([[1, 0], [0, 1]], ["$x^$", "a$b"], tmp_path / "confusion.png", title="$\\frac{").stat().st_size > 0
+    assert (
+        plot_confusion([[1, 0], [0, 1]], ["$x^$", "a$b"], tmp_path / "confusion.png", title="$\\frac{").stat().st_size
+        > 0
+    )
 
 
 def test_a_full_disk_is_one_line_naming_the_intact_checkpoint(tiny_recipe, registry, tmp_path, monkeypatch):
@@ -153,7 +162,9 @@ def test_pictures_that_cannot_be_written_never_fail_a_finished_run(tiny_recipe, 
 
     monkeypatch.setattr(plots, "atomic_write", full_disk)
     folder = tmp_path / "run"
-    summary = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit(RunReporter(show_progress=False))
+    summary = Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit(
+        RunReporter(show_progress=False)
+    )
     assert summary["epochs"] == 1 and (folder / "summary.json").is_file()
     assert not (folder / "per_class.png").exists()
 
@@ -168,8 +179,12 @@ def test_resume_of_a_checkpoint_with_the_wrong_structure_is_one_line(tiny_recipe
     Trainer(load_recipe(tiny_recipe, [], registry), registry, run_dir=folder).fit()
     (path,) = list_checkpoints(folder)
     state = torch.load(path, weights_only=True)
-    bad = {"empty": {}, "tensor": torch.zeros(3), "no model": {k: v for k, v in state.items() if k != "model"},
-           "bad epoch": {**state, "epoch": "three"}}[damage]
+    bad = {
+        "empty": {},
+        "tensor": torch.zeros(3),
+        "no model": {k: v for k, v in state.items() if k != "model"},
+        "bad epoch": {**state, "epoch": "three"},
+    }[damage]
     torch.save(bad, path)
     (folder / "recipe.toml").write_text(load_recipe(tiny_recipe, [], registry).to_toml())
     result = invoke("resume", folder, "--set", "run.epochs=2", "--no-progress")
@@ -178,11 +193,14 @@ def test_resume_of_a_checkpoint_with_the_wrong_structure_is_one_line(tiny_recipe
     assert str(folder) in errors[0]
 
 
-@pytest.mark.parametrize("override, words", [
-    ("model.width=1000000000", "[model] resnet32: resnet32 with width 1000000000 needs about"),
-    ("data.num_classes=1000000000", "[data] synthetic-lt: num_classes 1000000000"),
-    ("data.n_max=100000000", "[data] synthetic-lt: synthetic-lt needs about"),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("model.width=1000000000", "[model] resnet32: resnet32 with width 1000000000 needs about"),
+        ("data.num_classes=1000000000", "[data] synthetic-lt: num_classes 1000000000"),
+        ("data.n_max=100000000", "[data] synthetic-lt: synthetic-lt needs about"),
+    ],
+)
 def test_what_cannot_fit_in_memory_is_refused_before_it_is_allocated(tiny_recipe, registry, tmp_path, override, words):
     recipe = load_recipe(tiny_recipe, [override], registry)
     with pytest.raises(LSMError) as info:
@@ -221,7 +239,9 @@ def test_an_unwritable_out_is_refused_before_the_work(finished_run, tmp_path, mo
     readonly = tmp_path / "readonly"
     readonly.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == readonly else real_access(p, mode, **kw))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: False if Path(p) == readonly else real_access(p, mode, **kw)
+    )
 
     def no_work(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
@@ -253,7 +273,9 @@ def test_evaluate_and_export_take_the_training_facts_from_the_checkpoint(finishe
 
     built = []
     real_build = evaluation.build_data
-    monkeypatch.setattr(evaluation, "build_data", lambda recipe, registry: built.append(recipe.data) or real_build(recipe, registry))
+    monkeypatch.setattr(
+        evaluation, "build_data", lambda recipe, registry: built.append(recipe.data) or real_build(recipe, registry)
+    )
     result = invoke("export", finished_run, "--out", tmp_path / "export", "--format", "state-dict")
     assert result.exit_code == 0, result.output
     assert built == []
@@ -268,7 +290,12 @@ def test_metrics_jsonl_has_every_epoch_and_a_resume_keeps_them(tiny_recipe, tmp_
     import json
 
     folder = tmp_path / "run"
-    assert invoke("run", tiny_recipe, "--out", folder, "--no-progress", "--set", "run.epochs=3", "--set", "run.eval_every=3").exit_code == 0
+    assert (
+        invoke(
+            "run", tiny_recipe, "--out", folder, "--no-progress", "--set", "run.epochs=3", "--set", "run.eval_every=3"
+        ).exit_code
+        == 0
+    )
     lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3] and ["top1" in r for r in lines] == [False, False, True]
     assert all(r["train_loss"] is not None and r["lr"] > 0 for r in lines)

@@ -25,11 +25,19 @@ from lsm_registry.runfolder import reader as runs
 from lsm_registry.stages import tau_normalised
 
 
-def stage_recipe(parent: Path | str, train: str = "classifier", reset: bool = True, extra: str = "",
-                 sampler: str = "class-balanced", name: str = "tiny-stage2") -> str:
+def stage_recipe(
+    parent: Path | str,
+    train: str = "classifier",
+    reset: bool = True,
+    extra: str = "",
+    sampler: str = "class-balanced",
+    name: str = "tiny-stage2",
+) -> str:
     text = TINY_RECIPE.replace('name = "tiny"', f'name = "{name}"')
-    text = text.replace('width = 4', 'width = 4' + extra)
-    return text + f"""
+    text = text.replace("width = 4", "width = 4" + extra)
+    return (
+        text
+        + f"""
 [stage]
 init_from = "{parent}"
 train = "{train}"
@@ -38,6 +46,7 @@ reset_classifier = {"true" if reset else "false"}
 [sampler]
 name = "{sampler}"
 """
+    )
 
 
 def invoke(*args: str):
@@ -147,8 +156,12 @@ def test_train_classifier_freezes_the_backbone_and_its_batch_norm(write_recipe, 
 def test_train_classifier_and_bn_updates_batch_norm_only_besides_the_classifier(write_recipe, registry, parent_run):
     trainer = trainer_for(write_recipe, stage_recipe(parent_run, train="classifier+bn"), registry)
     before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
-    bn_keys = {f"{name}.{k}" for name, m in trainer.module.named_modules() if isinstance(m, nn.BatchNorm2d)
-               for k in m.state_dict()}
+    bn_keys = {
+        f"{name}.{k}"
+        for name, m in trainer.module.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for k in m.state_dict()
+    }
     trainer.fit()
     after = trainer.module.state_dict()
     for key in before:
@@ -207,7 +220,9 @@ def test_lws_trains_only_the_scales(write_recipe, registry, parent_run, parent_s
 def test_class_balanced_sampler_draws_each_class_equally_often():
     counts = (400, 100, 20, 5)
     labels = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
-    sampler = ClassBalancedSampler(ClassBalancedSampler.Params(), Context(class_counts=counts, image_size=(3, 8, 8)), labels)
+    sampler = ClassBalancedSampler(
+        ClassBalancedSampler.Params(), Context(class_counts=counts, image_size=(3, 8, 8)), labels
+    )
     assert sampler.steps_per_epoch(25) == len(labels) // 25  # an epoch as long as an instance-balanced one
     drawn = torch.cat([bg for epoch in range(8) for bg, fg in sampler.batches(epoch, 25)])
     assert all(fg is None for _, fg in sampler.batches(0, 25))
@@ -265,7 +280,11 @@ def test_lsm_tau_norm_re_evaluates_a_finished_run(parent_run, tmp_path):
     result = invoke("tau-norm", str(parent_run), "--tau", "0,0.5,1", "--out", str(out))
     assert result.exit_code == 0, result.output
     lines = (out / "tau-norm,test.csv").read_text().splitlines()
-    assert lines[0] == "tau,top1,many,medium,few,rare3" and [line.split(",")[0] for line in lines[1:]] == ["0", "0.5", "1"]
+    assert lines[0] == "tau,top1,many,medium,few,rare3" and [line.split(",")[0] for line in lines[1:]] == [
+        "0",
+        "0.5",
+        "1",
+    ]
     one = json.loads((out / "test,tau=1" / "summary.json").read_text())
     assert one["tau_norm"] == 1.0
     result = invoke("evaluate", str(parent_run), "--tau-norm", "1", "--out", str(tmp_path / "one"))
@@ -321,7 +340,9 @@ def test_stage2_runs_group_by_their_parents_setting_not_its_path(write_recipe, p
     crt = []
     for i, parent in enumerate((parent_run, other_seed, other_lr)):
         crt.append(tmp_path / f"crt-{i}")
-        result = invoke("run", str(write_recipe(stage_recipe(parent), f"crt{i}.toml")), "--out", str(crt[-1]), "--no-progress")
+        result = invoke(
+            "run", str(write_recipe(stage_recipe(parent), f"crt{i}.toml")), "--out", str(crt[-1]), "--no-progress"
+        )
         assert result.exit_code == 0, result.output
     summary = json.loads((crt[1] / "summary.json").read_text())
     assert summary["parent"]["recipe"]["run"]["seed"] == 4 and summary["parent"]["parent"] is None

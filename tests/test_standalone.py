@@ -26,9 +26,7 @@ DOCS_REF = re.compile(r"(?<![\w./-])docs/(?:[\w.-]+/)*[\w-][\w.-]*\.md\b")
 
 def tracked_files() -> list[Path]:
     try:
-        out = subprocess.run(
-            ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
-        ).stdout
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout: the tracked files are unknown")
     paths = [ROOT / p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]

@@ -30,7 +30,7 @@ def error_lines(result) -> list[str]:
 
 def test_split_values_keeps_lists_and_quoted_commas():
     assert split_values("0.5,1.0") == ["0.5", "1.0"]
-    assert split_values('[8, 9],[5,9]') == ["[8, 9]", "[5,9]"]
+    assert split_values("[8, 9],[5,9]") == ["[8, 9]", "[5,9]"]
     assert split_values('"a,b",c') == ['"a,b"', "c"]
     assert split_values("saliency, area") == ["saliency", "area"]
 
@@ -70,7 +70,9 @@ def test_malformed_grid_specs(spec, needle):
 
 def test_sweep_bad_keys_exit_2_one_line_each(write_recipe):
     path = write_recipe(TINY_RECIPE)
-    result = invoke("sweep", str(path), "--grid", "optim.lrr=0.1,0.2", "--grid", "mixer.alpha=1,2", "--grid", "optim.lr=")
+    result = invoke(
+        "sweep", str(path), "--grid", "optim.lrr=0.1,0.2", "--grid", "mixer.alpha=1,2", "--grid", "optim.lr="
+    )
     assert result.exit_code == 2
     lines = error_lines(result)
     assert len(lines) == 3
@@ -83,8 +85,18 @@ def test_sweep_bad_keys_exit_2_one_line_each(write_recipe):
 def test_sweep_checks_every_point_before_running(write_recipe, tmp_path):
     path = write_recipe(TINY_RECIPE)
     out = tmp_path / "sw"
-    result = invoke("sweep", str(path), "--grid", "mixer.name=cutmix,mixup", "--grid", "mixer.alpha=1.0,-1.0",
-                    "--seeds", "0,1", "--out", str(out))
+    result = invoke(
+        "sweep",
+        str(path),
+        "--grid",
+        "mixer.name=cutmix,mixup",
+        "--grid",
+        "mixer.alpha=1.0,-1.0",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+    )
     assert result.exit_code == 2
     lines = error_lines(result)
     assert len(lines) == 1  # the same problem once, not once per mixer and seed
@@ -95,7 +107,9 @@ def test_sweep_checks_every_point_before_running(write_recipe, tmp_path):
 
 def test_sweep_grid_over_a_component_parameter_of_a_swept_name(write_recipe):
     path = write_recipe(TINY_RECIPE)
-    result = invoke("sweep", str(path), "--grid", "mixer.name=cutmix,mixup", "--grid", "mixer.per_image=true", "--dry-run")
+    result = invoke(
+        "sweep", str(path), "--grid", "mixer.name=cutmix,mixup", "--grid", "mixer.per_image=true", "--dry-run"
+    )
     assert result.exit_code == 2
     lines = error_lines(result)
     assert len(lines) == 1 and "unknown parameter of mixer 'cutmix'" in lines[0]
@@ -103,7 +117,17 @@ def test_sweep_grid_over_a_component_parameter_of_a_swept_name(write_recipe):
 
 def test_sweep_dry_run_lists_the_plan(write_recipe, tmp_path):
     path = write_recipe(TINY_RECIPE)
-    result = invoke("sweep", str(path), "--grid", "mixer.name=cutmix,mixup", "--seeds", "0,1", "--out", str(tmp_path / "sw"), "--dry-run")
+    result = invoke(
+        "sweep",
+        str(path),
+        "--grid",
+        "mixer.name=cutmix,mixup",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(tmp_path / "sw"),
+        "--dry-run",
+    )
     assert result.exit_code == 0, result.output
     assert "4 run(s)" in result.output
     assert "mixer.name=mixup,seed=1" in result.output
@@ -139,9 +163,22 @@ def fake_run(folder: Path, seed: int, alpha: float, top1: float, few=None, name=
     }
     (folder / "recipe.toml").write_text(dumps_toml(recipe))
     summary = {
-        "top1": top1, "many": top1 + 0.1, "medium": top1, "few": few, "rare3": 0.1, "per_class": [],
-        "epochs": 10, "best_top1": top1, "best_epoch": 10, "final_loss": 1.0, "wall_time_s": wall,
-        "class_counts": [], "class_names": [], "recipe": "r.toml", "run_name": name, "seed": seed,
+        "top1": top1,
+        "many": top1 + 0.1,
+        "medium": top1,
+        "few": few,
+        "rare3": 0.1,
+        "per_class": [],
+        "epochs": 10,
+        "best_top1": top1,
+        "best_epoch": 10,
+        "final_loss": 1.0,
+        "wall_time_s": wall,
+        "class_counts": [],
+        "class_names": [],
+        "recipe": "r.toml",
+        "run_name": name,
+        "seed": seed,
     }
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
@@ -183,7 +220,9 @@ def test_compare_errors_name_the_folder(tmp_path):
     (unfinished / "recipe.toml").write_text("[run]\nname = 'x'\n")
     result = invoke("compare", str(unfinished))
     assert result.exit_code == 2
-    assert error_lines(result) == [f"error: {unfinished}: no summary.json (the run did not finish, or this is not a run folder)"]
+    assert error_lines(result) == [
+        f"error: {unfinished}: no summary.json (the run did not finish, or this is not a run folder)"
+    ]
     empty = tmp_path / "empty"
     empty.mkdir()
     result = invoke("compare", str(empty), str(tmp_path / "missing"))
@@ -274,8 +313,11 @@ def test_every_differing_key_is_shown_and_collisions_get_their_folder(tmp_path):
     """Two sweep points beside runs that differ in more keys: the key that tells the points apart
     is never hidden behind "(+N more)"; in a pipe the table is markdown, every cell whole."""
     base = {f"mixer.k{i}": i for i in range(6)}
-    flats = [{"mixer.name": "lsm", **base, "optim.lr": 0.05}, {"mixer.name": "lsm", **base, "optim.lr": 0.1},
-             {"mixer.name": "lsm", **{k: v + 1 for k, v in base.items()}, "optim.lr": 0.1}]
+    flats = [
+        {"mixer.name": "lsm", **base, "optim.lr": 0.05},
+        {"mixer.name": "lsm", **base, "optim.lr": 0.1},
+        {"mixer.name": "lsm", **{k: v + 1 for k, v in base.items()}, "optim.lr": 0.1},
+    ]
     labels = runs.setting_labels(flats)
     assert all("more)" not in label for label in labels)
     assert "optim.lr=0.05" in labels[0] and "optim.lr=0.1" in labels[1] and "mixer.k5=6" in labels[2]

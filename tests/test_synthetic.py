@@ -40,7 +40,7 @@ def test_the_object_not_the_background_carries_the_class():
 def _object_colours(images: torch.Tensor) -> set[int]:
     """Each image's commonest saturated colour, quantised: the solid object's colour (the background
     is mid-range noise, the clutter strokes are thin)."""
-    q = (images.long() // 64)  # 4 levels per channel
+    q = images.long() // 64  # 4 levels per channel
     codes = q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2]  # (N, H, W)
     spread = images.float().amax(dim=1) - images.float().amin(dim=1)
     colours = set()

@@ -39,7 +39,16 @@ def test_every_registered_component_conforms(entry):
 
 
 def test_every_kind_has_a_builtin_to_check():
-    assert {e.kind for e in BUILTINS.list()} >= {"sampler", "saliency", "patch", "mixer", "label_fuser", "loss", "model", "dataset"}
+    assert {e.kind for e in BUILTINS.list()} >= {
+        "sampler",
+        "saliency",
+        "patch",
+        "mixer",
+        "label_fuser",
+        "loss",
+        "model",
+        "dataset",
+    }
 
 
 def test_leaves_the_global_rng_alone():

@@ -48,8 +48,10 @@ def _train(recipe_path: Path, run_dir: Path, overrides=(), registry=None, resume
 
 
 def test_loggers_and_their_tables_validate_and_round_trip(write_recipe, registry):
-    path = write_recipe(TINY_RECIPE.replace('name = "tiny"', 'name = "tiny"\nloggers = ["tensorboard", "mlflow"]')
-                        + '\n[loggers.mlflow]\nexperiment = "lt"\n')
+    path = write_recipe(
+        TINY_RECIPE.replace('name = "tiny"', 'name = "tiny"\nloggers = ["tensorboard", "mlflow"]')
+        + '\n[loggers.mlflow]\nexperiment = "lt"\n'
+    )
     recipe = load_recipe(path, ["loggers.mlflow.tracking_uri=http://127.0.0.1:5999"], registry)
     assert [s.name for s in recipe.loggers] == ["tensorboard", "mlflow"]
     assert recipe.loggers[1].params.experiment == "lt"
@@ -61,12 +63,23 @@ def test_loggers_and_their_tables_validate_and_round_trip(write_recipe, registry
     assert without_loggers(recipe.to_dict()) == without_loggers(plain.to_dict())
 
 
-@pytest.mark.parametrize("text, overrides, expected", [
-    (TINY_RECIPE, ['run.loggers=["tensorbord"]'], "[run].loggers: unknown logger 'tensorbord'"),
-    (TINY_RECIPE + '\n[loggers.mlflow]\nexperiment = "x"\n', [], "[loggers.mlflow]: logger 'mlflow' is not in [run].loggers"),
-    (TINY_RECIPE, ['run.loggers=["mlflow"]', "loggers.mlflow.experimant=x"], "[loggers.mlflow].experimant: unknown parameter"),
-    (TINY_RECIPE, ['run.loggers=["mlflow", "mlflow"]'], "'mlflow' is listed 2 times"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        (TINY_RECIPE, ['run.loggers=["tensorbord"]'], "[run].loggers: unknown logger 'tensorbord'"),
+        (
+            TINY_RECIPE + '\n[loggers.mlflow]\nexperiment = "x"\n',
+            [],
+            "[loggers.mlflow]: logger 'mlflow' is not in [run].loggers",
+        ),
+        (
+            TINY_RECIPE,
+            ['run.loggers=["mlflow"]', "loggers.mlflow.experimant=x"],
+            "[loggers.mlflow].experimant: unknown parameter",
+        ),
+        (TINY_RECIPE, ['run.loggers=["mlflow", "mlflow"]'], "'mlflow' is listed 2 times"),
+    ],
+)
 def test_bad_logger_settings_are_one_line_errors(write_recipe, registry, text, overrides, expected):
     with pytest.raises(RecipeError) as err:
         load_recipe(write_recipe(text), overrides, registry)
@@ -88,7 +101,10 @@ def test_a_missing_tracker_package_stops_the_run_before_training_with_the_hint(w
     registry = build_registry(entry_points=False)
     registry.register(Missing, Owner("tests", "tests", "0"))
     recipe = load_recipe(write_recipe(TINY_RECIPE), ['run.loggers=["missing-pkg"]'], registry)
-    with pytest.raises(LSMError, match=r"logger 'missing-pkg' needs the no_such_tracker_package_xyz package: pip install no-such-tracker"):
+    with pytest.raises(
+        LSMError,
+        match=r"logger 'missing-pkg' needs the no_such_tracker_package_xyz package: pip install no-such-tracker",
+    ):
         check_loggers(recipe, registry)
 
 
@@ -141,7 +157,10 @@ def _registry_with(*classes):
 
 def test_each_logger_gets_steps_evaluations_pictures_and_the_summary(write_recipe, tmp_path):
     Recording.calls = []
-    mixing = TWO_EPOCHS + '\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nprob = 1.0\nstart_epoch = 0\nend_epoch = { none = true }\n'
+    mixing = (
+        TWO_EPOCHS
+        + '\n[sampler]\nname = "dual-branch"\n\n[mixer]\nname = "lsm"\nprob = 1.0\nstart_epoch = 0\nend_epoch = { none = true }\n'
+    )
     summary = _train(write_recipe(mixing), tmp_path / "run", ['run.loggers=["recording"]'], _registry_with(Recording))
     kinds = [c[0] for c in Recording.calls]
     assert kinds[0] == "start" and kinds[-1] == "close" and kinds[-2] != "close"
@@ -149,7 +168,13 @@ def test_each_logger_gets_steps_evaluations_pictures_and_the_summary(write_recip
     steps = [c[1] for c in Recording.calls if c[0] == "scalars"]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # the global step keeps rising over epochs
     scalars = next(c[2] for c in Recording.calls if c[0] == "scalars")
-    assert set(scalars) >= {"train/loss", "train/lr", "train/images_per_s", "train/mixed_fraction", "train/fg_label_weight"}
+    assert set(scalars) >= {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/mixed_fraction",
+        "train/fg_label_weight",
+    }
     assert scalars["train/mixed_fraction"] == 1.0 and 0.0 < scalars["train/fg_label_weight"] < 1.0
     last = [c for c in Recording.calls if c[0] == "evaluation"][-1]
     assert last[2] == 2 and last[3]["test/top1"] == summary["top1"]
@@ -161,7 +186,9 @@ def test_each_logger_gets_steps_evaluations_pictures_and_the_summary(write_recip
 def test_a_failing_logger_is_reported_in_one_line_and_the_run_goes_on(write_recipe, tmp_path, capsys):
     Recording.calls = []
     run_dir = tmp_path / "run"
-    summary = _train(write_recipe(TWO_EPOCHS), run_dir, ['run.loggers=["broken", "recording"]'], _registry_with(Recording, Broken))
+    summary = _train(
+        write_recipe(TWO_EPOCHS), run_dir, ['run.loggers=["broken", "recording"]'], _registry_with(Recording, Broken)
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "broken" in line]
     assert len(lines) == 1 and "ConnectionError: tracker at 127.0.0.1:9 refused the connection" in lines[0]
@@ -196,7 +223,9 @@ def test_a_logger_may_be_added_on_resume(write_recipe, tmp_path):
 # ------------------------------------------------------------------------------ real trackers
 
 
-@pytest.mark.skipif(not _has("tensorboard"), reason="tensorboard is not installed (pip install 'lsm-registry[tensorboard]')")
+@pytest.mark.skipif(
+    not _has("tensorboard"), reason="tensorboard is not installed (pip install 'lsm-registry[tensorboard]')"
+)
 def test_tensorboard_event_files_read_back_with_event_accumulator(write_recipe, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -232,9 +261,24 @@ def mlflow_server(tmp_path):
     port = _free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+        [
+            str(mlflow_bin),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -262,8 +306,11 @@ def test_mlflow_run_reads_back_from_a_real_tracking_server(write_recipe, tmp_pat
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "run"
-    summary = _train(write_recipe(TWO_EPOCHS), run_dir,
-                     ['run.loggers=["mlflow"]', f"loggers.mlflow.tracking_uri={mlflow_server}", "loggers.mlflow.experiment=tests"])
+    summary = _train(
+        write_recipe(TWO_EPOCHS),
+        run_dir,
+        ['run.loggers=["mlflow"]', f"loggers.mlflow.tracking_uri={mlflow_server}", "loggers.mlflow.experiment=tests"],
+    )
     client = MlflowClient(tracking_uri=mlflow_server)
     run_id = json.loads((run_dir / "loggers" / "mlflow" / "state.json").read_text())["run_id"]
     run = client.get_run(run_id)
@@ -290,11 +337,11 @@ def _wandb_records(folder: Path) -> list:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             out.append(data)
         elif kind == 2:
@@ -317,14 +364,35 @@ def test_wandb_offline_run_file_holds_the_metrics(write_recipe, tmp_path, monkey
     run_dir = tmp_path / "run"
     summary = _train(write_recipe(TWO_EPOCHS), run_dir, ['run.loggers=["wandb"]'])
     records = _wandb_records(run_dir / "loggers" / "wandb")
-    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     top1 = [h["test/top1"] for h in history if "test/top1" in h]
     assert top1[-1] == pytest.approx(summary["top1"])
     assert any("train/loss" in h for h in history)
-    config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "run" for i in r.run.config.update}
+    config = {
+        i.key: json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for i in r.run.config.update
+    }
     assert config["optim.lr"] == 0.05 and config["data.name"] == "synthetic-lt"
-    assert glob.glob(str(run_dir / "loggers" / "wandb" / "wandb" / "offline-run-*" / "files" / "media" / "images" / "pictures" / "per_class_*.png"))
+    assert glob.glob(
+        str(
+            run_dir
+            / "loggers"
+            / "wandb"
+            / "wandb"
+            / "offline-run-*"
+            / "files"
+            / "media"
+            / "images"
+            / "pictures"
+            / "per_class_*.png"
+        )
+    )
 
 
 def test_the_plugin_logger_of_docs_tracking_md_runs_and_conforms(write_recipe, tmp_path):
@@ -378,8 +446,11 @@ def test_hparams_leave_out_logger_settings_and_keys_the_schedule_ignores(write_r
     from lsm_registry.recipe import load_recipe
     from lsm_registry.runfolder.tracking import run_info
 
-    recipe = load_recipe(write_recipe(TWO_EPOCHS), ['run.loggers=["tensorboard"]', "loggers.tensorboard.log_dir='x'",
-                                                    "optim.schedule='cosine'"], default_registry())
+    recipe = load_recipe(
+        write_recipe(TWO_EPOCHS),
+        ['run.loggers=["tensorboard"]', "loggers.tensorboard.log_dir='x'", "optim.schedule='cosine'"],
+        default_registry(),
+    )
     hparams = run_info(recipe, None, ("a",), (1,), 1, False).hparams
     assert not any(k.startswith("loggers.") or k == "run.loggers" for k in hparams)
     assert "optim.milestones" not in hparams and "optim.gamma" not in hparams and hparams["optim.schedule"] == "cosine"

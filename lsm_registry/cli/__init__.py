@@ -21,15 +21,35 @@ __all__ = ["cli", "main"]
 #: `lsm --version` answer at once; tests/test_cli.py checks the help lines against the commands.
 COMMANDS = {
     "run": ("train", "run_cmd", "Train and evaluate each RECIPE; writes its run folder and prints Many/Medium/Few."),
-    "resume": ("train", "resume_cmd", "Continue the run in RUN_DIR from its newest checkpoint, with its own recipe.toml."),
+    "resume": (
+        "train",
+        "resume_cmd",
+        "Continue the run in RUN_DIR from its newest checkpoint, with its own recipe.toml.",
+    ),
     "show": ("listing", "show_cmd", "Print the resolved, validated RECIPE as TOML (every default filled in)."),
-    "list-components": ("listing", "list_components_cmd", "List registered components, optionally only those matching PATTERN."),
-    "preview": ("preview", "command", "Draw one mixed batch of RECIPE: foreground, saliency, mask, background, mixed, label weights."),
+    "list-components": (
+        "listing",
+        "list_components_cmd",
+        "List registered components, optionally only those matching PATTERN.",
+    ),
+    "preview": (
+        "preview",
+        "command",
+        "Draw one mixed batch of RECIPE: foreground, saliency, mask, background, mixed, label weights.",
+    ),
     "sweep": ("sweep", "command", "Train RECIPE at every point of the --grid product (times --seeds), then compare."),
-    "compare": ("compare", "command", "Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time."),
+    "compare": (
+        "compare",
+        "command",
+        "Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time.",
+    ),
     "report": ("report", "command", "Write one HTML page of runs: curves, Many / Medium / Few, pictures, recipe."),
     "evaluate": ("evaluate", "evaluate_cmd", "Score the model of RUN_DIR again and print its Many/Medium/Few table."),
-    "tau-norm": ("evaluate", "tau_norm_cmd", "Re-score the model of RUN_DIR with its classifier tau-normalised, without training."),
+    "tau-norm": (
+        "evaluate",
+        "tau_norm_cmd",
+        "Re-score the model of RUN_DIR with its classifier tau-normalised, without training.",
+    ),
     "export": ("evaluate", "export_cmd", "Write the model of RUN_DIR for programs without lsm-registry."),
 }
 
@@ -81,7 +101,6 @@ def cli() -> None:
     the run to those trackers (docs/tracking.md).
     Set LSM_DISABLE_PLUGINS=a,b to block plugins, LSM_DEBUG=1 for tracebacks.
     """
-
 
 
 def main() -> None:

@@ -101,5 +101,3 @@ def set_option(func: Callable) -> Callable:
 
     wrapper = click.option("--unset", "unsets", multiple=True, metavar="TABLE.KEY", help=UNSET_HELP)(wrapper)
     return click.option("--set", "overrides", multiple=True, metavar="TABLE.KEY=VALUE", help=SET_HELP)(wrapper)
-
-

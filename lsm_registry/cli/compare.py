@@ -31,15 +31,37 @@ def render(groups, fmt: str, width: Optional[int] = None) -> str:
 
 @click.command("compare")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv"]), default="table", show_default=True,
-              help="table (rich, for the terminal; markdown when the output is not a terminal), markdown (for docs) or csv "
-                   "(mean and std columns, fractions).")
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the comparison to this file (in --format; a table is written as plain text).")
-@click.option("--rank-by", "rank_by", type=click.Choice(["none", *runs.RANK_KEYS]), default="none", show_default=True,
-              help="Order the settings best first by this mean: val_top1 chooses on the validation split, top1 on the test set.")
-@click.option("--plot", "plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also draw the per-class accuracy of every run against its training count into this PNG (needs matplotlib).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "csv"]),
+    default="table",
+    show_default=True,
+    help="table (rich, for the terminal; markdown when the output is not a terminal), markdown (for docs) or csv "
+    "(mean and std columns, fractions).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the comparison to this file (in --format; a table is written as plain text).",
+)
+@click.option(
+    "--rank-by",
+    "rank_by",
+    type=click.Choice(["none", *runs.RANK_KEYS]),
+    default="none",
+    show_default=True,
+    help="Order the settings best first by this mean: val_top1 chooses on the validation split, top1 on the test set.",
+)
+@click.option(
+    "--plot",
+    "plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also draw the per-class accuracy of every run against its training count into this PNG (needs matplotlib).",
+)
 @user_errors
 def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: str, plot: Optional[Path]) -> None:
     """Compare finished runs: top-1, Many, Medium, Few, rarest three, epochs, wall time.
@@ -52,7 +74,6 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: 
     runs with a validation split also get a "val top-1" column, and --rank-by val_top1
     orders the settings by it, so that a choice is made on validation, not on the test set.
     """
-
 
     groups = runs.group_runs(runs.load_runs(list(run_dirs)))
     if rank_by != "none":
@@ -75,8 +96,11 @@ def command(run_dirs: tuple[Path, ...], fmt: str, out: Optional[Path], rank_by: 
         records = [r for group in groups for r in group.runs]
         # Run names when they tell the groups apart, else the recipe keys that do.
         by_name = len({g.name for g in groups}) == len(groups)
-        labels = [(group.name if by_name else group.label or group.name) + (f" (seed {seed})" if len(group.runs) > 1 else "")
-                  for group in groups for seed in group.seeds]
+        labels = [
+            (group.name if by_name else group.label or group.name) + (f" (seed {seed})" if len(group.runs) > 1 else "")
+            for group in groups
+            for seed in group.seeds
+        ]
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_compare(list(zip(labels, (r.summary for r in records))), plot)
         click.echo(f"wrote {plot}")

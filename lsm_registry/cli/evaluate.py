@@ -25,33 +25,61 @@ from ..runfolder.evaluate import (
 from ..runfolder.export import export_run
 from .common import registry_with_warnings, set_option, user_errors
 
-CHECKPOINT_HELP = ("Checkpoint to use: best (the best epoch on the validation split), last (the newest, the default) "
-                   "or a file, an engine checkpoint or a state_dict.")
+CHECKPOINT_HELP = (
+    "Checkpoint to use: best (the best epoch on the validation split), last (the newest, the default) "
+    "or a file, an engine checkpoint or a state_dict."
+)
 
 
 def scoring_options(split_help: str):
     """RUN_DIR, --checkpoint, --set / --unset and --split: what every command that re-scores a run takes."""
+
     def decorate(command):
-        for option in reversed((
-            click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path)),
-            click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE", help=CHECKPOINT_HELP),
-            set_option,
-            click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True, help=split_help),
-        )):
+        for option in reversed(
+            (
+                click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path)),
+                click.option(
+                    "--checkpoint",
+                    type=click.Path(dir_okay=False, path_type=Path),
+                    default=None,
+                    metavar="best|last|FILE",
+                    help=CHECKPOINT_HELP,
+                ),
+                set_option,
+                click.option("--split", type=click.Choice(SPLITS), default="test", show_default=True, help=split_help),
+            )
+        ):
             command = option(command)
         return command
+
     return decorate
 
 
 @click.command("evaluate")
 @scoring_options("Split to score; val needs a validation split ([data] val_per_class).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=f"Folder for summary.json, per_class.csv, predictions.csv (default: RUN_DIR/{EVALUATIONS_DIR}/<split,overrides>).")
-@click.option("--tau-norm", "tau", type=click.FloatRange(min=0), default=None,
-              help="Score with the classifier tau-normalised: rows w_c / ||w_c||^TAU, bias dropped (Kang et al.).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Folder for summary.json, per_class.csv, predictions.csv (default: RUN_DIR/{EVALUATIONS_DIR}/<split,overrides>).",
+)
+@click.option(
+    "--tau-norm",
+    "tau",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Score with the classifier tau-normalised: rows w_c / ||w_c||^TAU, bias dropped (Kang et al.).",
+)
 @user_errors
-def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str, out: Optional[Path],
-                 tau: Optional[float]) -> None:
+def evaluate_cmd(
+    run_dir: Path,
+    checkpoint: Optional[Path],
+    overrides: tuple[str, ...],
+    split: str,
+    out: Optional[Path],
+    tau: Optional[float],
+) -> None:
     """Score the model of RUN_DIR again and print its Many/Medium/Few table.
 
     Uses the run's recipe.toml and its newest checkpoint (or --checkpoint). --set may
@@ -71,7 +99,9 @@ def evaluate_cmd(run_dir: Path, checkpoint: Optional[Path], overrides: tuple[str
     summary = evaluation.summary
     changed = f", {' '.join(overrides)}" if overrides else ""
     changed += f", tau-norm {tau:g}" if tau is not None else ""
-    Console().print(evaluation_table(summary, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}"))
+    Console().print(
+        evaluation_table(summary, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}")
+    )
     click.echo(f"evaluation folder: {folder}")
 
 
@@ -91,12 +121,24 @@ def parse_taus(text: str) -> list[float]:
 
 @click.command("tau-norm")
 @scoring_options("Split to score; choose tau on val (needs [data] val_per_class), report test.")
-@click.option("--tau", "taus", required=True, metavar="T1,T2,...", help="Comma-separated powers, e.g. 0,0.5,0.7,1.0 (0: the trained weights, bias dropped).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help=f"Folder for one evaluation folder per tau and tau-norm.csv (default: RUN_DIR/{EVALUATIONS_DIR}).")
+@click.option(
+    "--tau",
+    "taus",
+    required=True,
+    metavar="T1,T2,...",
+    help="Comma-separated powers, e.g. 0,0.5,0.7,1.0 (0: the trained weights, bias dropped).",
+)
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help=f"Folder for one evaluation folder per tau and tau-norm.csv (default: RUN_DIR/{EVALUATIONS_DIR}).",
+)
 @user_errors
-def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str,
-                 out: Optional[Path]) -> None:
+def tau_norm_cmd(
+    run_dir: Path, taus: str, checkpoint: Optional[Path], overrides: tuple[str, ...], split: str, out: Optional[Path]
+) -> None:
     """Re-score the model of RUN_DIR with its classifier tau-normalised, without training.
 
     Kang et al.'s tau-normalisation divides each class's weight row by its norm to the
@@ -118,18 +160,39 @@ def tau_norm_cmd(run_dir: Path, taus: str, checkpoint: Optional[Path], overrides
     atomic_write(base / table_name, tau_norm_csv(evaluations))
     summary = evaluations[0].summary
     changed = f", {' '.join(overrides)}" if overrides else ""
-    Console().print(tau_norm_table(evaluations, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}, tau-norm"))
+    Console().print(
+        tau_norm_table(
+            evaluations, f"{summary['run_name']}: {Path(summary['checkpoint']).name}, {split} split{changed}, tau-norm"
+        )
+    )
     click.echo(f"evaluations: {base} (table: {base / table_name})")
 
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to write the export to.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE", help=CHECKPOINT_HELP)
-@click.option("--format", "formats", multiple=True, metavar="pt2|onnx|torchscript|state-dict",
-              help="Repeat or comma-separate (default: pt2). pt2: model.pt2 (torch.export, loads with torch alone); "
-                   "onnx: model.onnx (needs the export extra); torchscript: model.torchscript.pt (deprecated in torch); "
-                   "model.pt (state_dict) and model.json are always written.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write the export to.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="best|last|FILE",
+    help=CHECKPOINT_HELP,
+)
+@click.option(
+    "--format",
+    "formats",
+    multiple=True,
+    metavar="pt2|onnx|torchscript|state-dict",
+    help="Repeat or comma-separate (default: pt2). pt2: model.pt2 (torch.export, loads with torch alone); "
+    "onnx: model.onnx (needs the export extra); torchscript: model.torchscript.pt (deprecated in torch); "
+    "model.pt (state_dict) and model.json are always written.",
+)
 @click.option("--force", is_flag=True, help="Write into --out even when it is not empty.")
 @user_errors
 def export_cmd(run_dir: Path, out: Path, checkpoint: Optional[Path], formats: tuple[str, ...], force: bool) -> None:

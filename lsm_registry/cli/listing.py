@@ -41,8 +41,7 @@ def _param_text(params_cls: type) -> str:
 
 
 @click.command("list-components")
-@click.option("--kind", type=click.Choice(list(KINDS)),
-              default=None, help="Only this kind.")
+@click.option("--kind", type=click.Choice(list(KINDS)), default=None, help="Only this kind.")
 @click.option("--deprecated", is_flag=True, help="List the old names of renamed components and parameters instead.")
 @click.argument("pattern", required=False)
 @user_errors
@@ -68,8 +67,11 @@ def list_components_cmd(kind: Optional[str], pattern: Optional[str], deprecated:
     if pattern and not entries:
         names = sorted({e.name for e in registry.list(kind)} | {e.owner.distribution for e in registry.list(kind)})
         close = difflib.get_close_matches(pattern.lower(), names, n=3, cutoff=0.5)
-        raise LSMError(f"no component matches {pattern!r}" + (f" (kind {kind})" if kind else "")
-                       + (f"; closest: {', '.join(close)}" if close else "; `lsm list-components` lists them all"))
+        raise LSMError(
+            f"no component matches {pattern!r}"
+            + (f" (kind {kind})" if kind else "")
+            + (f"; closest: {', '.join(close)}" if close else "; `lsm list-components` lists them all")
+        )
     console = Console()
     table = Table(title="registered components")
     # Names and providers are what users copy into recipes and bug reports: never split them.
@@ -103,11 +105,17 @@ def _list_renames(registry, kind: Optional[str], pattern: Optional[str]) -> None
     table.add_column("provided by", overflow="fold")
     needle = (pattern or "").casefold()
     for rename in registry.renames(kind):
-        old, new = (rename.old, rename.new) if rename.param is None else (f"{rename.new}.{rename.param[0]}", f"{rename.new}.{rename.param[1]}")
+        old, new = (
+            (rename.old, rename.new)
+            if rename.param is None
+            else (f"{rename.new}.{rename.param[0]}", f"{rename.new}.{rename.param[1]}")
+        )
         if needle and needle not in old.casefold() and needle not in new.casefold():
             continue
         table.add_row(rename.kind, old, new, rename.provider)
     if table.row_count:
         Console().print(table)
     else:
-        click.echo("no deprecated names" + (f" matching {pattern!r}" if pattern else "") + (f" of kind {kind}" if kind else ""))
+        click.echo(
+            "no deprecated names" + (f" matching {pattern!r}" if pattern else "") + (f" of kind {kind}" if kind else "")
+        )

@@ -25,8 +25,10 @@ def weights_for(source: Path, checkpoint: Optional[Path]) -> tuple[Path, Optiona
             raise LSMError(f"{source}: not a run folder (no {RUN_RECIPE}); give a recipe file or a run folder")
         return source / RUN_RECIPE, find_checkpoint(source, checkpoint)
     if checkpoint is not None and not checkpoint.is_file() and str(checkpoint) in ("best", "last"):
-        raise LSMError(f"--checkpoint {checkpoint}: best and last are a run folder's checkpoints; "
-                       f"give the run folder instead of {source}, or a checkpoint file")
+        raise LSMError(
+            f"--checkpoint {checkpoint}: best and last are a run folder's checkpoints; "
+            f"give the run folder instead of {source}, or a checkpoint file"
+        )
     if checkpoint is not None and not checkpoint.is_file():
         raise LSMError(f"{checkpoint}: no such checkpoint file")
     return source, checkpoint
@@ -36,13 +38,22 @@ def weights_for(source: Path, checkpoint: Optional[Path]) -> tuple[Path, Optiona
 @click.argument("source", metavar="RECIPE|RUN_DIR", type=click.Path(path_type=Path))
 @set_option
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG file to write.")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="best|last|FILE",
-              help="Model weights: a run folder's best or last (its default) checkpoint, or a file, a state_dict or "
-                   "a dict with key 'model' (a recipe's default: untrained).")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="best|last|FILE",
+    help="Model weights: a run folder's best or last (its default) checkpoint, or a file, a state_dict or "
+    "a dict with key 'model' (a recipe's default: untrained).",
+)
 @click.option("--rows", type=click.IntRange(1, 64), default=6, show_default=True, help="Image pairs to draw.")
-@click.option("--epoch", type=click.IntRange(0, None), default=0, show_default=True, help="Epoch whose first batch is drawn.")
+@click.option(
+    "--epoch", type=click.IntRange(0, None), default=0, show_default=True, help="Epoch whose first batch is drawn."
+)
 @user_errors
-def command(source: Path, overrides: tuple[str, ...], out: Path, checkpoint: Optional[Path], rows: int, epoch: int) -> None:
+def command(
+    source: Path, overrides: tuple[str, ...], out: Path, checkpoint: Optional[Path], rows: int, epoch: int
+) -> None:
     """Draw one mixed batch of RECIPE: foreground, saliency, mask, background, mixed, label weights.
 
     Given a run folder, its recipe.toml and its trained weights (--checkpoint last, the
@@ -60,9 +71,13 @@ def command(source: Path, overrides: tuple[str, ...], out: Path, checkpoint: Opt
         load_model_weights(trainer.module, weights)
     batch = save_preview(trainer, out, rows, epoch)
     drawn_with = f", weights {weights}" if weights is not None else ", untrained model"
-    click.echo(f"wrote {out} ({len(batch)} rows, mixer {parsed.mixer.name}, label fuser {parsed.label_fuser.name}{drawn_with})")
+    click.echo(
+        f"wrote {out} ({len(batch)} rows, mixer {parsed.mixer.name}, label fuser {parsed.label_fuser.name}{drawn_with})"
+    )
     window = parsed.mixer.params.window(parsed.run.epochs)
     if epoch not in window:
         span = f"epochs {window.start}..{window.stop - 1}" if window else "no epoch"
-        click.echo(f"note: epoch {epoch} is outside the recipe's mixing window ({span}, 0-based); "
-                   "training would not mix this batch, preview mixes it anyway")
+        click.echo(
+            f"note: epoch {epoch} is outside the recipe's mixing window ({span}, 0-based); "
+            "training would not mix this batch, preview mixes it anyway"
+        )

@@ -15,8 +15,13 @@ from .common import user_errors
 
 @click.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="HTML file to write (default: RUN_DIR/report.html for one run, report.html here for several).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="HTML file to write (default: RUN_DIR/report.html for one run, report.html here for several).",
+)
 @user_errors
 def command(run_dirs: tuple[Path, ...], out: Optional[Path]) -> None:
     """Write one HTML page of runs: curves, Many / Medium / Few, pictures, recipe.

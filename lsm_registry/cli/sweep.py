@@ -155,7 +155,11 @@ def check_keys(axes: list[GridAxis], base: Any, errors: list[str]) -> None:
         table, key = axis.table, axis.key
         if table not in ALL_TABLES:
             hint = suggest(table, ALL_TABLES)
-            errors.append(f"--grid {axis.dotted}: unknown table [{table}]." + (f" Did you mean [{hint}]?" if hint else "") + f" Tables: {', '.join(ALL_TABLES)}")
+            errors.append(
+                f"--grid {axis.dotted}: unknown table [{table}]."
+                + (f" Did you mean [{hint}]?" if hint else "")
+                + f" Tables: {', '.join(ALL_TABLES)}"
+            )
         elif key == "name" and table in COMPONENT_TABLES:
             continue
         elif table in resolved and key in resolved[table]:
@@ -163,13 +167,16 @@ def check_keys(axes: list[GridAxis], base: Any, errors: list[str]) -> None:
         elif table in by_name:
             continue  # a parameter of a component chosen per point: checked on each point
         elif table not in resolved:
-            errors.append(f"--grid {axis.dotted}: the resolved recipe has no [{table}] table; add one to the recipe or also sweep {table}.name")
+            errors.append(
+                f"--grid {axis.dotted}: the resolved recipe has no [{table}] table; add one to the recipe or also sweep {table}.name"
+            )
         else:
             keys = [k for k in resolved[table] if k != "name"]
             owner = f"{table} {resolved[table]['name']!r}" if "name" in resolved[table] else f"table [{table}]"
             hint = suggest(key, keys)
             errors.append(
-                f"--grid {axis.dotted}: not a parameter of {owner}." + (f" Did you mean {hint!r}?" if hint else "")
+                f"--grid {axis.dotted}: not a parameter of {owner}."
+                + (f" Did you mean {hint!r}?" if hint else "")
                 + f" Parameters: {', '.join(keys) or '(none)'}"
             )
 
@@ -190,25 +197,44 @@ def resolve_points(recipe: Path, sets: list[str], points: list[GridPoint], regis
             for line in exc.lines:
                 where.setdefault(line, []).append(point)
     if where:
-        raise RecipeError([
-            f"grid point {pts[0].label}" + (f" (and {len(pts) - 1} more)" if len(pts) > 1 else "") + f": {line}"
-            for line, pts in where.items()
-        ])
+        raise RecipeError(
+            [
+                f"grid point {pts[0].label}" + (f" (and {len(pts) - 1} more)" if len(pts) > 1 else "") + f": {line}"
+                for line, pts in where.items()
+            ]
+        )
     return parsed
 
 
 @click.command("sweep")
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--grid", "grids", multiple=True, metavar="TABLE.KEY=V1,V2", help=GRID_HELP)
-@click.option("--seeds", default=None, metavar="S1,S2", help="Seeds to repeat every grid point with (default: the recipe's run.seed).")
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="S1,S2",
+    help="Seeds to repeat every grid point with (default: the recipe's run.seed).",
+)
 @set_option
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Sweep folder (default: runs/sweep-<recipe stem>, with -2, -3, ... when taken); one sub-folder per run.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Sweep folder (default: runs/sweep-<recipe stem>, with -2, -3, ... when taken); one sub-folder per run.",
+)
 @click.option("--dry-run", is_flag=True, help="Validate every point and print the plan without training.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
-def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], overrides: tuple[str, ...], out: Optional[Path],
-            dry_run: bool, no_progress: bool) -> None:
+def command(
+    recipe: Path,
+    grids: tuple[str, ...],
+    seeds: Optional[str],
+    overrides: tuple[str, ...],
+    out: Optional[Path],
+    dry_run: bool,
+    no_progress: bool,
+) -> None:
     """Train RECIPE at every point of the --grid product (times --seeds), then compare.
 
     Example: lsm sweep recipes/fashion_mnist_lt/lsm_ce.toml --grid label_fuser.name=saliency,area --seeds 0,1.
@@ -216,7 +242,6 @@ def command(recipe: Path, grids: tuple[str, ...], seeds: Optional[str], override
     ends with the `lsm compare` table of the finished runs. Exit status: 0 when every
     run finished, 1 when some failed (the others still run), 2 for bad input.
     """
-
 
     registry = registry_with_warnings()
     sets = list(overrides)
@@ -270,12 +295,15 @@ def sweep_folder(recipe: Path, out: Optional[Path], points: list) -> Path:
         return fresh_run_dir(Path("runs"), f"sweep-{recipe.stem}")
     taken = [p.folder for p in points if holds_anything(out / p.folder)]
     if taken:
-        raise LSMError(f"{out}: already holds runs ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); choose another --out")
+        raise LSMError(
+            f"{out}: already holds runs ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}); choose another --out"
+        )
     return out
 
 
-def train_points(points: list, parsed: list, registry, out: Path, console: Console,
-                 no_progress: bool) -> tuple[list[Path], list[tuple[str, str]]]:
+def train_points(
+    points: list, parsed: list, registry, out: Path, console: Console, no_progress: bool
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Train every point; a failed run is reported and the others still run. (finished folders, failures)."""
     failures: list[tuple[str, str]] = []
     finished: list[Path] = []

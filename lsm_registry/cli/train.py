@@ -20,16 +20,31 @@ from .common import output_console, registry_with_warnings, set_option, user_err
 @click.command("run")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @set_option
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Run folder, new or empty (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: "
-                   "runs/<run.name>).")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder, new or empty (default: runs/<run.name>, with -2, -3, ... when taken; with --resume: "
+    "runs/<run.name>).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in the run folder from its newest checkpoint.")
-@click.option("--keep", default=None, type=click.IntRange(min=1),
-              help="Epoch checkpoints to keep (default 1; with --resume: the run's own count).")
+@click.option(
+    "--keep",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Epoch checkpoints to keep (default 1; with --resume: the run's own count).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
-def run_cmd(recipes: tuple[Path, ...], overrides: tuple[str, ...], out: Optional[Path], resume: bool, keep: Optional[int],
-            no_progress: bool) -> None:
+def run_cmd(
+    recipes: tuple[Path, ...],
+    overrides: tuple[str, ...],
+    out: Optional[Path],
+    resume: bool,
+    keep: Optional[int],
+    no_progress: bool,
+) -> None:
     """Train and evaluate each RECIPE; writes its run folder and prints Many/Medium/Few.
 
     With several recipes (e.g. a baseline and its LSM variant) every one is validated
@@ -68,8 +83,10 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: Optional[i
     if out is not None:
         run_dir = out
         if not resume and dist_info().is_main and holds_anything(out):
-            raise LSMError(f"{out}: the folder is not empty (a run folder holds one run); continue that run with "
-                           f"`lsm resume {out}` (or --resume), or choose another --out")
+            raise LSMError(
+                f"{out}: the folder is not empty (a run folder holds one run); continue that run with "
+                f"`lsm resume {out}` (or --resume), or choose another --out"
+            )
     elif resume:
         run_dir = Path("runs") / parsed.run.name
     elif dist_info().enabled:
@@ -87,8 +104,12 @@ def _train(parsed, registry, out: Optional[Path], resume: bool, keep: Optional[i
 @click.command("resume")
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @set_option
-@click.option("--keep", default=None, type=click.IntRange(min=1),
-              help="Epoch checkpoints to keep (default: the run's own count, as it was started).")
+@click.option(
+    "--keep",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Epoch checkpoints to keep (default: the run's own count, as it was started).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bars.")
 @user_errors
 def resume_cmd(run_dir: Path, overrides: tuple[str, ...], keep: Optional[int], no_progress: bool) -> None:

@@ -64,7 +64,9 @@ class BilateralBranches(nn.Module):
         self.rebalancing = cifar_stage(planes, planes, 1, 1)
 
     def forward(self, shared_c: Tensor, shared_r: Tensor, alpha: float) -> Tensor:
-        return torch.cat((2.0 * alpha * self.conventional(shared_c), 2.0 * (1.0 - alpha) * self.rebalancing(shared_r)), dim=1)
+        return torch.cat(
+            (2.0 * alpha * self.conventional(shared_c), 2.0 * (1.0 - alpha) * self.rebalancing(shared_r)), dim=1
+        )
 
 
 class BilateralBranchNet(nn.Module):
@@ -93,7 +95,9 @@ class BilateralBranchNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
         # The reference's classifier is a plain nn.Linear (bias, default initialisation) on both branches' features.
-        self.classifier: nn.Module = NormedLinear(8 * width, num_classes) if normed_head else nn.Linear(8 * width, num_classes)
+        self.classifier: nn.Module = (
+            NormedLinear(8 * width, num_classes) if normed_head else nn.Linear(8 * width, num_classes)
+        )
         #: The cumulative-learning weight of the conventional branch in training (the callback sets it per epoch).
         self.alpha = 1.0
 
@@ -136,8 +140,10 @@ class CumulativeLearning(Callback):
 
     def on_fit_start(self, loop: Any) -> None:
         if not callable(getattr(loop.module, "set_alpha", None)):
-            raise LSMError(f"callback {self.name!r}: model {loop.recipe.model.name!r} has no cumulative-learning weight "
-                           "(set_alpha); it belongs to model 'bbn', which brings it")
+            raise LSMError(
+                f"callback {self.name!r}: model {loop.recipe.model.name!r} has no cumulative-learning weight "
+                "(set_alpha); it belongs to model 'bbn', which brings it"
+            )
 
     def on_epoch_start(self, loop: Any, epoch: int) -> None:
         loop.module.set_alpha(cumulative_alpha(epoch, loop.recipe.run.epochs))
@@ -160,8 +166,9 @@ class BBN(ModelFactory):
 
     @attrs.frozen
     class Params:
-        width: int = param(16, help="channels of the first stage (doubled per stage); each branch has 4 x width",
-                           validator=positive)
+        width: int = param(
+            16, help="channels of the first stage (doubled per stage); each branch has 4 x width", validator=positive
+        )
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
         w = self.params.width

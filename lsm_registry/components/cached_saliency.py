@@ -43,8 +43,9 @@ from .models import NormedLinear
 from .saliency import GradCAM, class_activation_of, head_gradient, image_pixels, normalise_to_units, source_grid  # noqa: F401 (re-exported)
 
 
-def warp_maps(maps: Tensor, map_boxes: Tensor, view_boxes: Tensor, flips: Tensor, height: int, width: int,
-              fill: Tensor) -> tuple[Tensor, Tensor]:
+def warp_maps(
+    maps: Tensor, map_boxes: Tensor, view_boxes: Tensor, flips: Tensor, height: int, width: int, fill: Tensor
+) -> tuple[Tensor, Tensor]:
     """Stored maps (B, h, w) covering ``map_boxes`` -> (B, H, W) on the views, and where they were covered.
 
     Bilinear with ``align_corners=False``, the same sampling as ``gradcam``'s resize: a
@@ -57,8 +58,12 @@ def warp_maps(maps: Tensor, map_boxes: Tensor, view_boxes: Tensor, flips: Tensor
     gx = 2 * (sx - boxes[:, 0:1]) / boxes[:, 2:3] - 1  # (B, W)
     gy = 2 * (sy - boxes[:, 1:2]) / boxes[:, 3:4] - 1  # (B, H)
     b = maps.shape[0]
-    grid = torch.stack([gx.view(b, 1, width).expand(b, height, width), gy.view(b, height, 1).expand(b, height, width)], dim=-1)
-    out = F.grid_sample(maps.float().unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False).squeeze(1)
+    grid = torch.stack(
+        [gx.view(b, 1, width).expand(b, height, width), gy.view(b, height, 1).expand(b, height, width)], dim=-1
+    )
+    out = F.grid_sample(
+        maps.float().unsqueeze(1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    ).squeeze(1)
     covered = (gx.abs() <= 1).view(b, 1, width) & (gy.abs() <= 1).view(b, height, 1)
     return torch.where(covered, out, fill.view(b, 1, 1).to(out.dtype)), covered
 
@@ -88,16 +93,31 @@ class CachedGradCAM(SaliencyProvider):
 
     @attrs.frozen
     class Params:
-        max_age: int = param(2, validator=non_negative,
-                             help="epochs a stored map stays usable: one stored in epoch e serves epochs e .. e + max_age")
-        fallback: str = param("gradcam", validator=one_of("gradcam", "uniform"),
-                              help='images with no usable map: "gradcam" (a fresh Grad-CAM of just those, then stored) or "uniform" (all units equal, no extra pass)')
-        uncovered: str = param("zero", validator=one_of("zero", "mean"),
-                               help='value of the parts of a view the stored map never covered: "zero" (not salient) or "mean" (of the map, after ReLU)')
-        mask_padding: bool = param(True, help="score the pixels a crop took from outside its image (zero padding) "
-                                   "as not salient, before the min-max, as gradcam does; false scores them like any pixel")
-        share: str = param("gather", validator=one_of("gather", "local"),
-                           help='several processes: "gather" merges the ranks\' maps after every epoch, "local" keeps each rank\'s own')
+        max_age: int = param(
+            2,
+            validator=non_negative,
+            help="epochs a stored map stays usable: one stored in epoch e serves epochs e .. e + max_age",
+        )
+        fallback: str = param(
+            "gradcam",
+            validator=one_of("gradcam", "uniform"),
+            help='images with no usable map: "gradcam" (a fresh Grad-CAM of just those, then stored) or "uniform" (all units equal, no extra pass)',
+        )
+        uncovered: str = param(
+            "zero",
+            validator=one_of("zero", "mean"),
+            help='value of the parts of a view the stored map never covered: "zero" (not salient) or "mean" (of the map, after ReLU)',
+        )
+        mask_padding: bool = param(
+            True,
+            help="score the pixels a crop took from outside its image (zero padding) "
+            "as not salient, before the min-max, as gradcam does; false scores them like any pixel",
+        )
+        share: str = param(
+            "gather",
+            validator=one_of("gather", "local"),
+            help='several processes: "gather" merges the ranks\' maps after every epoch, "local" keeps each rank\'s own',
+        )
 
     def __init__(self, params: Any, context: Any):
         super().__init__(params, context)
@@ -120,8 +140,10 @@ class CachedGradCAM(SaliencyProvider):
             raise ValueError(f"cached-gradcam: model {type(model).__name__} has no forward_features(x); use gradcam")
         head = getattr(model, "classifier", None)
         if not isinstance(head, (nn.Linear, NormedLinear)):
-            raise ValueError(f"cached-gradcam: the classifier {type(head).__name__} has no closed-form Grad-CAM "
-                             "(nn.Linear or NormedLinear after global average pooling); use gradcam")
+            raise ValueError(
+                f"cached-gradcam: the classifier {type(head).__name__} has no closed-form Grad-CAM "
+                "(nn.Linear or NormedLinear after global average pooling); use gradcam"
+            )
         self.fresh.check_model(model)
 
     def observed_layer(self, model: nn.Module) -> nn.Module:
@@ -169,7 +191,9 @@ class CachedGradCAM(SaliencyProvider):
             fill = maps.mean(dim=(1, 2))
         else:
             fill = torch.zeros(maps.shape[0], device=maps.device)
-        return warp_maps(maps, self.boxes[idx], views.crops.boxes.to(maps.device), views.crops.flips, height, width, fill)
+        return warp_maps(
+            maps, self.boxes[idx], views.crops.boxes.to(maps.device), views.crops.flips, height, width, fill
+        )
 
     def scores_of_views(self, model: nn.Module, x: Tensor, y: Tensor, patch: PatchOperator, views: Views) -> Tensor:
         height, width = x.shape[-2:]
@@ -233,8 +257,13 @@ class CachedGradCAM(SaliencyProvider):
         return counts
 
     def state_dict(self) -> dict[str, Any]:
-        return {"maps": self.maps, "boxes": self.boxes, "stamps": self.stamps,
-                "fresh_rows": self.fresh_rows, "scored_rows": self.scored_rows}
+        return {
+            "maps": self.maps,
+            "boxes": self.boxes,
+            "stamps": self.stamps,
+            "fresh_rows": self.fresh_rows,
+            "scored_rows": self.scored_rows,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.maps, self.boxes, self.stamps = state["maps"], state["boxes"], state["stamps"]

@@ -128,13 +128,19 @@ class SaliencyObserver(Callback):
         self._armed = None
 
 
-def legacy_observer(provider: SaliencyProvider, context: Any, callbacks: Sequence[Callback]) -> Optional[SaliencyObserver]:
+def legacy_observer(
+    provider: SaliencyProvider, context: Any, callbacks: Sequence[Callback]
+) -> Optional[SaliencyObserver]:
     """The observer for a provider of the deprecated form: ``observes_training = True`` and no
     observer among the run's ``callbacks``. Warns once per run; None when none is needed."""
     if not provider.observes_training or any(isinstance(c, SaliencyObserver) for c in callbacks):
         return None
-    warnings.warn(f"saliency {provider.name!r}: observes_training without a callback is deprecated; return "
-                  "SaliencyObserver from configure_callbacks() (docs/contracts.md, saliency)", DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        f"saliency {provider.name!r}: observes_training without a callback is deprecated; return "
+        "SaliencyObserver from configure_callbacks() (docs/contracts.md, saliency)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return SaliencyObserver(SaliencyObserver.Params(), context)
 
 

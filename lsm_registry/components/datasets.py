@@ -49,9 +49,17 @@ class SyntheticLT(DatasetFactory):
         profile: Literal["exp", "step", "none"] = param("exp", help="long-tailed profile of the train split")
         test_per_class: int = param(100, help="balanced test images per class", validator=positive)
         seed: int = param(0, help="generator seed (independent of the run seed)")
-        val_per_class: int = param(0, help="balanced validation images per class, drawn like the test split from another seed stream (0: no validation split)", validator=non_negative)
-        version: int = param(1, help="generator version: 1 gives each class its own colour; 2 draws the colour per image, "
-                             "so a class is its shape and texture only (docs/data.md)", validator=one_of(*VERSIONS))
+        val_per_class: int = param(
+            0,
+            help="balanced validation images per class, drawn like the test split from another seed stream (0: no validation split)",
+            validator=non_negative,
+        )
+        version: int = param(
+            1,
+            help="generator version: 1 gives each class its own colour; 2 draws the colour per image, "
+            "so a class is its shape and texture only (docs/data.md)",
+            validator=one_of(*VERSIONS),
+        )
 
     def test_view(self) -> list[dict[str, Any]]:
         return []  # drawn at 32x32, used as drawn
@@ -59,17 +67,22 @@ class SyntheticLT(DatasetFactory):
     def build(self) -> LTData:
         p = self.params
         if p.num_classes > max_classes(p.version):
-            raise ValueError(f"num_classes {p.num_classes}: version {p.version} draws at most {max_classes(p.version)} distinct classes")
+            raise ValueError(
+                f"num_classes {p.num_classes}: version {p.version} draws at most {max_classes(p.version)} distinct classes"
+            )
         counts = lt_counts(p.profile, p.n_max, p.imbalance_factor, p.num_classes)
-        check_fits_in_memory(3 * 32 * 32 * (sum(counts) + (p.test_per_class + p.val_per_class) * p.num_classes),
-                             "synthetic-lt")
+        check_fits_in_memory(
+            3 * 32 * 32 * (sum(counts) + (p.test_per_class + p.val_per_class) * p.num_classes), "synthetic-lt"
+        )
         if min(counts) < 1:
             raise ValueError(f"n_max {p.n_max} with imbalance_factor {p.imbalance_factor} leaves a class with no image")
         train_x, train_y = render_split(counts, seed=2 * p.seed, version=p.version)
         test_x, test_y = render_split([p.test_per_class] * p.num_classes, seed=2 * p.seed + 1, version=p.version)
         val: Optional[Split] = None
         if p.val_per_class > 0:
-            val = TensorSplit(*render_split([p.val_per_class] * p.num_classes, seed=SYNTHETIC_VAL_SEED + p.seed, version=p.version))
+            val = TensorSplit(
+                *render_split([p.val_per_class] * p.num_classes, seed=SYNTHETIC_VAL_SEED + p.seed, version=p.version)
+            )
         mean = tuple(float(m) for m in train_x.float().mean(dim=(0, 2, 3)) / 255.0)
         std = tuple(float(s) for s in train_x.float().std(dim=(0, 2, 3)) / 255.0)
         return LTData(
@@ -93,7 +106,9 @@ class LTParams:
     root: Optional[str] = param(None, help="folder holding the data set files (see docs/data.md)")
     profile: Literal["exp", "step", "none"] = param("exp", help="long-tailed profile cut from the training split")
     imbalance_factor: float = param(100.0, help="n_max / n_min of the profile", validator=at_least(1))
-    n_max: Optional[int] = param(None, help="images kept of the first class (default: the set's natural count)", validator=positive)
+    n_max: Optional[int] = param(
+        None, help="images kept of the first class (default: the set's natural count)", validator=positive
+    )
     split_seed: int = param(0, help="seed of the per-class shuffle that picks the kept images")
 
 
@@ -103,7 +118,11 @@ def _cut(p: LTParams, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 @attrs.frozen
 class HoldOutParams(LTParams):
-    val_per_class: int = param(0, help="images per class held out of the full training split, before the long-tailed cut, as a balanced validation split (0: none)", validator=non_negative)
+    val_per_class: int = param(
+        0,
+        help="images per class held out of the full training split, before the long-tailed cut, as a balanced validation split (0: none)",
+        validator=non_negative,
+    )
 
 
 def _hold_out_and_cut(
@@ -117,7 +136,9 @@ def _hold_out_and_cut(
     """
     if p.val_per_class == 0:
         return None, _cut(p, labels, len(names))
-    val_idx, rest = hold_out(labels, p.val_per_class, p.split_seed, num_classes=len(names), class_names=names, dataset=dataset)
+    val_idx, rest = hold_out(
+        labels, p.val_per_class, p.split_seed, num_classes=len(names), class_names=names, dataset=dataset
+    )
     left = labels[rest]
     largest = int(torch.bincount(left, minlength=len(names)).max())
     n_max = largest if p.n_max is None else min(p.n_max, largest)
@@ -129,8 +150,15 @@ def _hold_out_and_cut(
 
 def file_test_view(size: int, resize: Optional[int]) -> list[dict[str, Any]]:
     """The file-backed test view (data.transforms.eval_view): shorter side, then a center crop."""
-    return [{"op": "resize_shorter_side", "size": resize or default_resize(size), "interpolation": "bilinear", "antialias": True},
-            {"op": "center_crop", "size": [size, size]}]
+    return [
+        {
+            "op": "resize_shorter_side",
+            "size": resize or default_resize(size),
+            "interpolation": "bilinear",
+            "antialias": True,
+        },
+        {"op": "center_crop", "size": [size, size]},
+    ]
 
 
 class _Cifar(DatasetFactory):
@@ -212,19 +240,44 @@ class ImageFolderLT(DatasetFactory):
 
     @attrs.frozen
     class Params(HoldOutParams):
-        image_size: int = param(32, help="memory: images are resized to image_size x image_size when decoded; files: the crop side", validator=at_least(8))
-        workers: int = param(4, help="decoding threads (memory) or worker processes (files; 0: in the training process)", validator=non_negative)
-        storage: Literal["memory", "files"] = param("memory", help="memory: decode the tree once, squashed to image_size, augment on the device; files: decode per batch with the standard ImageNet views (docs/data.md), for trees that do not fit in memory")
-        test_resize: Optional[int] = param(None, help="files: the test view's shorter side before the center crop (default: image_size * 256 / 224)", validator=positive)
+        image_size: int = param(
+            32,
+            help="memory: images are resized to image_size x image_size when decoded; files: the crop side",
+            validator=at_least(8),
+        )
+        workers: int = param(
+            4,
+            help="decoding threads (memory) or worker processes (files; 0: in the training process)",
+            validator=non_negative,
+        )
+        storage: Literal["memory", "files"] = param(
+            "memory",
+            help="memory: decode the tree once, squashed to image_size, augment on the device; files: decode per batch with the standard ImageNet views (docs/data.md), for trees that do not fit in memory",
+        )
+        test_resize: Optional[int] = param(
+            None,
+            help="files: the test view's shorter side before the center crop (default: image_size * 256 / 224)",
+            validator=positive,
+        )
         prefetch: int = param(2, help="files: training steps decoded ahead per worker", validator=positive)
-        worker_priority: Literal["normal", "idle"] = param("normal", help="files: idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)")
+        worker_priority: Literal["normal", "idle"] = param(
+            "normal",
+            help="files: idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)",
+        )
 
     def test_view(self) -> list[dict[str, Any]]:
         p = self.params
         if p.storage == "files":
             return file_test_view(p.image_size, p.test_resize)
         # decode_images: PIL's bilinear resize of the whole image, aspect ratio not kept.
-        return [{"op": "resize", "size": [p.image_size, p.image_size], "interpolation": "bilinear", "keep_aspect_ratio": False}]
+        return [
+            {
+                "op": "resize",
+                "size": [p.image_size, p.image_size],
+                "interpolation": "bilinear",
+                "keep_aspect_ratio": False,
+            }
+        ]
 
     def build(self) -> LTData:
 
@@ -235,16 +288,27 @@ class ImageFolderLT(DatasetFactory):
         val_idx, keep = _hold_out_and_cut(p, train_y, names, str(Path(p.root) / "train"))
         if p.storage == "files":
             return self._file_backed(names, train_files, train_y, test_files, test_y, val_idx, keep)
-        files_only = [key for key, unset in (("test_resize", p.test_resize is None), ("prefetch", p.prefetch == 2),
-                                             ("worker_priority", p.worker_priority == "normal")) if not unset]
+        files_only = [
+            key
+            for key, unset in (
+                ("test_resize", p.test_resize is None),
+                ("prefetch", p.prefetch == 2),
+                ("worker_priority", p.worker_priority == "normal"),
+            )
+            if not unset
+        ]
         if files_only:
-            raise ValueError(f"{', '.join(files_only)} applies to storage = \"files\" only (the memory storage decodes once, "
-                             "with threads, and augments on the device)")
+            raise ValueError(
+                f'{", ".join(files_only)} applies to storage = "files" only (the memory storage decodes once, '
+                "with threads, and augments on the device)"
+            )
         train_x = decode_images([train_files[i] for i in keep.tolist()], p.image_size, p.workers)
         test_x = decode_images(test_files, p.image_size, p.workers)
         val: Optional[Split] = None
         if val_idx is not None:
-            val = TensorSplit(decode_images([train_files[i] for i in val_idx.tolist()], p.image_size, p.workers), train_y[val_idx])
+            val = TensorSplit(
+                decode_images([train_files[i] for i in val_idx.tolist()], p.image_size, p.workers), train_y[val_idx]
+            )
         mean, std = channel_stats(train_x)
         return LTData(
             train=TensorSplit(train_x, train_y[keep]),
@@ -263,8 +327,16 @@ class ImageFolderLT(DatasetFactory):
         p = self.params
 
         def split(files, labels) -> FileSplit:
-            return FileSplit(Path("."), [str(f) for f in files], labels, p.image_size, p.workers, p.test_resize, p.prefetch,
-                             p.worker_priority)
+            return FileSplit(
+                Path("."),
+                [str(f) for f in files],
+                labels,
+                p.image_size,
+                p.workers,
+                p.test_resize,
+                p.prefetch,
+                p.worker_priority,
+            )
 
         val = split([train_files[i] for i in val_idx.tolist()], train_y[val_idx]) if val_idx is not None else None
         return LTData(
@@ -294,19 +366,32 @@ class _SplitFiles(DatasetFactory):
             raise ValueError(f"root is not set; expected {self.default_train} and {self.default_test} under it")
         root = Path(p.root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder; expected {p.train_file}, {p.test_file} and the images they list there")
+            raise FileNotFoundError(
+                f"{root}: no such folder; expected {p.train_file}, {p.test_file} and the images they list there"
+            )
         image_root = Path(p.image_root) if p.image_root is not None else root
         train_paths, train_y = read_split_file(root / p.train_file, p.num_classes)
         num_classes = p.num_classes if p.num_classes is not None else int(train_y.max()) + 1
         test_paths, test_y = read_split_file(root / p.test_file, num_classes)
         first = image_root / train_paths[0]
         if not first.is_file():
-            raise FileNotFoundError(f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})")
+            raise FileNotFoundError(
+                f"{first}: image listed first in {root / p.train_file} not found (image_root is {image_root})"
+            )
         keep = _cut(p, train_y, num_classes)
-        train: Split = FileSplit(image_root, [train_paths[i] for i in keep.tolist()], train_y[keep], p.image_size, p.workers,
-                                 p.test_resize, p.prefetch, p.worker_priority)
-        test: Split = FileSplit(image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch,
-                                p.worker_priority)
+        train: Split = FileSplit(
+            image_root,
+            [train_paths[i] for i in keep.tolist()],
+            train_y[keep],
+            p.image_size,
+            p.workers,
+            p.test_resize,
+            p.prefetch,
+            p.worker_priority,
+        )
+        test: Split = FileSplit(
+            image_root, test_paths, test_y, p.image_size, p.workers, p.test_resize, p.prefetch, p.worker_priority
+        )
         return LTData(
             train=train,
             test=test,
@@ -320,15 +405,32 @@ class _SplitFiles(DatasetFactory):
 
 @attrs.frozen
 class SplitFileParams(LTParams):
-    profile: Literal["exp", "step", "none"] = param("none", help="extra long-tailed cut on top of the split file (none: use it as is)")
-    imbalance_factor: float = param(1.0, help="n_max / n_min of the extra cut (with profile exp or step)", validator=at_least(1))
+    profile: Literal["exp", "step", "none"] = param(
+        "none", help="extra long-tailed cut on top of the split file (none: use it as is)"
+    )
+    imbalance_factor: float = param(
+        1.0, help="n_max / n_min of the extra cut (with profile exp or step)", validator=at_least(1)
+    )
     image_root: Optional[str] = param(None, help="folder the listed paths are relative to (default: root)")
-    num_classes: Optional[int] = param(None, help="number of classes (default: largest train label + 1)", validator=positive)
-    image_size: int = param(224, help="crop side: RandomResizedCrop(image_size) for training, center crop for test", validator=at_least(8))
-    test_resize: Optional[int] = param(None, help="the test view's shorter side before the center crop (default: image_size * 256 / 224, i.e. 256)", validator=positive)
-    workers: int = param(4, help="decoding worker processes (0: decode in the training process)", validator=non_negative)
+    num_classes: Optional[int] = param(
+        None, help="number of classes (default: largest train label + 1)", validator=positive
+    )
+    image_size: int = param(
+        224, help="crop side: RandomResizedCrop(image_size) for training, center crop for test", validator=at_least(8)
+    )
+    test_resize: Optional[int] = param(
+        None,
+        help="the test view's shorter side before the center crop (default: image_size * 256 / 224, i.e. 256)",
+        validator=positive,
+    )
+    workers: int = param(
+        4, help="decoding worker processes (0: decode in the training process)", validator=non_negative
+    )
     prefetch: int = param(2, help="training steps decoded ahead per worker", validator=positive)
-    worker_priority: Literal["normal", "idle"] = param("normal", help="idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)")
+    worker_priority: Literal["normal", "idle"] = param(
+        "normal",
+        help="idle runs the decoding workers under Linux's SCHED_IDLE, so the training process never waits for a core (docs/data.md)",
+    )
 
 
 class ImageNetLT(_SplitFiles):

@@ -56,9 +56,13 @@ class SaliencyFuser(LabelFuser):
     class Params:
         pass
 
-    def fuse(self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]) -> Tensor:
+    def fuse(
+        self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]
+    ) -> Tensor:
         if saliency_f is None:
-            raise ValueError("label fuser 'saliency' needs the foreground saliency; add a [saliency] table or use label_fuser 'area'")
+            raise ValueError(
+                "label fuser 'saliency' needs the foreground saliency; add a [saliency] table or use label_fuser 'area'"
+            )
         return self.two_label(pasted_share(mix, saliency_f), y_f, y_b)
 
 
@@ -71,7 +75,9 @@ class AreaFuser(LabelFuser):
     class Params:
         pass
 
-    def fuse(self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]) -> Tensor:
+    def fuse(
+        self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]
+    ) -> Tensor:
         return self.two_label(pasted_area(mix), y_f, y_b)
 
 
@@ -86,7 +92,9 @@ class Saliency2Fuser(LabelFuser):
     class Params:
         pass
 
-    def fuse(self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]) -> Tensor:
+    def fuse(
+        self, mix: MixResult, y_f: Tensor, y_b: Tensor, saliency_f: Optional[Tensor], saliency_b: Optional[Tensor]
+    ) -> Tensor:
         if saliency_f is None or saliency_b is None:
             raise ValueError("label fuser 'saliency2' needs the saliency of both batches; add a [saliency] table")
         lam_f = pasted_share(mix, saliency_f)
@@ -104,8 +112,12 @@ class Remix(LabelFuser):
 
     @attrs.frozen
     class Params:
-        kappa: float = param(3.0, help="class-count ratio n_major / n_minor from which the label is moved", validator=positive)
-        tau: float = param(0.5, help="the majority image's share must be below tau for its label to be dropped", validator=probability)
+        kappa: float = param(
+            3.0, help="class-count ratio n_major / n_minor from which the label is moved", validator=positive
+        )
+        tau: float = param(
+            0.5, help="the majority image's share must be below tau for its label to be dropped", validator=probability
+        )
 
     def fuse(
         self,

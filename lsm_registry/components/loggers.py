@@ -28,7 +28,18 @@ from ..interfaces import Logger, RunInfo
 from ..params import param
 
 #: Scalars of the summary that a tracker shows as the run's final figures.
-SUMMARY_SCALARS = ("top1", "many", "medium", "few", "rare3", "best_top1", "best_epoch", "val_top1", "wall_time_s", "final_loss")
+SUMMARY_SCALARS = (
+    "top1",
+    "many",
+    "medium",
+    "few",
+    "rare3",
+    "best_top1",
+    "best_epoch",
+    "val_top1",
+    "wall_time_s",
+    "final_loss",
+)
 
 
 def own_folder(run: RunInfo, name: str, override: str = "") -> Path:
@@ -36,7 +47,9 @@ def own_folder(run: RunInfo, name: str, override: str = "") -> Path:
     if override:
         return Path(override)
     if run.run_dir is None:
-        raise ValueError(f"logger {name!r} writes under the run folder, and this run has none; set [loggers.{name}] of a folder")
+        raise ValueError(
+            f"logger {name!r} writes under the run folder, and this run has none; set [loggers.{name}] of a folder"
+        )
     return run.run_dir / "loggers" / name
 
 
@@ -70,7 +83,9 @@ class ScalarTracker(Logger):
 
     epoch_type: type = float
 
-    def log_evaluation(self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]) -> None:
+    def log_evaluation(
+        self, step: int, epoch: int, metrics: dict[str, float], per_class: dict[str, Optional[float]]
+    ) -> None:
         values: dict[str, Any] = {**metrics, "epoch": self.epoch_type(epoch)}
         if self.params.per_class:
             values.update({f"per_class/{name}": v for name, v in per_class.items() if v is not None})
@@ -89,7 +104,9 @@ class TensorBoard(ScalarTracker):
 
     @attrs.frozen
     class Params:
-        log_dir: str = param("", help="folder of the event files (default: the run folder, so TensorBoard names the run after it)")
+        log_dir: str = param(
+            "", help="folder of the event files (default: the run folder, so TensorBoard names the run after it)"
+        )
         per_class: bool = param(True, help="also write each class's test accuracy, as per_class/<class name>")
 
     def start(self, run: RunInfo) -> None:
@@ -99,8 +116,10 @@ class TensorBoard(ScalarTracker):
         elif run.run_dir is not None:
             self.folder = Path(run.run_dir)
         else:
-            raise ValueError("logger 'tensorboard' writes into the run folder, and this run has none; "
-                             "set [loggers.tensorboard] log_dir")
+            raise ValueError(
+                "logger 'tensorboard' writes into the run folder, and this run has none; "
+                "set [loggers.tensorboard] log_dir"
+            )
         self.writer = tensorboard.SummaryWriter(log_dir=str(self.folder))
         self.hparams = _scalar_hparams(run.hparams)
         # Markdown: four-space indentation keeps the TOML as code.
@@ -142,6 +161,7 @@ def model_checkpoints(run_dir: Optional[Path]) -> list[Path]:
     folder = run_dir / "checkpoints" if run_dir is not None else None
     if folder is None or not folder.is_dir():
         return []
+
     def position(path: Path) -> tuple[int, int]:  # epoch-0004.pt, epoch-0004-step-12.pt (12 steps into epoch 5)
         numbers = [int(n) for n in re.findall(r"\d+", path.stem)]
         return numbers[0], numbers[1] if len(numbers) > 1 else 0
@@ -171,12 +191,18 @@ class MLflow(ScalarTracker):
 
     @attrs.frozen
     class Params:
-        tracking_uri: str = param("", help="tracking server, e.g. http://127.0.0.1:5000 (default: a local store, "
-                                  "mlflow.db in the folder that holds the run folder, runs/ by default)")
+        tracking_uri: str = param(
+            "",
+            help="tracking server, e.g. http://127.0.0.1:5000 (default: a local store, "
+            "mlflow.db in the folder that holds the run folder, runs/ by default)",
+        )
         experiment: str = param("lsm", help="experiment name, made when it does not exist")
         per_class: bool = param(True, help="also log each class's test accuracy, as per_class/<class name>")
-        log_model: bool = param(True, help="at the end, log the newest checkpoint and checkpoints/best.pt as artifacts "
-                                "under checkpoints/ (`lsm export` turns either into model files)")
+        log_model: bool = param(
+            True,
+            help="at the end, log the newest checkpoint and checkpoints/best.pt as artifacts "
+            "under checkpoints/ (`lsm export` turns either into model files)",
+        )
 
     def start(self, run: RunInfo) -> None:
         tracking = importlib.import_module("mlflow.tracking")
@@ -192,23 +218,30 @@ class MLflow(ScalarTracker):
             return
         experiment = self.client.get_experiment_by_name(self.params.experiment)
         # With the default store the artifacts go beside it too (MLflow's default is ./mlruns).
-        local = {"artifact_location": (Path(run.run_dir).resolve().parent / "mlartifacts").as_uri()} \
-            if not self.params.tracking_uri and run.run_dir is not None else {}
-        experiment_id = experiment.experiment_id if experiment is not None else self.client.create_experiment(self.params.experiment, **local)
+        local = (
+            {"artifact_location": (Path(run.run_dir).resolve().parent / "mlartifacts").as_uri()}
+            if not self.params.tracking_uri and run.run_dir is not None
+            else {}
+        )
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(self.params.experiment, **local)
+        )
         tags = {**source_tags(), **({"lsm.run_dir": str(run.run_dir)} if run.run_dir is not None else {})}
         self.run_id = self.client.create_run(experiment_id, run_name=run.run_name, tags=tags).info.run_id
         if self.folder is not None:
             _save_state(self.folder, {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri})
         params = [self.entities.Param(_metric_key(k), str(v)[:6000]) for k, v in run.hparams.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, run.recipe_toml, "recipe.toml")
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         metrics = [self.entities.Metric(_metric_key(k), float(v), now, step) for k, v in values.items()]
         for i in range(0, len(metrics), 1000):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def log_image(self, name: str, path: Path, step: int) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path="pictures")
@@ -239,8 +272,9 @@ class WandB(ScalarTracker):
     class Params:
         project: str = param("lsm", help="W&B project")
         entity: str = param("", help="W&B entity (team or user; default: yours)")
-        mode: Literal["offline", "online", "disabled"] = param("offline", help='"offline" writes under the run folder; '
-                                                                "`wandb sync` uploads it later")
+        mode: Literal["offline", "online", "disabled"] = param(
+            "offline", help='"offline" writes under the run folder; `wandb sync` uploads it later'
+        )
         per_class: bool = param(True, help="also log each class's test accuracy, as per_class/<class name>")
 
     def start(self, run: RunInfo) -> None:
@@ -251,8 +285,14 @@ class WandB(ScalarTracker):
         folder.mkdir(parents=True, exist_ok=True)
         _save_state(folder, {"run_id": run_id})
         self.run = self.wandb.init(
-            project=self.params.project, entity=self.params.entity or None, name=run.run_name, id=run_id,
-            resume="allow", dir=str(folder), mode=self.params.mode, config=run.hparams,
+            project=self.params.project,
+            entity=self.params.entity or None,
+            name=run.run_name,
+            id=run_id,
+            resume="allow",
+            dir=str(folder),
+            mode=self.params.mode,
+            config=run.hparams,
             settings=self.wandb.Settings(silent=True, console="off"),
         )
         self.finished = False

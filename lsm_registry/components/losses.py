@@ -47,8 +47,12 @@ from ..params import ParamError, non_negative, param, positive, probability
 
 @attrs.frozen
 class ReweightParams:
-    reweight: Literal["none", "drw", "cb"] = param("none", help="class reweighting: none, drw (deferred), cb (from the start)")
-    reweight_epoch: int = param(160, help="DRW: first epoch (0-based) with class-balanced weights", validator=non_negative)
+    reweight: Literal["none", "drw", "cb"] = param(
+        "none", help="class reweighting: none, drw (deferred), cb (from the start)"
+    )
+    reweight_epoch: int = param(
+        160, help="DRW: first epoch (0-based) with class-balanced weights", validator=non_negative
+    )
     beta: float = param(0.9999, help="effective-number beta of the class-balanced weights")
     mixed_weighting: Literal["per-label", "joint"] = param(
         "per-label",
@@ -215,7 +219,8 @@ class LabelAwareSmoothingParams(ReweightParams):
     smooth_head: float = param(0.4, help="eps_1: label smoothing of the most frequent class", validator=probability)
     smooth_tail: float = param(0.1, help="eps_K: label smoothing of the rarest class", validator=probability)
     shape: Literal["concave", "linear", "convex"] = param(
-        "concave", help="how eps goes from eps_K to eps_1 with the class count (MiSLAS's forms)")
+        "concave", help="how eps goes from eps_K to eps_1 with the class count (MiSLAS's forms)"
+    )
 
 
 def label_aware_smoothing(counts: Tensor, head: float, tail: float, shape: str) -> Tensor:
@@ -242,8 +247,9 @@ class LabelAwareSmoothing(ClassMatrixLoss):
 
     def __init__(self, params, context):
         super().__init__(params, context)
-        self.smoothing = label_aware_smoothing(context.counts_tensor(), params.smooth_head, params.smooth_tail,
-                                               params.shape).to(context.device)
+        self.smoothing = label_aware_smoothing(
+            context.counts_tensor(), params.smooth_head, params.smooth_tail, params.shape
+        ).to(context.device)
 
     def class_losses(self, logits: Tensor) -> Tensor:
         # l_c = (1 - eps_c) (-log p_c) + eps_c mean_j (-log p_j): CE against the target
@@ -255,9 +261,12 @@ class LabelAwareSmoothing(ClassMatrixLoss):
 
 @attrs.frozen
 class LADEParams:
-    alpha: float = param(0.1, help="weight of the LADER regulariser: L = PC-softmax CE + alpha * LADER", validator=non_negative)
-    remine_lambda: float = param(0.1, help="lambda of the ReMINE lower bound (the squared log-partition penalty)",
-                                 validator=non_negative)
+    alpha: float = param(
+        0.1, help="weight of the LADER regulariser: L = PC-softmax CE + alpha * LADER", validator=non_negative
+    )
+    remine_lambda: float = param(
+        0.1, help="lambda of the ReMINE lower bound (the squared log-partition penalty)", validator=non_negative
+    )
 
 
 class LADE(Loss):
@@ -292,10 +301,12 @@ class LADE(Loss):
 
 @attrs.frozen
 class IBParams:
-    alpha: float = param(1000.0, help="numerator of the influence weight alpha / (||p - q||_1 ||h||_1 + epsilon)",
-                         validator=positive)
-    start_epoch: int = param(100, help="first epoch (0-based) with the influence-balanced loss; plain CE before",
-                             validator=non_negative)
+    alpha: float = param(
+        1000.0, help="numerator of the influence weight alpha / (||p - q||_1 ||h||_1 + epsilon)", validator=positive
+    )
+    start_epoch: int = param(
+        100, help="first epoch (0-based) with the influence-balanced loss; plain CE before", validator=non_negative
+    )
     epsilon: float = param(1e-3, help="added to the influence in the weight's denominator", validator=positive)
 
 

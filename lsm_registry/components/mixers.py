@@ -42,8 +42,14 @@ class LSM(Mixer):
 
     @attrs.frozen
     class Params(MixerParams):
-        mask: Literal["topk", "threshold"] = param("topk", help="unit selection: topk (a Beta-drawn share of units) or threshold (S >= tau * max S)")
-        alpha: float = param(1.0, help="topk: pasted fraction rho ~ Beta(alpha, alpha); k = clamp(round(rho N), 1, N - 1)", validator=positive)
+        mask: Literal["topk", "threshold"] = param(
+            "topk", help="unit selection: topk (a Beta-drawn share of units) or threshold (S >= tau * max S)"
+        )
+        alpha: float = param(
+            1.0,
+            help="topk: pasted fraction rho ~ Beta(alpha, alpha); k = clamp(round(rho N), 1, N - 1)",
+            validator=positive,
+        )
         same_k: bool = param(False, help="topk: one rho for the whole batch (CutMix-style) instead of one per image")
         tau: float = param(0.5, help="threshold: paste units with S >= tau * max S", validator=in_range(0.0, 1.0))
         prob: float = mix_prob(0.5)
@@ -63,12 +69,18 @@ class LSM(Mixer):
 
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:
         if saliency_f is None:
-            raise ValueError("mixer 'lsm' needs the foreground saliency; add a [saliency] table (e.g. name = \"gradcam\")")
+            raise ValueError(
+                "mixer 'lsm' needs the foreground saliency; add a [saliency] table (e.g. name = \"gradcam\")"
+            )
         if x_f.shape != x_b.shape:
-            raise ValueError(f"mixer 'lsm': foreground {tuple(x_f.shape)} and background {tuple(x_b.shape)} batches differ in shape")
+            raise ValueError(
+                f"mixer 'lsm': foreground {tuple(x_f.shape)} and background {tuple(x_b.shape)} batches differ in shape"
+            )
         gh, gw = patch.grid(x_f.shape[-2], x_f.shape[-1])
         if tuple(saliency_f.shape) != (x_f.shape[0], gh, gw):
-            raise ValueError(f"mixer 'lsm': saliency has shape {tuple(saliency_f.shape)}, expected {(x_f.shape[0], gh, gw)}")
+            raise ValueError(
+                f"mixer 'lsm': saliency has shape {tuple(saliency_f.shape)}, expected {(x_f.shape[0], gh, gw)}"
+            )
         mask = self.select(saliency_f)
         units = torch.where(mask.unsqueeze(1), patch.split(x_f), patch.split(x_b))
         return MixResult(images=patch.merge(units), weight=patch.expand(mask.to(x_f.dtype)), unit_mask=mask)
@@ -83,7 +95,9 @@ class CutMix(Mixer):
 
     @attrs.frozen
     class Params(MixerParams):
-        alpha: float = param(1.0, help="lam ~ Beta(alpha, alpha); the box side ratio is sqrt(1 - lam)", validator=positive)
+        alpha: float = param(
+            1.0, help="lam ~ Beta(alpha, alpha); the box side ratio is sqrt(1 - lam)", validator=positive
+        )
 
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: Optional[PatchOperator]) -> MixResult:
         b, _, h, w = x_b.shape
@@ -130,7 +144,9 @@ class Mixup(Mixer):
     @attrs.frozen
     class Params(MixerParams):
         alpha: float = param(1.0, help="lam ~ Beta(alpha, alpha), the foreground's weight", validator=positive)
-        per_image: bool = param(False, help="one lam per image instead of one per batch (the original draws one per batch)")
+        per_image: bool = param(
+            False, help="one lam per image instead of one per batch (the original draws one per batch)"
+        )
 
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: Optional[PatchOperator]) -> MixResult:
         b, _, h, w = x_b.shape

@@ -46,7 +46,7 @@ def scaled(logits: Tensor, scale: Optional[Tensor]) -> Tensor:
     return logits if scale is None else logits * scale
 
 
-_LWS_HELP = "LWS: a learnable per-class scale on the logits (state key logit_scale), for a stage-2 recipe with stage.train = \"scales\""
+_LWS_HELP = 'LWS: a learnable per-class scale on the logits (state key logit_scale), for a stage-2 recipe with stage.train = "scales"'
 
 
 class _ShortcutA(nn.Module):
@@ -86,14 +86,23 @@ class _BasicBlock(nn.Module):
 def cifar_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """One stage of a CIFAR ResNet: ``blocks`` basic blocks, the first with ``stride`` (the
     model variants of BBN and RIDE cut and copy stages, so they build them here)."""
-    return nn.Sequential(*(_BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(blocks)))
+    return nn.Sequential(
+        *(_BasicBlock(in_planes if j == 0 else planes, planes, stride if j == 0 else 1) for j in range(blocks))
+    )
 
 
 class CifarResNet(nn.Module):
     """ResNet-6n+2 for 32x32 inputs (He et al. 2016, section 4.2)."""
 
-    def __init__(self, depth: int, num_classes: int, in_channels: int = 3, normed_head: bool = False, width: int = 16,
-                 lws: bool = False):
+    def __init__(
+        self,
+        depth: int,
+        num_classes: int,
+        in_channels: int = 3,
+        normed_head: bool = False,
+        width: int = 16,
+        lws: bool = False,
+    ):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (got {depth})")
@@ -109,7 +118,9 @@ class CifarResNet(nn.Module):
                 in_planes = p
             layers.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = layers
-        self.classifier: nn.Module = NormedLinear(in_planes, num_classes) if normed_head else nn.Linear(in_planes, num_classes)
+        self.classifier: nn.Module = (
+            NormedLinear(in_planes, num_classes) if normed_head else nn.Linear(in_planes, num_classes)
+        )
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -196,7 +207,9 @@ class Torchvision(ModelFactory):
         children = dict(net.named_children())
         head_name = next((n for n in ("fc", "classifier", "head", "heads") if n in children), None)
         if head_name is None or not any(n in children for n in ("avgpool",)):
-            raise ValueError(f"torchvision model {self.params.arch!r} has no avgpool + linear head this wrapper can split")
+            raise ValueError(
+                f"torchvision model {self.params.arch!r} has no avgpool + linear head this wrapper can split"
+            )
         head = children[head_name]
         new_linear = lambda fan_in: NormedLinear(fan_in, num_classes) if normed_head else nn.Linear(fan_in, num_classes)  # noqa: E731
         if isinstance(head, nn.Linear):
@@ -212,7 +225,14 @@ class Torchvision(ModelFactory):
             classifier = head
         if in_channels != 3:
             first_name, first = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
-            replacement = nn.Conv2d(in_channels, first.out_channels, first.kernel_size, first.stride, first.padding, bias=first.bias is not None)
+            replacement = nn.Conv2d(
+                in_channels,
+                first.out_channels,
+                first.kernel_size,
+                first.stride,
+                first.padding,
+                bias=first.bias is not None,
+            )
             parent = net
             *path, last = first_name.split(".")
             for part in path:

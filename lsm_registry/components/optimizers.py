@@ -74,10 +74,12 @@ class SAM(Optimizer):
 
 @attrs.frozen
 class CCSAMParams:
-    noise_ratio: float = param(1e-6, help="scale of the per-class classifier radius (noise_ratio of the reference code)",
-                               validator=positive)
-    flat_ratio: float = param(0.5, help="share of the loss taken at the perturbed classifier: "
-                              "(1 - flat_ratio) L(w) + flat_ratio L(w + e_y)")
+    noise_ratio: float = param(
+        1e-6, help="scale of the per-class classifier radius (noise_ratio of the reference code)", validator=positive
+    )
+    flat_ratio: float = param(
+        0.5, help="share of the loss taken at the perturbed classifier: (1 - flat_ratio) L(w) + flat_ratio L(w + e_y)"
+    )
 
     def __attrs_post_init__(self):
         if not 0.0 < self.flat_ratio <= 1.0:
@@ -100,7 +102,9 @@ class _OnePassHead(Optimizer):
     def attach(self, model: nn.Module) -> None:
         classifier = getattr(model, "classifier", None)
         if not isinstance(classifier, nn.Linear):
-            raise ValueError(f"{self.name} {self.needs_linear}, and the model's classifier is {type(classifier).__name__}")
+            raise ValueError(
+                f"{self.name} {self.needs_linear}, and the model's classifier is {type(classifier).__name__}"
+            )
         self.classifier = classifier
 
     def step(self, closure: StepClosure, scaler: torch.amp.GradScaler) -> Tensor:
@@ -177,12 +181,23 @@ class CCSAM(_OnePassHead):
 
 @attrs.frozen
 class CCSAMFeatureParams:
-    radius: float = param(1.0, help="scale of the feature perturbation (adver_reg of the reference code): class c's "
-                          "images are moved by radius * w_c in all", validator=positive)
-    weight_div: float = param(2.0, help="w_c = ln(n_max / n_c + 0.01) / weight_div, the class weight of the radius and of "
-                              "the perturbed loss (div of the reference code)", validator=positive)
-    flat_ratio: float = param(0.3, help="share of the loss taken at the perturbed features: "
-                              "(1 - flat_ratio) L(z) + flat_ratio mean_b w_y CE(classifier(h_b + e_b))")
+    radius: float = param(
+        1.0,
+        help="scale of the feature perturbation (adver_reg of the reference code): class c's "
+        "images are moved by radius * w_c in all",
+        validator=positive,
+    )
+    weight_div: float = param(
+        2.0,
+        help="w_c = ln(n_max / n_c + 0.01) / weight_div, the class weight of the radius and of "
+        "the perturbed loss (div of the reference code)",
+        validator=positive,
+    )
+    flat_ratio: float = param(
+        0.3,
+        help="share of the loss taken at the perturbed features: "
+        "(1 - flat_ratio) L(z) + flat_ratio mean_b w_y CE(classifier(h_b + e_b))",
+    )
 
     def __attrs_post_init__(self):
         if not 0.0 < self.flat_ratio <= 1.0:

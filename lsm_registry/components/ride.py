@@ -92,15 +92,23 @@ class MultiExpertNet(nn.Module):
 
     output_parts = (EXPERT_LOGITS,)
 
-    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16, num_experts: int = 3,
-                 expert_widths: tuple[int, int] = (32, 64), normed_head: bool = False):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 3,
+        width: int = 16,
+        num_experts: int = 3,
+        expert_widths: tuple[int, int] = (32, 64),
+        normed_head: bool = False,
+    ):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.layer1 = cifar_stage(width, width, 5, 1)
         mid, last = expert_widths
-        self.experts = ExpertStages([nn.Sequential(cifar_stage(width, mid, 5, 2), cifar_stage(mid, last, 5, 2))
-                                     for _ in range(num_experts)])
+        self.experts = ExpertStages(
+            [nn.Sequential(cifar_stage(width, mid, 5, 2), cifar_stage(mid, last, 5, 2)) for _ in range(num_experts)]
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
@@ -132,11 +140,15 @@ class RIDE(ModelFactory):
 
     @attrs.frozen
     class Params:
-        num_experts: int = param(3, help="experts, each with its own second and third stage and classifier",
-                                 validator=at_least(1))
+        num_experts: int = param(
+            3, help="experts, each with its own second and third stage and classifier", validator=at_least(1)
+        )
         width: int = param(16, help="channels of the shared stem and first stage", validator=positive)
-        reduce_dimension: bool = param(True, help="experts' stages at 3/4 of ResNet-32's width (24 and 48 channels at "
-                                       "width 16), RIDE's setting for 3 experts; false: 2 x and 4 x width")
+        reduce_dimension: bool = param(
+            True,
+            help="experts' stages at 3/4 of ResNet-32's width (24 and 48 channels at "
+            "width 16), RIDE's setting for 3 experts; false: 2 x and 4 x width",
+        )
 
     def expert_widths(self) -> tuple[int, int]:
         w = self.params.width
@@ -158,12 +170,20 @@ class RIDE(ModelFactory):
 
 @attrs.frozen
 class RIDELossParams(LDAMParams):
-    diversity_factor: float = param(-0.2, help="weight of the diversity KL (reference: additional_diversity_factor); "
-                                    "negative pushes each expert away from the experts' mean")
-    diversity_temperature: float = param(1.0, help="base temperature of the diversity KL (base_diversity_temperature)",
-                                         validator=positive)
-    temperature_reweight: float = param(0.05, help="reweight_factor: how far class frequency spreads the per-class "
-                                        "temperatures, used once class weights apply (0: all equal)", validator=probability)
+    diversity_factor: float = param(
+        -0.2,
+        help="weight of the diversity KL (reference: additional_diversity_factor); "
+        "negative pushes each expert away from the experts' mean",
+    )
+    diversity_temperature: float = param(
+        1.0, help="base temperature of the diversity KL (base_diversity_temperature)", validator=positive
+    )
+    temperature_reweight: float = param(
+        0.05,
+        help="reweight_factor: how far class frequency spreads the per-class "
+        "temperatures, used once class weights apply (0: all equal)",
+        validator=probability,
+    )
 
 
 def diversity_temperatures(counts: Tensor, base: float, reweight: float) -> Tensor:
@@ -195,8 +215,9 @@ class RIDELoss(LDAM):
 
     def __init__(self, params: Any, context: Any):
         super().__init__(params, context)
-        self.temperatures = diversity_temperatures(context.counts_tensor(), params.diversity_temperature,
-                                                   params.temperature_reweight).to(context.device)
+        self.temperatures = diversity_temperatures(
+            context.counts_tensor(), params.diversity_temperature, params.temperature_reweight
+        ).to(context.device)
         self._temperature_mean = float(self.temperatures.mean())
 
     def temperature(self) -> tuple[Tensor | float, float]:
@@ -216,8 +237,9 @@ class RIDELoss(LDAM):
         kl = (torch.xlogy(q, q).unsqueeze(0) - q.unsqueeze(0) * log_p).sum() / experts.shape[1]
         return t_mean * t_mean * kl
 
-    def __call__(self, logits: Tensor, target: Tensor, mixed: Any = None, *,
-                 outputs: Optional[Mapping[str, Tensor]] = None) -> Tensor:
+    def __call__(
+        self, logits: Tensor, target: Tensor, mixed: Any = None, *, outputs: Optional[Mapping[str, Tensor]] = None
+    ) -> Tensor:
         ldam = super().__call__
         experts = outputs.get(EXPERT_LOGITS) if outputs else None
         if experts is None:

@@ -52,8 +52,9 @@ def image_pixels(crops: Crops, height: int, width: int, device: torch.device) ->
     return inside_y.unsqueeze(2) & inside_x.unsqueeze(1)
 
 
-def normalise_to_units(cam: Tensor, height: int, width: int, patch: PatchOperator,
-                       valid: Optional[Tensor] = None) -> Tensor:
+def normalise_to_units(
+    cam: Tensor, height: int, width: int, patch: PatchOperator, valid: Optional[Tensor] = None
+) -> Tensor:
     """(B, h, w) raw class activation -> (B, H/p, W/p) unit scores in [0, 1].
 
     ReLU, bilinear resize to (H, W), zero where ``valid`` (B, H, W) is False (pixels that
@@ -107,7 +108,6 @@ def class_activation_of(model: nn.Module, features: Tensor, y: Tensor) -> Tensor
     return torch.einsum("bk,bkhw->bhw", grad, feats) / (h * w)
 
 
-
 class GradCAM(SaliencyProvider):
     """Grad-CAM on a named layer, patch-averaged; eval mode, no parameter gradients.
 
@@ -122,22 +122,33 @@ class GradCAM(SaliencyProvider):
 
     @attrs.frozen
     class Params:
-        layer: Optional[str] = param(None, help="layer to explain, a key of model.saliency_layers(); None: the model's default (final stage)")
-        fast: bool = param(True, help="use the one-forward closed form when the layer and head allow it (false forces autograd)")
-        mask_padding: bool = param(True, help="inside the engine, score the pixels a crop took from outside its image "
-                                   "(zero padding) as not salient, before the min-max; false scores them like any pixel")
+        layer: Optional[str] = param(
+            None, help="layer to explain, a key of model.saliency_layers(); None: the model's default (final stage)"
+        )
+        fast: bool = param(
+            True, help="use the one-forward closed form when the layer and head allow it (false forces autograd)"
+        )
+        mask_padding: bool = param(
+            True,
+            help="inside the engine, score the pixels a crop took from outside its image "
+            "(zero padding) as not salient, before the min-max; false scores them like any pixel",
+        )
 
     def _layer(self, model: nn.Module) -> tuple[str, nn.Module, bool]:
         getter = getattr(model, "saliency_layers", None)
         if getter is None:
-            raise ValueError(f"gradcam: model {type(model).__name__} has no saliency_layers(); it cannot name a layer to explain")
+            raise ValueError(
+                f"gradcam: model {type(model).__name__} has no saliency_layers(); it cannot name a layer to explain"
+            )
         layers = getter()
         if not layers:
             raise ValueError(f"gradcam: model {type(model).__name__} lists no saliency layers")
         names = list(layers)
         name = self.params.layer if self.params.layer is not None else names[0]
         if name not in layers:
-            raise ValueError(f"gradcam: model {type(model).__name__} has no layer {name!r}; valid layers: {', '.join(names)}")
+            raise ValueError(
+                f"gradcam: model {type(model).__name__} has no layer {name!r}; valid layers: {', '.join(names)}"
+            )
         return name, layers[name], name == names[0]
 
     def check_model(self, model: nn.Module) -> None:

@@ -63,7 +63,9 @@ class DualBranchSampler(_ShuffledInstances):
 
     @attrs.frozen
     class Params:
-        gamma: float = param(1.0, help="rebalancing exponent: 0 instance-balanced, 1 class-balanced", validator=non_negative)
+        gamma: float = param(
+            1.0, help="rebalancing exponent: 0 instance-balanced, 1 class-balanced", validator=non_negative
+        )
 
     def weights(self) -> Tensor:
         counts = torch.bincount(self.labels, minlength=self.context.num_classes).to(torch.float64)

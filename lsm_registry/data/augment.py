@@ -62,7 +62,9 @@ def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0)
     return _random_resized_crop(x, generator, scale, ratio)[0]
 
 
-def _random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[Tensor, Tensor]:
+def _random_resized_crop(
+    x: Tensor, generator: torch.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)
+) -> tuple[Tensor, Tensor]:
     b, _, h, w = x.shape
     area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator) * h * w
     log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)

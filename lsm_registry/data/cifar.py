@@ -72,12 +72,14 @@ def find_folder(root: Path, layout: dict[str, Any]) -> Path:
 
 #: The only globals a real CIFAR python batch refers to: numpy's array reconstruction (under
 #: its NumPy 1 and NumPy 2 module names), the array type and its dtype.
-ALLOWED_GLOBALS = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-})
+ALLOWED_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
 
 
 class DataUnpickler(pickle.Unpickler):
@@ -115,10 +117,14 @@ def read_batches(folder: Path, files: list[str], layout: dict[str, Any]) -> tupl
         data = np.asarray(batch["data"], dtype=np.uint8)
         y = np.asarray(batch[layout["label_key"]], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != y.shape[0]:
-            raise ValueError(f"{path}: 'data' must be (N, 3072) with one label per row (got {data.shape} and {y.shape[0]} labels)")
+            raise ValueError(
+                f"{path}: 'data' must be (N, 3072) with one label per row (got {data.shape} and {y.shape[0]} labels)"
+            )
         bad = np.flatnonzero((y < 0) | (y >= layout["classes"]))
         if bad.size:
-            raise ValueError(f"{path}: label {int(y[bad[0]])} of row {int(bad[0])} out of range 0..{layout['classes'] - 1}")
+            raise ValueError(
+                f"{path}: label {int(y[bad[0]])} of row {int(bad[0])} out of range 0..{layout['classes'] - 1}"
+            )
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
         labels.append(torch.from_numpy(y))
     return torch.cat(images), torch.cat(labels)

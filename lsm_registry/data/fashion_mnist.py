@@ -66,7 +66,9 @@ def find_folder(root: Optional[str]) -> Path:
         if all((folder / name).is_file() for name in FILES.values()):
             return folder
     looked = " or ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"Fashion-MNIST not found in {looked}; expected the four IDX files {', '.join(FILES.values())}; {HOW_TO_GET}")
+    raise FileNotFoundError(
+        f"Fashion-MNIST not found in {looked}; expected the four IDX files {', '.join(FILES.values())}; {HOW_TO_GET}"
+    )
 
 
 def _pair(folder: Path, images: str, labels: str) -> tuple[Tensor, Tensor]:
@@ -79,7 +81,9 @@ def _pair(folder: Path, images: str, labels: str) -> tuple[Tensor, Tensor]:
     bad = (y >= len(CLASS_NAMES)).nonzero()
     if bad.numel():
         i = int(bad[0])
-        raise ValueError(f"{folder / FILES[labels]}: label {int(y[i])} of item {i} out of range 0..{len(CLASS_NAMES) - 1}")
+        raise ValueError(
+            f"{folder / FILES[labels]}: label {int(y[i])} of item {i} out of range 0..{len(CLASS_NAMES) - 1}"
+        )
     return F.pad(x.unsqueeze(1), (PAD, PAD, PAD, PAD)), y.to(torch.int64)
 
 

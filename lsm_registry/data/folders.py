@@ -65,8 +65,13 @@ def decode_progress(total: int, size: int) -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
     with Progress(
-        TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=True,
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("decode", total=total)
         yield lambda: progress.advance(task)
@@ -99,10 +104,14 @@ def scan_tree(root: Path) -> tuple[tuple[str, ...], list[Path], Tensor, list[Pat
     train_dir = root / "train"
     test_dir = next((root / t for t in TEST_FOLDERS if (root / t).is_dir()), None)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder; expected {root}/train/<class>/* and {root}/test/<class>/* (or val/)")
+        raise FileNotFoundError(
+            f"{root}: no such folder; expected {root}/train/<class>/* and {root}/test/<class>/* (or val/)"
+        )
     if not train_dir.is_dir() or test_dir is None:
         missing = "train/" if not train_dir.is_dir() else "test/ (or val/)"
-        raise FileNotFoundError(f"{root}: no {missing} folder; expected {root}/train/<class>/* and {root}/test/<class>/* (or val/)")
+        raise FileNotFoundError(
+            f"{root}: no {missing} folder; expected {root}/train/<class>/* and {root}/test/<class>/* (or val/)"
+        )
     classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not classes:
         raise ValueError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image files>")
@@ -112,9 +121,13 @@ def scan_tree(root: Path) -> tuple[tuple[str, ...], list[Path], Tensor, list[Pat
         except UnicodeEncodeError:  # undecodable bytes, kept by the file system's surrogateescape
             # Class names go into per_class.csv, summary.json and the report: they must be text.
             raise ValueError(f"{train_dir}: class folder {os.fsencode(name)!r} is not valid UTF-8; rename it") from None
-    extra = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes)
+    extra = sorted(
+        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in classes
+    )
     if extra:
-        raise ValueError(f"{test_dir / extra[0]}: class folder not in {train_dir} (test classes must be training classes)")
+        raise ValueError(
+            f"{test_dir / extra[0]}: class folder not in {train_dir} (test classes must be training classes)"
+        )
     splits = []
     for split_dir in (train_dir, test_dir):
         files, labels = [], []

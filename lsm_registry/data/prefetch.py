@@ -93,13 +93,19 @@ class _Steps(Dataset):
         start = time.perf_counter()
         decoded, at = [], 0
         for positions, seed in [(bg, bg_seed)] + ([(fg, fg_seed)] if fg is not None else []):
-            into = None if self.ring is None else self.ring[slot, at:at + len(positions)]
+            into = None if self.ring is None else self.ring[slot, at : at + len(positions)]
             images, *crops = self.split.decode_train(positions, seed, into)
             decoded.append((images if into is None else None, *crops))  # a slot's images stay in it
             at += len(positions)
         info = get_worker_info()
-        return {"step": step, "slot": slot, "sizes": (len(bg), len(fg) if fg is not None else 0), "decoded": decoded,
-                "worker": info.id if info is not None else -1, "span": (start, time.perf_counter())}
+        return {
+            "step": step,
+            "slot": slot,
+            "sizes": (len(bg), len(fg) if fg is not None else 0),
+            "decoded": decoded,
+            "worker": info.id if info is not None else -1,
+            "span": (start, time.perf_counter()),
+        }
 
 
 class _Plan:
@@ -134,7 +140,9 @@ class PlannedLoader:
     workers.
     """
 
-    def __init__(self, split: FileSplit, workers: int, prefetch: int = 2, pin_memory: bool = False, views: bool = False):
+    def __init__(
+        self, split: FileSplit, workers: int, prefetch: int = 2, pin_memory: bool = False, views: bool = False
+    ):
         self.split = split
         self.workers = workers
         self.prefetch = prefetch
@@ -193,9 +201,12 @@ class PlannedLoader:
             for (images, boxes, flips, sizes, error), (start, n) in zip(item["decoded"], ((0, n_bg), (n_bg, n_fg))):
                 if error is not None:
                     raise DataError(error)
-                parts.append((self._take(images if slot is None else slot[start:start + n]), crops_of(boxes, flips, sizes)))
-            yield LoadedStep(by_step[int(item["step"])], parts[0], parts[1] if len(parts) > 1 else None,
-                             item["worker"], item["span"])
+                parts.append(
+                    (self._take(images if slot is None else slot[start : start + n]), crops_of(boxes, flips, sizes))
+                )
+            yield LoadedStep(
+                by_step[int(item["step"])], parts[0], parts[1] if len(parts) > 1 else None, item["worker"], item["span"]
+            )
 
     def _shutdown(self) -> None:
         loader, self._loader = self._loader, None
@@ -211,10 +222,14 @@ class PlannedLoader:
         self._closed = True
 
 
-def plan_epoch(batches: Sequence[tuple[Tensor, Optional[Tensor]]], coins: Sequence[bool], seeds: Tensor) -> list[PlannedStep]:
+def plan_epoch(
+    batches: Sequence[tuple[Tensor, Optional[Tensor]]], coins: Sequence[bool], seeds: Tensor
+) -> list[PlannedStep]:
     """Steps of one epoch: a foreground is fetched only where the coin says mix and the sampler gave one.
 
     ``seeds`` (steps, 2) int64: the crop seeds of background and foreground per step.
     """
-    return [PlannedStep(i, bg, fg if (mix and fg is not None) else None, bool(mix), int(seeds[i, 0]), int(seeds[i, 1]))
-            for i, ((bg, fg), mix) in enumerate(zip(batches, coins))]
+    return [
+        PlannedStep(i, bg, fg if (mix and fg is not None) else None, bool(mix), int(seeds[i, 0]), int(seeds[i, 1]))
+        for i, ((bg, fg), mix) in enumerate(zip(batches, coins))
+    ]

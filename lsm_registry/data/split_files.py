@@ -45,7 +45,9 @@ def check_priority(priority: str, workers: int = 1) -> None:
     if priority == "idle" and not hasattr(os, "SCHED_IDLE"):
         raise ValueError("worker_priority 'idle' needs Linux's SCHED_IDLE scheduling policy, which this platform lacks")
     if priority == "idle" and workers == 0:
-        raise ValueError("worker_priority 'idle' needs workers >= 1: with workers = 0 the training process decodes, and it is never put under SCHED_IDLE")
+        raise ValueError(
+            "worker_priority 'idle' needs workers >= 1: with workers = 0 the training process decodes, and it is never put under SCHED_IDLE"
+        )
 
 
 def _idle(worker_id: int) -> None:
@@ -108,8 +110,11 @@ Decoded = tuple[Tensor, list[list[float]], list[bool], list[tuple[int, int]], Op
 
 def crops_of(boxes: list[list[float]], flips: list[bool], sizes: list[tuple[int, int]]) -> Crops:
     """The :class:`Crops` of a decoded batch's lists."""
-    return Crops(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(flips, dtype=torch.bool),
-                 torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2))
+    return Crops(
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        torch.tensor(flips, dtype=torch.bool),
+        torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2),
+    )
 
 
 def _keep(batch: Any) -> Any:
@@ -157,8 +162,17 @@ class FileSplit(DecodingSplit):
     (:func:`worker_init`); ``prefetch`` batches decoded ahead per worker by the planned loader.
     """
 
-    def __init__(self, image_root: Path, paths: list[str], labels: Tensor, size: int, workers: int = 4,
-                 resize: Optional[int] = None, prefetch: int = 2, worker_priority: str = "normal"):
+    def __init__(
+        self,
+        image_root: Path,
+        paths: list[str],
+        labels: Tensor,
+        size: int,
+        workers: int = 4,
+        resize: Optional[int] = None,
+        prefetch: int = 2,
+        worker_priority: str = "normal",
+    ):
         check_priority(worker_priority, workers)
         self.image_root = Path(image_root)
         self.paths = [str(self.image_root / p) for p in paths]

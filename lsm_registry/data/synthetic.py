@@ -18,8 +18,14 @@ from torch import Tensor
 SHAPES = ("disk", "square", "triangle", "ring", "cross", "diamond")
 TEXTURES = ("solid", "stripes", "checker")
 PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
 )
 
 
@@ -42,7 +48,7 @@ def _shape_mask(shape_id: Tensor, u: Tensor, v: Tensor) -> Tensor:
         [
             r2 < 1.0,
             torch.maximum(u.abs(), v.abs()) < 0.8,
-            (v < 0.7) & (v > -0.9 + 1.6 * u.abs() * 1.1) ,
+            (v < 0.7) & (v > -0.9 + 1.6 * u.abs() * 1.1),
             (r2 < 1.0) & (r2 > 0.35),
             ((u.abs() < 0.3) & (v.abs() < 1.0)) | ((v.abs() < 0.3) & (u.abs() < 1.0)),
             (u.abs() + v.abs()) < 1.0,
@@ -79,7 +85,9 @@ def render(labels: Tensor, generator: torch.Generator, size: int = 32, version: 
     coarse = torch.rand(n, 3, 4, 4, generator=g) * 0.5 + 0.25
     bg = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     bg = bg + (torch.rand(n, 3, size, size, generator=g) - 0.5) * 0.12
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     ys, xs = ys.view(1, size, size), xs.view(1, size, size)
     # Clutter: three thin strokes of random colours through random points.
     for _ in range(3):

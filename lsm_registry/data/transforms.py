@@ -75,8 +75,14 @@ def _unreadable(path: str | Path, exc: BaseException) -> ValueError:
     return ValueError(f"{path}: cannot read image ({_reason(exc)})")
 
 
-READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, RuntimeError,  # RuntimeError: decode_jpeg
-               Image.DecompressionBombError)  # more pixels than PIL.Image.MAX_IMAGE_PIXELS allows
+READ_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    ValueError,
+    SyntaxError,
+    RuntimeError,  # RuntimeError: decode_jpeg
+    Image.DecompressionBombError,
+)  # more pixels than PIL.Image.MAX_IMAGE_PIXELS allows
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -110,10 +116,10 @@ def jpeg_frame(data: bytes) -> Optional[tuple[int, int, int]]:
         elif marker in _SOF:
             if i + 10 > n or data[i + 4] != 8:  # truncated, or 12/16-bit samples
                 return None
-            height, width = int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 7:i + 9], "big")
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
             return (width, height, data[i + 9]) if width and height else None  # 0: the height comes later (DNL)
         else:
-            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
     return None
 
 
@@ -154,7 +160,9 @@ def _source(path: str | Path) -> tuple[bytes, Optional[tuple[int, int, int]], tu
         return data, None, img.size
 
 
-def train_view(path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop] = None) -> tuple[Tensor, list[float], bool, tuple[int, int]]:
+def train_view(
+    path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop] = None
+) -> tuple[Tensor, list[float], bool, tuple[int, int]]:
     """(uint8 (3, size, size), crop box [left, top, width, height] in source pixels, flipped, source (H, W)).
 
     Draws from the global torch generator: call it inside ``fork_rng`` with a seed.
@@ -171,7 +179,7 @@ def train_view(path: str | Path, size: int, crop: Optional[v2.RandomResizedCrop]
         need = (width * keep, height * keep)
         pixels = _decoded_by_torchvision(data, frame, draft_scale(width, height, *need))
         if pixels is not None:  # (3, H, W) over an (H, W, 3) buffer
-            box = pixels.permute(1, 2, 0)[top:top + h, left:left + w]
+            box = pixels.permute(1, 2, 0)[top : top + h, left : left + w]
         else:
             with Image.open(io.BytesIO(data)) as img:
                 sx, sy = _draft_to_keep(img, *need)
@@ -203,7 +211,9 @@ def eval_view(path: str | Path, size: int, resize: Optional[int] = None) -> tupl
                 pixels = F.pil_to_tensor(_rgb(img))
     except READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
-    out = F.center_crop(F.resize(pixels, resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True), [size, size])
+    out = F.center_crop(
+        F.resize(pixels, resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True), [size, size]
+    )
     scale = short / resize
     box = [(width - size * scale) / 2, (height - size * scale) / 2, size * scale, size * scale]
     return out, box, (height, width)

@@ -123,10 +123,14 @@ def best_checkpoint(run_dir: Path) -> Path:
         return path
     summary = read_summary(run_dir)
     if summary and summary.get("best_on") != "val":
-        raise LSMError(f"{run_dir}: no best checkpoint: the run has no validation split, and choosing on the test set "
-                       "is what one exists to avoid; train with --set data.val_per_class=N, or use --checkpoint last")
-    raise LSMError(f"{path}: not there (runs of earlier versions, and runs stopped before their first evaluation, "
-                   "keep none); use --checkpoint last or a file")
+        raise LSMError(
+            f"{run_dir}: no best checkpoint: the run has no validation split, and choosing on the test set "
+            "is what one exists to avoid; train with --set data.val_per_class=N, or use --checkpoint last"
+        )
+    raise LSMError(
+        f"{path}: not there (runs of earlier versions, and runs stopped before their first evaluation, "
+        "keep none); use --checkpoint last or a file"
+    )
 
 
 # ------------------------------------------------------------------------------ recipes
@@ -139,8 +143,10 @@ def check_overrides(overrides: Sequence[str]) -> list[tuple[str, str, str, Any]]
     for text, table, key, value in parse_overrides(overrides, errors):
         dotted = f"{table}.{key}"
         if table != "data" and dotted != ALLOWED_DEVICE_KEY:
-            errors.append(f"--set {text}: {dotted} cannot change when scoring trained weights; only data.* and "
-                          f"{ALLOWED_DEVICE_KEY} may (the model and loss must stay those the weights were trained with)")
+            errors.append(
+                f"--set {text}: {dotted} cannot change when scoring trained weights; only data.* and "
+                f"{ALLOWED_DEVICE_KEY} may (the model and loss must stay those the weights were trained with)"
+            )
             continue
         parsed.append((text, table, key, value))
     if errors:
@@ -173,8 +179,15 @@ def evaluation_recipes(run_dir: Path, overrides: Sequence[str], registry: Regist
 # ------------------------------------------------------------------------------ the model
 
 
-def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated: Recipe,
-                   evaluated_data: LTData, notes: list[str], stored: Optional[TrainingFacts] = None) -> TrainingFacts:
+def training_facts(
+    run_dir: Path,
+    trained: Recipe,
+    registry: Registry,
+    evaluated: Recipe,
+    evaluated_data: LTData,
+    notes: list[str],
+    stored: Optional[TrainingFacts] = None,
+) -> TrainingFacts:
     """The training set's facts: those the checkpoint stored, else from the evaluated data when it
     is the training data, else rebuilt (checkpoints of earlier versions store none).
 
@@ -192,12 +205,21 @@ def training_facts(run_dir: Path, trained: Recipe, registry: Registry, evaluated
         summary = read_summary(run_dir)
         counts, names = summary.get("class_counts"), summary.get("class_names")
         if not counts:
-            raise LSMError(f"{run_dir}: cannot rebuild the training data for its class counts ({exc}), and there is "
-                           "no summary.json that lists them") from None
-        notes.append(f"the run's training data could not be built ({exc}); Many/Medium/Few use the class counts of "
-                     f"{run_dir / 'summary.json'} and images are normalised with the evaluated data's mean and std")
-        return TrainingFacts(tuple(int(n) for n in counts), tuple(names or evaluated_data.class_names),
-                             tuple(evaluated_data.mean), tuple(evaluated_data.std), tuple(evaluated_data.image_size))
+            raise LSMError(
+                f"{run_dir}: cannot rebuild the training data for its class counts ({exc}), and there is "
+                "no summary.json that lists them"
+            ) from None
+        notes.append(
+            f"the run's training data could not be built ({exc}); Many/Medium/Few use the class counts of "
+            f"{run_dir / 'summary.json'} and images are normalised with the evaluated data's mean and std"
+        )
+        return TrainingFacts(
+            tuple(int(n) for n in counts),
+            tuple(names or evaluated_data.class_names),
+            tuple(evaluated_data.mean),
+            tuple(evaluated_data.std),
+            tuple(evaluated_data.image_size),
+        )
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -208,12 +230,19 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return summary if isinstance(summary, dict) else {}
 
 
-def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: TrainingFacts, read: CheckpointFile,
-                device: torch.device) -> TrainedModel:
+def build_model(
+    run_dir: Path, recipe: Recipe, registry: Registry, facts: TrainingFacts, read: CheckpointFile, device: torch.device
+) -> TrainedModel:
     """The run's model (and loss, for its test-time logits) with the checkpoint's weights."""
     state, checkpoint = read.state, read.path
-    context = Context(class_counts=facts.class_counts, image_size=facts.image_size, device=device,
-                      generator=torch.Generator().manual_seed(recipe.run.seed), epochs=recipe.run.epochs, seed=recipe.run.seed)
+    context = Context(
+        class_counts=facts.class_counts,
+        image_size=facts.image_size,
+        device=device,
+        generator=torch.Generator().manual_seed(recipe.run.seed),
+        epochs=recipe.run.epochs,
+        seed=recipe.run.seed,
+    )
     loss = recipe.loss.build(registry, context)
     factory = recipe.model.build(registry, context)
     try:
@@ -230,8 +259,9 @@ def build_model(run_dir: Path, recipe: Recipe, registry: Registry, facts: Traini
     return TrainedModel(run_dir, recipe, checkpoint, read.epoch, read.step, module, loss, facts, device)
 
 
-def load_trained(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None,
-                 device: Optional[torch.device] = None) -> TrainedModel:
+def load_trained(
+    run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, device: Optional[torch.device] = None
+) -> TrainedModel:
     """The run's model (``lsm export``) on ``device``, or the recipe's. No data is built when the
     checkpoint stores the training data's facts; older checkpoints rebuild the data for them."""
     recipe, _ = evaluation_recipes(run_dir, (), registry)
@@ -260,23 +290,44 @@ class PreparedEvaluation:
     notes: tuple[str, ...]
 
 
-def evaluate_run(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, overrides: Sequence[str] = (),
-                 split: str = "test", batch_size: int = 512, keep_logits: bool = False,
-                 tau: Optional[float] = None) -> Evaluation:
+def evaluate_run(
+    run_dir: Path,
+    registry: Registry,
+    checkpoint: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+    split: str = "test",
+    batch_size: int = 512,
+    keep_logits: bool = False,
+    tau: Optional[float] = None,
+) -> Evaluation:
     """Score the run's model on ``split`` of its data (with ``overrides`` applied), as its training did;
     ``tau``: with its classifier tau-normalised first (:func:`lsm_registry.stages.tau_normalised`)."""
-    return score_prepared(prepare_evaluation(run_dir, registry, checkpoint, overrides, split), batch_size, keep_logits, tau)
+    return score_prepared(
+        prepare_evaluation(run_dir, registry, checkpoint, overrides, split), batch_size, keep_logits, tau
+    )
 
 
-def tau_norm_run(run_dir: Path, registry: Registry, taus: Sequence[float], checkpoint: Optional[Path] = None,
-                 overrides: Sequence[str] = (), split: str = "test", batch_size: int = 512) -> list[Evaluation]:
+def tau_norm_run(
+    run_dir: Path,
+    registry: Registry,
+    taus: Sequence[float],
+    checkpoint: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+    split: str = "test",
+    batch_size: int = 512,
+) -> list[Evaluation]:
     """One evaluation per tau of the run's tau-normalised model; the data and weights are loaded once."""
     prepared = prepare_evaluation(run_dir, registry, checkpoint, overrides, split)
     return [score_prepared(prepared, batch_size, tau=tau) for tau in taus]
 
 
-def prepare_evaluation(run_dir: Path, registry: Registry, checkpoint: Optional[Path] = None, overrides: Sequence[str] = (),
-                       split: str = "test") -> PreparedEvaluation:
+def prepare_evaluation(
+    run_dir: Path,
+    registry: Registry,
+    checkpoint: Optional[Path] = None,
+    overrides: Sequence[str] = (),
+    split: str = "test",
+) -> PreparedEvaluation:
     """The run's model with its weights and the data it is to be scored on, every check made."""
     if split not in SPLITS:
         raise LSMError(f"--split {split}: choose test or val")
@@ -292,23 +343,44 @@ def prepare_evaluation(run_dir: Path, registry: Registry, checkpoint: Optional[P
     read = read_checkpoint(path)
     facts = training_facts(run_dir, trained, registry, evaluated, data, notes, read.facts)
     if data.num_classes != len(facts.class_counts):
-        raise LSMError(f"[data] {evaluated.data.name}: {data.num_classes} classes, but the model of {run_dir} was "
-                       f"trained on {len(facts.class_counts)}; it can only score data with the same classes")
+        raise LSMError(
+            f"[data] {evaluated.data.name}: {data.num_classes} classes, but the model of {run_dir} was "
+            f"trained on {len(facts.class_counts)}; it can only score data with the same classes"
+        )
     if data.image_size[0] != facts.image_size[0]:
-        raise LSMError(f"[data] {evaluated.data.name}: images with {data.image_size[0]} channel(s), but the model of "
-                       f"{run_dir} takes {facts.image_size[0]}")
+        raise LSMError(
+            f"[data] {evaluated.data.name}: images with {data.image_size[0]} channel(s), but the model of "
+            f"{run_dir} takes {facts.image_size[0]}"
+        )
     if tuple(data.class_names) != facts.class_names:
-        notes.append(f"[data] {evaluated.data.name}: its class names differ from the training set's; class c is "
-                     "scored as the model's class c")
+        notes.append(
+            f"[data] {evaluated.data.name}: its class names differ from the training set's; class c is "
+            "scored as the model's class c"
+        )
     model = build_model(run_dir, trained, registry, facts, read, device)
-    return PreparedEvaluation(run_dir, trained, evaluated, path, split, tuple(overrides), data, scored, facts, model, tuple(notes))
+    return PreparedEvaluation(
+        run_dir, trained, evaluated, path, split, tuple(overrides), data, scored, facts, model, tuple(notes)
+    )
 
 
-def score_prepared(prepared: PreparedEvaluation, batch_size: int = 512, keep_logits: bool = False,
-                   tau: Optional[float] = None) -> Evaluation:
+def score_prepared(
+    prepared: PreparedEvaluation, batch_size: int = 512, keep_logits: bool = False, tau: Optional[float] = None
+) -> Evaluation:
     """Score a prepared run's model (tau-normalised first when ``tau`` is given) as its training did."""
-    run_dir, trained, evaluated, path, split = prepared.run_dir, prepared.trained, prepared.evaluated, prepared.checkpoint, prepared.split
-    data, scored, facts, model, device = prepared.data, prepared.scored, prepared.facts, prepared.model, prepared.model.device
+    run_dir, trained, evaluated, path, split = (
+        prepared.run_dir,
+        prepared.trained,
+        prepared.evaluated,
+        prepared.checkpoint,
+        prepared.split,
+    )
+    data, scored, facts, model, device = (
+        prepared.data,
+        prepared.scored,
+        prepared.facts,
+        prepared.model,
+        prepared.model.device,
+    )
     overrides = list(prepared.overrides)
     module = model.module if tau is None else tau_normalised(model.module, tau)
     # Mixed precision only where the run could use it (CUDA); elsewhere float32.
@@ -323,10 +395,20 @@ def score_prepared(prepared: PreparedEvaluation, batch_size: int = 512, keep_log
         if logits_all is not None:
             logits_all[idx] = logits.cpu()
 
-    correct, total, _ = score_split(module.to(memory_format=memory_format), scored, model.loss, data.num_classes,
-                                    stats_tensor(facts.mean, device), stats_tensor(facts.std, device), device,
-                                    torch.arange(n), batch_size=batch_size, memory_format=memory_format,
-                                    autocast_dtype=autocast, on_logits=keep)
+    correct, total, _ = score_split(
+        module.to(memory_format=memory_format),
+        scored,
+        model.loss,
+        data.num_classes,
+        stats_tensor(facts.mean, device),
+        stats_tensor(facts.std, device),
+        device,
+        torch.arange(n),
+        batch_size=batch_size,
+        memory_format=memory_format,
+        autocast_dtype=autocast,
+        on_logits=keep,
+    )
     result = summarise_counts(correct, total, facts.class_counts)
     summary = {
         "format": SUMMARY_FORMAT,
@@ -358,8 +440,9 @@ def _safe(raw: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+\-\[\]=]", "_", raw.strip().strip("\"'")) or "_"
 
 
-def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[Path] = None,
-                    tau: Optional[float] = None) -> str:
+def evaluation_name(
+    split: str, overrides: Sequence[str], checkpoint: Optional[Path] = None, tau: Optional[float] = None
+) -> str:
     """``test``, ``val``, ``test,data.seed=1``, ...; ``,checkpoint=<stem>`` for a named checkpoint,
     ``,tau=0.7`` for a tau-normalised classifier."""
     parts = [split] + [_safe(text.replace(" ", "")) for text in overrides]
@@ -372,8 +455,12 @@ def evaluation_name(split: str, overrides: Sequence[str], checkpoint: Optional[P
 
 def check_out(folder: Path) -> None:
     """An evaluation may replace an earlier evaluation, never anything else (a run folder least of all)."""
-    check_output_folder(folder, "an evaluation", lambda f: read_summary(f).get("kind") == EVALUATION_KIND,
-                        "choose an empty folder or one with an earlier evaluation")
+    check_output_folder(
+        folder,
+        "an evaluation",
+        lambda f: read_summary(f).get("kind") == EVALUATION_KIND,
+        "choose an empty folder or one with an earlier evaluation",
+    )
 
 
 def predictions_csv(evaluation: Evaluation) -> str:
@@ -405,9 +492,15 @@ def evaluation_table(summary: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
     for column in ("top-1", "Many", "Medium", "Few", "rarest 3", "epochs", "images"):
         table.add_column(column, justify="right")
-    table.add_row(fmt_pct(summary["top1"]), fmt_pct(summary["many"]), fmt_pct(summary["medium"]),
-                  fmt_pct(summary["few"]), fmt_pct(summary["rare3"]),
-                  "—" if summary["epochs"] is None else str(summary["epochs"]), str(summary["images"]))
+    table.add_row(
+        fmt_pct(summary["top1"]),
+        fmt_pct(summary["many"]),
+        fmt_pct(summary["medium"]),
+        fmt_pct(summary["few"]),
+        fmt_pct(summary["rare3"]),
+        "—" if summary["epochs"] is None else str(summary["epochs"]),
+        str(summary["images"]),
+    )
     return table
 
 
@@ -418,8 +511,14 @@ def tau_norm_table(evaluations: Sequence[Evaluation], title: str) -> Table:
         table.add_column(column, justify="right")
     for evaluation in evaluations:
         s = evaluation.summary
-        table.add_row(f"{s['tau_norm']:g}", fmt_pct(s["top1"]), fmt_pct(s["many"]), fmt_pct(s["medium"]),
-                      fmt_pct(s["few"]), fmt_pct(s["rare3"]))
+        table.add_row(
+            f"{s['tau_norm']:g}",
+            fmt_pct(s["top1"]),
+            fmt_pct(s["many"]),
+            fmt_pct(s["medium"]),
+            fmt_pct(s["few"]),
+            fmt_pct(s["rare3"]),
+        )
     return table
 
 
@@ -430,5 +529,8 @@ def tau_norm_csv(evaluations: Sequence[Evaluation]) -> str:
     writer.writerow(["tau", "top1", "many", "medium", "few", "rare3"])
     for evaluation in evaluations:
         s = evaluation.summary
-        writer.writerow([f"{s['tau_norm']:g}"] + ["" if s[k] is None else f"{s[k]:.6f}" for k in ("top1", "many", "medium", "few", "rare3")])
+        writer.writerow(
+            [f"{s['tau_norm']:g}"]
+            + ["" if s[k] is None else f"{s[k]:.6f}" for k in ("top1", "many", "medium", "few", "rare3")]
+        )
     return buf.getvalue()

@@ -71,7 +71,10 @@ REBUILD = (
 #: How each graph file loads, for model.json: the library a consumer needs and one line of Python.
 LOADERS = {
     "pt2": ("torch", 'model = torch.export.load("model.pt2").module()  # logits = model(x)'),
-    "onnx": ("onnxruntime", 'session = onnxruntime.InferenceSession("model.onnx")  # logits = session.run(None, {"pixels": x})[0]'),
+    "onnx": (
+        "onnxruntime",
+        'session = onnxruntime.InferenceSession("model.onnx")  # logits = session.run(None, {"pixels": x})[0]',
+    ),
     "torchscript": ("torch", 'model = torch.jit.load("model.torchscript.pt")  # logits = model(x)'),
 }
 
@@ -109,8 +112,10 @@ def parse_formats(formats: Sequence[str]) -> tuple[str, ...]:
     if "onnx" in chosen:
         missing = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
         if missing:
-            raise LSMError(f"--format onnx needs {', '.join(ONNX_MODULES)} (missing: {', '.join(missing)}); "
-                           "install them with: pip install 'lsm-registry[export]'")
+            raise LSMError(
+                f"--format onnx needs {', '.join(ONNX_MODULES)} (missing: {', '.join(missing)}); "
+                "install them with: pip install 'lsm-registry[export]'"
+            )
     return tuple(f for f in FORMATS if f in chosen) or DEFAULT_FORMATS
 
 
@@ -128,15 +133,19 @@ def _exported_module(model: TrainedModel) -> nn.Module:
     return wrapped.eval()
 
 
-def _check(model: TrainedModel, reference: nn.Module, run: Callable[[Tensor], Tensor], what: str, fallback: str) -> None:
+def _check(
+    model: TrainedModel, reference: nn.Module, run: Callable[[Tensor], Tensor], what: str, fallback: str
+) -> None:
     """Refuse a file whose graph does not reproduce the model on a batch size it was not made with."""
     probe = _example(model, 3, 1)
     with torch.no_grad():
         expected, got = reference(probe), run(probe)
     if got.shape != expected.shape or not torch.allclose(expected, got, rtol=1e-3, atol=1e-4):
         gap = float((expected - got).abs().max()) if got.shape == expected.shape else f"shape {tuple(got.shape)}"
-        raise LSMError(f"[model] {model.recipe.model.name}: the {what} does not reproduce the model on a batch of 3 "
-                       f"(max difference {gap}); {fallback}")
+        raise LSMError(
+            f"[model] {model.recipe.model.name}: the {what} does not reproduce the model on a batch of 3 "
+            f"(max difference {gap}); {fallback}"
+        )
 
 
 def torch_export(model: TrainedModel) -> torch.export.ExportedProgram:
@@ -148,8 +157,10 @@ def torch_export(model: TrainedModel) -> torch.export.ExportedProgram:
             program = torch.export.export(wrapped, (_example(model, 2, 0),), dynamic_shapes=({0: batch},))
         except Exception as exc:  # torch.export raises many types; the user needs the first line and a way out
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LSMError(f"[model] {model.recipe.model.name}: torch.export failed ({first}); "
-                           "try --format torchscript or state-dict") from None
+            raise LSMError(
+                f"[model] {model.recipe.model.name}: torch.export failed ({first}); "
+                "try --format torchscript or state-dict"
+            ) from None
     _check(model, wrapped, program.module(), "torch.export program", "try --format torchscript or state-dict")
     return program
 
@@ -160,13 +171,23 @@ def onnx_bytes(model: TrainedModel, program: torch.export.ExportedProgram) -> by
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, (_example(model, 2, 0),), dynamo=True, verbose=False,
-                                         input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
+        onnx_program = torch.onnx.export(
+            program,
+            (_example(model, 2, 0),),
+            dynamo=True,
+            verbose=False,
+            input_names=[ONNX_INPUT],
+            output_names=[ONNX_OUTPUT],
+        )
     data = onnx_program.model_proto.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    _check(model, _exported_module(model),
-           lambda x: torch.from_numpy(session.run(None, {ONNX_INPUT: x.numpy()})[0]),
-           "ONNX model (run by onnxruntime)", "use --format pt2")
+    _check(
+        model,
+        _exported_module(model),
+        lambda x: torch.from_numpy(session.run(None, {ONNX_INPUT: x.numpy()})[0]),
+        "ONNX model (run by onnxruntime)",
+        "use --format pt2",
+    )
     return data
 
 
@@ -187,58 +208,89 @@ def test_view(model: TrainedModel, registry: Registry) -> dict[str, Any]:
     factory = spec.build(registry, Context(class_counts=(), image_size=(0, 0, 0), seed=model.recipe.run.seed))
     steps = factory.test_view()
     if steps is None:
-        return {"steps": None, "note": f"data set {spec.name!r} does not declare its test-time view; "
-                                       "prepare images as its documentation says"}
+        return {
+            "steps": None,
+            "note": f"data set {spec.name!r} does not declare its test-time view; "
+            "prepare images as its documentation says",
+        }
     ch, h, w = model.facts.image_size
-    note = ("applied in order to the decoded RGB image (uint8), giving the input size; then scale and normalise"
-            if steps else f"the data set's images are {ch}x{h}x{w} already: no resize or crop")
+    note = (
+        "applied in order to the decoded RGB image (uint8), giving the input size; then scale and normalise"
+        if steps
+        else f"the data set's images are {ch}x{h}x{w} already: no resize or crop"
+    )
     return {"steps": steps, "note": note}
 
 
-def model_meta(model: TrainedModel, class_names: tuple[str, ...], files: dict[str, str],
-               view: dict[str, Any]) -> dict[str, Any]:
+def model_meta(
+    model: TrainedModel, class_names: tuple[str, ...], files: dict[str, str], view: dict[str, Any]
+) -> dict[str, Any]:
     recipe, facts = model.recipe, model.facts
     ch, h, w = facts.image_size
     output = "logits (N, num_classes), float32; the predicted class is the argmax"
     if maps_logits(model.loss):
-        output += (f"; loss {recipe.loss.name!r} maps logits at test time: the graph files include that map, "
-                   f"the model rebuilt from {STATE_DICT_FILE} returns the logits before it")
+        output += (
+            f"; loss {recipe.loss.name!r} maps logits at test time: the graph files include that map, "
+            f"the model rebuilt from {STATE_DICT_FILE} returns the logits before it"
+        )
     meta: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "files": files,
         "load": {fmt: {"needs": LOADERS[fmt][0], "python": LOADERS[fmt][1]} for fmt in files if fmt in LOADERS},
-        "architecture": {"name": recipe.model.name, "params": attrs.asdict(recipe.model.params, recurse=False),
-                         "normed_head": bool(model.loss.needs_normed_head)},
+        "architecture": {
+            "name": recipe.model.name,
+            "params": attrs.asdict(recipe.model.params, recurse=False),
+            "normed_head": bool(model.loss.needs_normed_head),
+        },
         "num_classes": len(class_names),
         "classes": list(class_names),
         "class_counts": list(facts.class_counts),
         "input": {
-            "layout": "NCHW", "dtype": "float32", "channels": ch, "height": h, "width": w,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": ch,
+            "height": h,
+            "width": w,
             "test_view": view,
-            "pixel_range": "0..1", "mean": list(facts.mean), "std": list(facts.std), "normalised_by_model": False,
+            "pixel_range": "0..1",
+            "mean": list(facts.mean),
+            "std": list(facts.std),
+            "normalised_by_model": False,
             "preprocess": "x = (pixels / 255 - mean) / std per channel, pixels uint8 0..255 (i.e. 0..1 floats "
-                          "minus mean, over std); the model does not normalise",
+            "minus mean, over std); the model does not normalise",
         },
         "output": output,
-        "run": {"name": recipe.run.name, "seed": recipe.run.seed, "checkpoint": str(model.checkpoint),
-                "epoch": model.epoch, "step": model.step,
-                "position": "epoch: completed epochs; step: optimiser steps into the epoch after it "
-                            "(0: the checkpoint was taken at the end of an epoch)",
-                "lsm_registry": __version__, "torch": torch.__version__},
+        "run": {
+            "name": recipe.run.name,
+            "seed": recipe.run.seed,
+            "checkpoint": str(model.checkpoint),
+            "epoch": model.epoch,
+            "step": model.step,
+            "position": "epoch: completed epochs; step: optimiser steps into the epoch after it "
+            "(0: the checkpoint was taken at the end of an epoch)",
+            "lsm_registry": __version__,
+            "torch": torch.__version__,
+        },
     }
     if "onnx" in files:
         meta["load"]["onnx"].update({"input": ONNX_INPUT, "output": ONNX_OUTPUT})
     meta["rebuild"] = {
         "note": f"{STATE_DICT_FILE} holds weights only: the model class must be rebuilt, which needs lsm-registry "
-                f"(or a copy of the model's code); a program without this library loads {PT2_FILE} "
-                "(lsm export --format pt2)",
+        f"(or a copy of the model's code); a program without this library loads {PT2_FILE} "
+        "(lsm export --format pt2)",
         "python": list(REBUILD),
     }
     return meta
 
 
-def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optional[Path] = None,
-               formats: Sequence[str] = DEFAULT_FORMATS, force: bool = False) -> Exported:
+def export_run(
+    run_dir: Path,
+    out: Path,
+    registry: Registry,
+    checkpoint: Optional[Path] = None,
+    formats: Sequence[str] = DEFAULT_FORMATS,
+    force: bool = False,
+) -> Exported:
     """Write the run's model to ``out`` in ``formats`` (see FORMATS), model.pt and model.json always."""
     chosen = parse_formats(formats)
     check_out(out, force)
@@ -259,6 +311,7 @@ def export_run(run_dir: Path, out: Path, registry: Registry, checkpoint: Optiona
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
                 torch.jit.save(traced, fh)
+
         graphs.append(("torchscript", TORCHSCRIPT_FILE, save_script))
     files: dict[str, str] = {}
     written: list[Path] = []

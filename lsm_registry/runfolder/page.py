@@ -37,8 +37,12 @@ from . import reader as runs
 REPORT_NAME = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: (metrics key, legend, colour) of the accuracy curves of one run.
-CURVES = (("top1", "top-1", "black"), ("many", "Many", GROUP_COLOURS["many"]),
-          ("medium", "Medium", GROUP_COLOURS["medium"]), ("few", "Few", GROUP_COLOURS["few"]))
+CURVES = (
+    ("top1", "top-1", "black"),
+    ("many", "Many", GROUP_COLOURS["many"]),
+    ("medium", "Medium", GROUP_COLOURS["medium"]),
+    ("few", "Few", GROUP_COLOURS["few"]),
+)
 #: (summary key, column title) of the last-epoch table.
 LAST_EPOCH = (("top1", "top-1"), ("many", "Many"), ("medium", "Medium"), ("few", "Few"), ("rare3", "rarest 3"))
 
@@ -124,8 +128,9 @@ def load_report_run(folder: Path) -> ReportRun:
         raise LSMError(f"{folder}: not a run folder (it holds neither recipe.toml nor summary.json)")
     record = runs.load_run(folder) if (folder / "summary.json").is_file() else None
     recipe, text = runs.read_run_recipe(folder / "recipe.toml")
-    return ReportRun(path=folder, recipe=recipe, recipe_text=text, metrics=runs.read_metrics(folder / "metrics.jsonl"),
-                     record=record)
+    return ReportRun(
+        path=folder, recipe=recipe, recipe_text=text, metrics=runs.read_metrics(folder / "metrics.jsonl"), record=record
+    )
 
 
 def report_dirs(paths: Iterable[Path]) -> list[Path]:
@@ -138,8 +143,10 @@ def report_dirs(paths: Iterable[Path]) -> list[Path]:
         if path.is_dir() and not runs.is_run_dir(path):
             children = sorted(p for p in path.iterdir() if p.is_dir() and runs.is_run_dir(p))
             if not children:
-                raise LSMError(f"{path}: not a run folder (it holds neither recipe.toml nor summary.json), "
-                               "and no run folder is in it")
+                raise LSMError(
+                    f"{path}: not a run folder (it holds neither recipe.toml nor summary.json), "
+                    "and no run folder is in it"
+                )
         else:
             children = [path]
         for child in children:
@@ -204,13 +211,26 @@ def learning_curves_png(run: ReportRun) -> Optional[bytes]:
     for key, label, colour in CURVES:
         ys = [_value(p, key) for p in points]
         if not all(math.isnan(y) for y in ys):
-            acc.plot(epochs, ys, marker="o", markersize=3, linewidth=1.8 if key == "top1" else 1.2, color=colour, label=label)
+            acc.plot(
+                epochs, ys, marker="o", markersize=3, linewidth=1.8 if key == "top1" else 1.2, color=colour, label=label
+            )
     if any(p.get("val_top1") is not None for p in points):
-        acc.plot(epochs, [_value(p, "val_top1") for p in points], marker="s", markersize=3, linestyle="--",
-                 color="#555555", label="val top-1")
-    every = [m for m in run.metrics if m.get("train_loss") is not None]  # every epoch (runs of earlier versions: evaluated ones)
+        acc.plot(
+            epochs,
+            [_value(p, "val_top1") for p in points],
+            marker="s",
+            markersize=3,
+            linestyle="--",
+            color="#555555",
+            label="val top-1",
+        )
+    every = [
+        m for m in run.metrics if m.get("train_loss") is not None
+    ]  # every epoch (runs of earlier versions: evaluated ones)
     loss.plot([m.get("epoch") for m in every], [_loss(m) for m in every], marker="o", markersize=2, color="#8c564b")
-    _style_curves(acc, loss, "test accuracy (%)", "accuracy by epoch", "train loss (mean over the epoch)", "train loss by epoch")
+    _style_curves(
+        acc, loss, "test accuracy (%)", "accuracy by epoch", "train loss (mean over the epoch)", "train loss by epoch"
+    )
     return _figure_png(fig)
 
 
@@ -229,9 +249,18 @@ def overlaid_curves_png(reports: Sequence[ReportRun], labels: Sequence[str]) -> 
         epochs = [p.get("epoch") for p in points]
         acc.plot(epochs, [_value(p, "top1") for p in points], marker="o", markersize=3, color=colour, label=label)
         if any(p.get("val_top1") is not None for p in points):
-            acc.plot(epochs, [_value(p, "val_top1") for p in points], linestyle="--", color=colour, label=f"{label} (val)")
+            acc.plot(
+                epochs, [_value(p, "val_top1") for p in points], linestyle="--", color=colour, label=f"{label} (val)"
+            )
         every = [m for m in run.metrics if m.get("train_loss") is not None]
-        loss.plot([m.get("epoch") for m in every], [_loss(m) for m in every], marker="o", markersize=2, color=colour, label=label)
+        loss.plot(
+            [m.get("epoch") for m in every],
+            [_loss(m) for m in every],
+            marker="o",
+            markersize=2,
+            color=colour,
+            label=label,
+        )
     _style_curves(acc, loss, "test top-1 (%)", "top-1 by epoch, per run", "train loss", "train loss by epoch, per run")
     return _figure_png(fig)
 
@@ -257,7 +286,10 @@ def _run_picture(run: ReportRun, name: str) -> tuple[Optional[bytes], str]:
         return None, "not drawn: no batch was mixed in this run (or it was drawn before the run was resumed)"
     if not run.finished:
         return None, "not drawn: the run did not finish"
-    return None, f"not drawn: the run folder has no {name} (matplotlib was missing, or the picture could not be written, when the run finished)"
+    return (
+        None,
+        f"not drawn: the run folder has no {name} (matplotlib was missing, or the picture could not be written, when the run finished)",
+    )
 
 
 # ------------------------------------------------------------------------------ HTML
@@ -271,8 +303,9 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: 
     head = "".join(f"<th>{esc(c)}</th>" for c in columns)
     body = []
     for row in rows:
-        cells = "".join(f'<td class="num">{esc(c)}</td>' if i >= numeric_from else f"<td>{esc(c)}</td>"
-                        for i, c in enumerate(row))
+        cells = "".join(
+            f'<td class="num">{esc(c)}</td>' if i >= numeric_from else f"<td>{esc(c)}</td>" for i, c in enumerate(row)
+        )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -290,8 +323,9 @@ def _last_epoch(run: ReportRun) -> str:
         return '<p class="note">no evaluation recorded yet</p>'
     counts = run.summary.get("class_counts") or []
     groups = {g: sum(1 for n in counts if group_of(n) == g) for g in ("many", "medium", "few")}
-    columns = ["split"] + [f"{title} ({groups[key]} classes)" if counts and key in groups else title
-                           for key, title in LAST_EPOCH]
+    columns = ["split"] + [
+        f"{title} ({groups[key]} classes)" if counts and key in groups else title for key, title in LAST_EPOCH
+    ]
     rows = [["test"] + [_pct(source.get(key)) for key, _ in LAST_EPOCH]]
     if any(source.get(f"val_{key}") is not None for key, _ in LAST_EPOCH):
         rows.append(["validation"] + [_pct(source.get(f"val_{key}")) for key, _ in LAST_EPOCH])
@@ -320,7 +354,9 @@ def _facts(run: ReportRun) -> str:
             ("wall time so far", _wall(last.get("wall_s"))),
             ("seed", run.recipe.get("run", {}).get("seed", "—")),
         ]
-    return "<table><tbody>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</tbody></table>"
+    return (
+        "<table><tbody>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in rows) + "</tbody></table>"
+    )
 
 
 def _per_class_rows(run: ReportRun) -> list[list[str]]:
@@ -329,14 +365,24 @@ def _per_class_rows(run: ReportRun) -> list[list[str]]:
     if path.is_file():
         try:
             reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
-            return [[row.get("class", ""), row.get("name", ""), row.get("train_count", ""), row.get("group", ""),
-                     _pct(float(row["accuracy"])) if row.get("accuracy") else "—"] for row in reader]
+            return [
+                [
+                    row.get("class", ""),
+                    row.get("name", ""),
+                    row.get("train_count", ""),
+                    row.get("group", ""),
+                    _pct(float(row["accuracy"])) if row.get("accuracy") else "—",
+                ]
+                for row in reader
+            ]
         except (UnicodeDecodeError, ValueError, csv.Error) as exc:
             raise LSMError(f"{path}: cannot read the per-class table ({exc})") from None
     s = run.summary
     names = s.get("class_names") or [str(i) for i in range(len(s.get("class_counts") or []))]
-    return [[str(c), str(name), str(n), group_of(n), _pct(acc)]
-            for c, (name, n, acc) in enumerate(zip(names, s.get("class_counts") or [], s.get("per_class") or []))]
+    return [
+        [str(c), str(name), str(n), group_of(n), _pct(acc)]
+        for c, (name, n, acc) in enumerate(zip(names, s.get("class_counts") or [], s.get("per_class") or []))
+    ]
 
 
 def _per_class(run: ReportRun) -> str:
@@ -345,46 +391,67 @@ def _per_class(run: ReportRun) -> str:
         out.append('<p class="note">not drawn: the run did not finish (summary.json holds the class counts)</p>')
         return "".join(out)
     if _has_per_class(run.summary):
-        out.append(_img(png_bytes(plot_per_class, run.summary), f"{run.name}: per-class accuracy against training count"))
+        out.append(
+            _img(png_bytes(plot_per_class, run.summary), f"{run.name}: per-class accuracy against training count")
+        )
     else:
         out.append('<p class="note">not drawn: summary.json has no per-class accuracies and class counts</p>')
     rows = _per_class_rows(run)
     if rows:
-        out.append(f"<details><summary>per-class table ({len(rows)} classes)</summary>"
-                   + _table(["class", "name", "training images", "group", "accuracy (%)"], rows, numeric_from=2)
-                   + "</details>")
+        out.append(
+            f"<details><summary>per-class table ({len(rows)} classes)</summary>"
+            + _table(["class", "name", "training images", "group", "accuracy (%)"], rows, numeric_from=2)
+            + "</details>"
+        )
     return "".join(out)
 
 
 def _picture_section(run: ReportRun, name: str, title: str) -> str:
     data, why = _run_picture(run, name)
     body = _img(data, f"{run.name}: {title}") if data is not None else f'<p class="note">{esc(why)}</p>'
-    return f"<h3>{esc(title)} <span class=\"meta\">({esc(name)})</span></h3>{body}"
+    return f'<h3>{esc(title)} <span class="meta">({esc(name)})</span></h3>{body}'
 
 
 def _run_section(run: ReportRun, anchor: str, recipe_open: bool) -> str:
-    status = ('<span class="badge finished">finished</span>' if run.finished
-              else '<span class="badge unfinished">unfinished</span>')
-    out = [f'<section id="{esc(anchor)}"><h2>{esc(run.name)}{status}</h2>',
-           f'<p class="path">run folder: {esc(run.path)}</p>']
+    status = (
+        '<span class="badge finished">finished</span>'
+        if run.finished
+        else '<span class="badge unfinished">unfinished</span>'
+    )
+    out = [
+        f'<section id="{esc(anchor)}"><h2>{esc(run.name)}{status}</h2>',
+        f'<p class="path">run folder: {esc(run.path)}</p>',
+    ]
     if not run.finished:
         planned = f" of {run.planned_epochs} planned" if run.planned_epochs is not None else ""
         done = run.evaluations[-1].get("epoch", "?") if run.evaluations else "no"
-        out.append(f'<p class="note">unfinished: no summary.json; curves of the evaluations so far '
-                   f'(last evaluated epoch: {esc(done)}{esc(planned)})</p>')
+        out.append(
+            f'<p class="note">unfinished: no summary.json; curves of the evaluations so far '
+            f"(last evaluated epoch: {esc(done)}{esc(planned)})</p>"
+        )
     out.append(_last_epoch(run))
     out.append(_facts(run))
-    out.append("<h3>Learning curves <span class=\"meta\">(metrics.jsonl)</span></h3>")
+    out.append('<h3>Learning curves <span class="meta">(metrics.jsonl)</span></h3>')
     curves = learning_curves_png(run)
-    out.append(_img(curves, f"{run.name}: learning curves") if curves is not None
-               else '<p class="note">not drawn: metrics.jsonl holds no evaluation yet</p>')
-    out.append(f'<div class="pair"><div>{_per_class(run)}</div>'
-               f'<div>{_picture_section(run, "confusion.png", "Confusion matrix")}</div></div>')
+    out.append(
+        _img(curves, f"{run.name}: learning curves")
+        if curves is not None
+        else '<p class="note">not drawn: metrics.jsonl holds no evaluation yet</p>'
+    )
+    out.append(
+        f'<div class="pair"><div>{_per_class(run)}</div>'
+        f"<div>{_picture_section(run, 'confusion.png', 'Confusion matrix')}</div></div>"
+    )
     out.append(_picture_section(run, MIXED_SAMPLES, "Mixed samples"))
-    recipe = (f"<pre>{esc(run.recipe_text)}</pre>" if run.recipe_text is not None
-              else '<p class="note">the run folder has no recipe.toml</p>')
-    out.append(f"<details{' open' if recipe_open else ''}><summary><b>Resolved recipe</b> (recipe.toml)</summary>"
-               f"{recipe}</details>")
+    recipe = (
+        f"<pre>{esc(run.recipe_text)}</pre>"
+        if run.recipe_text is not None
+        else '<p class="note">the run folder has no recipe.toml</p>'
+    )
+    out.append(
+        f"<details{' open' if recipe_open else ''}><summary><b>Resolved recipe</b> (recipe.toml)</summary>"
+        f"{recipe}</details>"
+    )
     out.append("</section>")
     return "".join(out)
 
@@ -401,8 +468,10 @@ def _comparison(reports: Sequence[ReportRun]) -> str:
     finished = [r.record for r in reports if r.record is not None]
     if finished:
         groups = runs.group_runs(finished)
-        out.append('<p class="meta">last epoch, test set, accuracy in %; runs that differ only in seed and name '
-                   'are one row (mean ± std over seeds), as in <code>lsm compare</code></p>')
+        out.append(
+            '<p class="meta">last epoch, test set, accuracy in %; runs that differ only in seed and name '
+            "are one row (mean ± std over seeds), as in <code>lsm compare</code></p>"
+        )
         out.append(_table(runs.columns_of(groups), runs.text_rows(groups), numeric_from=2))
     else:
         out.append('<p class="note">no finished run to compare</p>')
@@ -412,10 +481,16 @@ def _comparison(reports: Sequence[ReportRun]) -> str:
     labels = _labels(reports)
     out.append("<h3>Learning curves, overlaid</h3>")
     curves = overlaid_curves_png(reports, labels)
-    out.append(_img(curves, "top-1 and train loss by epoch, per run") if curves is not None
-               else '<p class="note">not drawn: no run has an evaluation yet</p>')
-    per_class = [(label, r.summary) for label, r in zip(labels, reports) if r.finished and _has_per_class(r.summary)
-                 and isinstance(r.summary.get("top1"), (int, float))]
+    out.append(
+        _img(curves, "top-1 and train loss by epoch, per run")
+        if curves is not None
+        else '<p class="note">not drawn: no run has an evaluation yet</p>'
+    )
+    per_class = [
+        (label, r.summary)
+        for label, r in zip(labels, reports)
+        if r.finished and _has_per_class(r.summary) and isinstance(r.summary.get("top1"), (int, float))
+    ]
     if per_class:
         out.append("<h3>Per-class accuracy against training count, overlaid</h3>")
         out.append(_img(png_bytes(plot_compare, per_class), "per-class accuracy by run"))
@@ -446,8 +521,10 @@ def render_report(reports: Sequence[ReportRun], title: Optional[str] = None) -> 
     ]
     anchors = [f"run-{i + 1}" for i in range(len(reports))]
     if several:
-        items = "".join(f'<li><a href="#{a}">{esc(label)}</a>{"" if r.finished else " (unfinished)"}</li>'
-                        for a, label, r in zip(anchors, _labels(reports), reports))
+        items = "".join(
+            f'<li><a href="#{a}">{esc(label)}</a>{"" if r.finished else " (unfinished)"}</li>'
+            for a, label, r in zip(anchors, _labels(reports), reports)
+        )
         parts.append(f"<nav><b>Runs</b><ul>{items}</ul></nav>")
         parts.append(_comparison(reports))
     parts += [_run_section(r, a, recipe_open=not several) for r, a in zip(reports, anchors)]

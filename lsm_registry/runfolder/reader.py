@@ -79,7 +79,9 @@ class RunGroup:
             name = parent_name(r)
             if name is not None:
                 parent = r.summary["parent"]
-                by_name.setdefault(name, {})[str(parent.get("checkpoint") or parent.get("init_from"))] = _parent_seed(parent)
+                by_name.setdefault(name, {})[str(parent.get("checkpoint") or parent.get("init_from"))] = _parent_seed(
+                    parent
+                )
         parts = []
         for name, checkpoints in by_name.items():
             seeds = sorted({s for s in checkpoints.values() if s is not None}, key=str)
@@ -156,8 +158,17 @@ def expand_run_dirs(paths: list[Path]) -> list[Path]:
 
 
 #: Summary keys that every reader does arithmetic on: a number (or null) each.
-NUMBER_KEYS = ("top1", "many", "medium", "few", "rare3", "best_top1", "final_loss", "wall_time_s",
-               *(f"{p}_{k}" for p in ("val", "train") for k in ("top1", "many", "medium", "few", "rare3")))
+NUMBER_KEYS = (
+    "top1",
+    "many",
+    "medium",
+    "few",
+    "rare3",
+    "best_top1",
+    "final_loss",
+    "wall_time_s",
+    *(f"{p}_{k}" for p in ("val", "train") for k in ("top1", "many", "medium", "few", "rare3")),
+)
 #: Summary keys that hold a list of numbers (or nulls).
 NUMBER_LIST_KEYS = ("per_class", "class_counts", "train_per_class")
 
@@ -320,8 +331,11 @@ def _method(flat: dict[str, Any]) -> str:
 
 def _label_flats(flats: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The flats with each parent setting replaced by what tells it apart from the other parents: ``parent(mixer mixup)``."""
-    settings = {json.dumps(f["stage.init_from"], sort_keys=True, default=str): f["stage.init_from"][PARENT_SETTING]
-                for f in flats if isinstance(f.get("stage.init_from"), dict) and PARENT_SETTING in f["stage.init_from"]}
+    settings = {
+        json.dumps(f["stage.init_from"], sort_keys=True, default=str): f["stage.init_from"][PARENT_SETTING]
+        for f in flats
+        if isinstance(f.get("stage.init_from"), dict) and PARENT_SETTING in f["stage.init_from"]
+    }
     if not settings:
         return flats
     parents = [_label_flats([s])[0] for s in settings.values()]
@@ -410,6 +424,7 @@ RANK_KEYS = ("val_top1", "top1")
 
 def rank_groups(groups: list[RunGroup], by: str) -> list[RunGroup]:
     """Best first by the mean of ``by`` (``val_top1``: choose on validation, report the test set)."""
+
     def key(group: RunGroup) -> float:
         mean = group.stat(by)[0]
         return -mean if mean is not None else float("inf")
@@ -423,8 +438,11 @@ def metrics_of(groups: list[RunGroup]) -> tuple[tuple[str, str], ...]:
     runs = [r for g in groups for r in g.runs]
     has_val = any(r.summary.get("val_top1") is not None for r in runs)
     has_train = any(r.summary.get("train_top1") is not None for r in runs)
-    return ((("val_top1", "val top-1"),) if has_val else ()) + METRICS + (
-        (("train_top1", "train top-1"), ("train_few", "train Few")) if has_train else ())
+    return (
+        ((("val_top1", "val top-1"),) if has_val else ())
+        + METRICS
+        + ((("train_top1", "train top-1"), ("train_few", "train Few")) if has_train else ())
+    )
 
 
 def group_runs(records: list[RunRecord]) -> list[RunGroup]:
@@ -456,7 +474,9 @@ def group_runs(records: list[RunRecord]) -> list[RunGroup]:
 
 def columns_of(groups: list[RunGroup]) -> tuple[str, ...]:
     parent = ("parent",) if has_parents(groups) else ()
-    return ("run", "setting", "runs") + tuple(title for _, title in metrics_of(groups)) + ("epochs", "wall time") + parent
+    return (
+        ("run", "setting", "runs") + tuple(title for _, title in metrics_of(groups)) + ("epochs", "wall time") + parent
+    )
 
 
 def _pct(mean: Optional[float], std: Optional[float], plus_minus: str = " ± ") -> str:
@@ -511,7 +531,10 @@ def markdown(groups: list[RunGroup]) -> str:
         return text.replace("|", "\\|")
 
     columns = columns_of(groups)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if c in ("run", "setting") else "---:" for c in columns) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if c in ("run", "setting") else "---:" for c in columns) + "|",
+    ]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in text_rows(groups)]
     return "\n".join(lines) + "\n"
 
@@ -526,7 +549,13 @@ def csv_text(groups: list[RunGroup]) -> str:
     header += ["epochs", "wall_time_s_mean"] + (["parent"] if has_parents(groups) else [])
     writer.writerow(header)
     for g in groups:
-        row: list[Any] = [g.name, g.label, len(g.runs), " ".join(str(s) for s in g.seeds), " ".join(str(r.path) for r in g.runs)]
+        row: list[Any] = [
+            g.name,
+            g.label,
+            len(g.runs),
+            " ".join(str(s) for s in g.seeds),
+            " ".join(str(r.path) for r in g.runs),
+        ]
         for key, _ in metrics_of(groups):
             mean, std = g.stat(key)
             row += ["" if mean is None else f"{mean:.6f}", "" if std is None else f"{std:.6f}"]

@@ -32,8 +32,17 @@ def result_table(summary: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
     best = "best val top-1 (epoch)" if summary.get("best_on") == "val" else "best top-1 (epoch)"
     fits = "train_top1" in summary
-    for column in ("top-1", "Many", "Medium", "Few", "rarest 3", *(("train top-1", "train Few") if fits else ()),
-                   best, "epochs", "wall time"):
+    for column in (
+        "top-1",
+        "Many",
+        "Medium",
+        "Few",
+        "rarest 3",
+        *(("train top-1", "train Few") if fits else ()),
+        best,
+        "epochs",
+        "wall time",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
         fmt_pct(summary["top1"]),
@@ -120,8 +129,12 @@ class RunReporter(Reporter):
         if trainer.dist.is_main:
             self.hub = self._make_hub(trainer)
             steps = trainer.sampler.steps_per_epoch(trainer.recipe.optim.batch_size)
-            self.hub.call("start", run_info(trainer.recipe, self.run_dir, trainer.data.class_names, trainer.class_counts,
-                                            steps, self.resumed))
+            self.hub.call(
+                "start",
+                run_info(
+                    trainer.recipe, self.run_dir, trainer.data.class_names, trainer.class_counts, steps, self.resumed
+                ),
+            )
         self.progress.start()
         epochs = self.trainer.recipe.run.epochs
         self.epochs_task = self.progress.add_task("epochs", total=epochs, completed=len(self.trainer.history), info="")
@@ -153,21 +166,34 @@ class RunReporter(Reporter):
         self.steps_task = self.progress.add_task(f"epoch {epoch + 1}", total=steps, info="")
 
     def advance(self, step: int, scalars: dict[str, Optional[float]]) -> None:
-        self.progress.update(self.steps_task, completed=step,
-                             info=f"loss {scalars['loss']:.4f}  lr {scalars['lr']:.4g}  {scalars['images_per_s']:.0f} img/s")
-        self.hub.call("log_scalars", self.global_step(step), {f"train/{k}": v for k, v in scalars.items() if v is not None})
+        self.progress.update(
+            self.steps_task,
+            completed=step,
+            info=f"loss {scalars['loss']:.4f}  lr {scalars['lr']:.4g}  {scalars['images_per_s']:.0f} img/s",
+        )
+        self.hub.call(
+            "log_scalars", self.global_step(step), {f"train/{k}": v for k, v in scalars.items() if v is not None}
+        )
 
     def evaluated(self, record: dict[str, Any]) -> None:
         if not self.trainer.dist.is_main:
             return
         names = self.trainer.data.class_names
-        self.hub.call("log_evaluation", self.global_step(self.steps), record["epoch"], evaluation_metrics(record),
-                      dict(zip(names, record["per_class"])))
+        self.hub.call(
+            "log_evaluation",
+            self.global_step(self.steps),
+            record["epoch"],
+            evaluation_metrics(record),
+            dict(zip(names, record["per_class"])),
+        )
         self.progress.console.print(
             f"epoch {record['epoch']}: top-1 {fmt_pct(record['top1'])}  Many {fmt_pct(record['many'])}  "
             f"Medium {fmt_pct(record['medium'])}  Few {fmt_pct(record['few'])}  loss {record['train_loss']:.4f}"
-            + (f"  train top-1 {fmt_pct(record['train_top1'])}  train Few {fmt_pct(record['train_few'])}"
-               if "train_top1" in record else "")
+            + (
+                f"  train top-1 {fmt_pct(record['train_top1'])}  train Few {fmt_pct(record['train_few'])}"
+                if "train_top1" in record
+                else ""
+            )
         )
 
     def epoch_line(self, record: dict[str, Any]) -> str:
@@ -194,18 +220,27 @@ class RunReporter(Reporter):
         try:
             plot_per_class(summary, self.run_dir / "per_class.png")
             if trainer.confusion is not None:
-                plot_confusion(trainer.confusion.tolist(), summary["class_names"], self.run_dir / "confusion.png",
-                               title=f"{summary['run_name']}: confusion matrix, last epoch (row-normalised)")
+                plot_confusion(
+                    trainer.confusion.tolist(),
+                    summary["class_names"],
+                    self.run_dir / "confusion.png",
+                    title=f"{summary['run_name']}: confusion matrix, last epoch (row-normalised)",
+                )
         except PlotUnavailable as exc:
             self.console.print(f"note: {exc}", highlight=False)
         except OSError as exc:  # a picture must never fail a finished run (a full disk, say)
-            self.console.print(f"note: pictures not written ({exc.strerror or exc}); summary.json and the "
-                               "checkpoint are complete", highlight=False)
+            self.console.print(
+                f"note: pictures not written ({exc.strerror or exc}); summary.json and the checkpoint are complete",
+                highlight=False,
+            )
         if trainer.mixer is not None:
             try:
                 if draw_mixed_samples(trainer, self.run_dir / MIXED_SAMPLES) is None:
-                    self.console.print(f"note: {MIXED_SAMPLES} not drawn: no batch was mixed in this run"
-                                       + (" since it was resumed" if self.resumed else ""), highlight=False)
+                    self.console.print(
+                        f"note: {MIXED_SAMPLES} not drawn: no batch was mixed in this run"
+                        + (" since it was resumed" if self.resumed else ""),
+                        highlight=False,
+                    )
             except Exception as exc:  # a picture must never fail a finished run
                 self.console.print(f"note: {MIXED_SAMPLES} not drawn ({type(exc).__name__}: {exc})", highlight=False)
 
@@ -239,4 +274,3 @@ def fit_into(trainer: Trainer, run_dir: Path, reporter: RunReporter) -> dict[str
         check_free_space(run_dir, estimate_size(trainer.module))
     trainer.run_dir = run_dir
     return trainer.fit(reporter)
-

@@ -69,7 +69,9 @@ def check_loggers(recipe: Recipe, registry: Registry) -> None:
         missing = cls.missing_modules()
         if missing:
             hint = f": {cls.install_hint}" if cls.install_hint else ""
-            raise LSMError(f"[run].loggers: logger {spec.name!r} needs the {', '.join(missing)} package{'s' if len(missing) > 1 else ''}{hint}")
+            raise LSMError(
+                f"[run].loggers: logger {spec.name!r} needs the {', '.join(missing)} package{'s' if len(missing) > 1 else ''}{hint}"
+            )
 
 
 def build_loggers(recipe: Recipe, registry: Registry, context: Context) -> list[Logger]:
@@ -122,8 +124,10 @@ class LoggerHub:
             try:
                 getattr(logger, method)(*args)
             except Exception as exc:  # a tracker must never stop training
-                self.note(f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {_one_line(exc)}); "
-                          "the run goes on without it")
+                self.note(
+                    f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {_one_line(exc)}); "
+                    "the run goes on without it"
+                )
                 self.loggers.remove(logger)
                 try:
                     logger.close()
@@ -145,8 +149,14 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
-def run_info(recipe: Recipe, run_dir: Optional[Path], class_names: tuple[str, ...], class_counts: tuple[int, ...],
-             steps_per_epoch: int, resumed: bool) -> RunInfo:
+def run_info(
+    recipe: Recipe,
+    run_dir: Optional[Path],
+    class_names: tuple[str, ...],
+    class_counts: tuple[int, ...],
+    steps_per_epoch: int,
+    resumed: bool,
+) -> RunInfo:
     return RunInfo(
         run_name=recipe.run.name,
         run_dir=run_dir,

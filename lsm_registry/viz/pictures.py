@@ -71,8 +71,15 @@ def preview_batch(trainer: Trainer, rows: int, epoch: int = 0) -> tuple[MixedBat
     return batch, shown, note
 
 
-def render(batch: MixedBatch, class_names: Sequence[str], mean: Sequence[float], std: Sequence[float],
-           patch: Optional[PatchOperator], saliency: Optional[Tensor] = None, note: str = "") -> Image.Image:
+def render(
+    batch: MixedBatch,
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    patch: Optional[PatchOperator],
+    saliency: Optional[Tensor] = None,
+    note: str = "",
+) -> Image.Image:
     """One row per pair: foreground, its saliency, the pasted mask, background, mix, and the two label weights."""
     fg, bg = _to_rgb(batch.x_f, mean, std), _to_rgb(batch.x_b, mean, std)
     mixed = _to_rgb(batch.images, mean, std)
@@ -142,5 +149,3 @@ def save_preview(trainer: Trainer, out: Path, rows: int, epoch: int) -> MixedBat
     except OSError as exc:
         raise LSMError(f"{out}: cannot write the preview ({exc.strerror or exc})") from None
     return batch
-
-

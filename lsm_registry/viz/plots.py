@@ -94,7 +94,11 @@ def plot_per_class(summary: dict[str, Any], path: Path, title: Optional[str] = N
     ax.set_ylim(-3, 103)
     _group_guides(ax)
     top1 = summary.get("top1")
-    ax.set_title(title or f"{summary.get('run_name', 'run')}: per-class accuracy (top-1 {100 * top1:.1f} %)" if top1 is not None else "per-class accuracy")
+    ax.set_title(
+        title or f"{summary.get('run_name', 'run')}: per-class accuracy (top-1 {100 * top1:.1f} %)"
+        if top1 is not None
+        else "per-class accuracy"
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -103,7 +107,9 @@ def plot_per_class(summary: dict[str, Any], path: Path, title: Optional[str] = N
     return path
 
 
-def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "confusion matrix") -> Path:
+def plot_confusion(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "confusion matrix"
+) -> Path:
     """Row-normalised confusion matrix (rows: true class, columns: predicted), head classes first."""
 
     plt = _pyplot()
@@ -122,7 +128,15 @@ def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str
         for i in range(c):
             for j in range(c):
                 if m[i, j] >= 0.005:
-                    ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * m[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[i, j] > 0.5 else "black",
+                    )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class (ordered as the data set: head first)")
     ax.set_title(title)

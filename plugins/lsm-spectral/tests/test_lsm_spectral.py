@@ -165,7 +165,9 @@ def test_box_side_follows_sqrt_one_minus_lam():
 
 
 def test_flat_saliency_ties_are_broken_at_random():
-    res = _mixer(1, alpha=0.5).mix(torch.ones(64, 3, 16, 16), torch.zeros(64, 3, 16, 16), torch.ones(64, 4, 4), ReferencePatch(4))
+    res = _mixer(1, alpha=0.5).mix(
+        torch.ones(64, 3, 16, 16), torch.zeros(64, 3, 16, 16), torch.ones(64, 4, 4), ReferencePatch(4)
+    )
     centres = {b for b in _box_bounds(res.weight) if b[1] > b[0]}
     assert len(centres) > 8
 
@@ -201,13 +203,26 @@ def test_recipe_trains_and_mixes(tmp_path):
 
     registry = build_registry()
     tiny = [
-        "run.epochs=2", "run.eval_every=2", "data.num_classes=4", "data.n_max=24", "data.imbalance_factor=6.0", "data.test_per_class=4",
-        "model.width=4", "optim.batch_size=16", "optim.warmup_epochs=0",
-        "mixer.prob=1.0", "mixer.start_epoch=0", "mixer.end_epoch=-1",
+        "run.epochs=2",
+        "run.eval_every=2",
+        "data.num_classes=4",
+        "data.n_max=24",
+        "data.imbalance_factor=6.0",
+        "data.test_per_class=4",
+        "model.width=4",
+        "optim.batch_size=16",
+        "optim.warmup_epochs=0",
+        "mixer.prob=1.0",
+        "mixer.start_epoch=0",
+        "mixer.end_epoch=-1",
     ]
     recipe = load_recipe(RECIPE, tiny, registry)
     assert (recipe.mixer.name, recipe.saliency.name, recipe.label_fuser.name, recipe.sampler.name) == (
-        "saliencymix", "spectral-residual", "saliency", "dual-branch")
+        "saliencymix",
+        "spectral-residual",
+        "saliency",
+        "dual-branch",
+    )
     trainer = Trainer(recipe, registry, run_dir=tmp_path / "run")
     summary = trainer.fit()
     assert [h["mixed_fraction"] for h in trainer.history] == [1.0, 0.0]

@@ -31,8 +31,12 @@ class SaliencyMix(Mixer):
 
     @attrs.frozen
     class Params(MixerParams):
-        alpha: float = param(1.0, help="lam ~ Beta(alpha, alpha); the box side is sqrt(1 - lam) of the image side", validator=positive)
-        same_lam: bool = param(False, help="one lam (box size) for the whole batch, as the SaliencyMix code does, instead of one per image")
+        alpha: float = param(
+            1.0, help="lam ~ Beta(alpha, alpha); the box side is sqrt(1 - lam) of the image side", validator=positive
+        )
+        same_lam: bool = param(
+            False, help="one lam (box size) for the whole batch, as the SaliencyMix code does, instead of one per image"
+        )
         prob: float = mix_prob(0.5)
         start_epoch: int = mix_start(4, help="first 0-based epoch that may mix (CMO's window: 3 < epoch)")
         end_epoch: Optional[int] = mix_end(-3)
@@ -54,13 +58,19 @@ class SaliencyMix(Mixer):
 
     def mix(self, x_f: Tensor, x_b: Tensor, saliency_f: Optional[Tensor], patch: PatchOperator) -> MixResult:
         if saliency_f is None:
-            raise ValueError("mixer 'saliencymix' needs the foreground saliency; add a [saliency] table (e.g. name = \"spectral-residual\")")
+            raise ValueError(
+                "mixer 'saliencymix' needs the foreground saliency; add a [saliency] table (e.g. name = \"spectral-residual\")"
+            )
         if x_f.shape != x_b.shape:
-            raise ValueError(f"mixer 'saliencymix': foreground {tuple(x_f.shape)} and background {tuple(x_b.shape)} batches differ in shape")
+            raise ValueError(
+                f"mixer 'saliencymix': foreground {tuple(x_f.shape)} and background {tuple(x_b.shape)} batches differ in shape"
+            )
         b, _, height, width = x_f.shape
         gh, gw = patch.grid(height, width)
         if tuple(saliency_f.shape) != (b, gh, gw):
-            raise ValueError(f"mixer 'saliencymix': saliency has shape {tuple(saliency_f.shape)}, expected {(b, gh, gw)}")
+            raise ValueError(
+                f"mixer 'saliencymix': saliency has shape {tuple(saliency_f.shape)}, expected {(b, gh, gw)}"
+            )
         device = x_f.device
         lam = beta_draw(float(self.params.alpha), 1 if self.params.same_lam else b, self.context.generator).expand(b)
         cy, cx = self.centres(saliency_f, patch.size)

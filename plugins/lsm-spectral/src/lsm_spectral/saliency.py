@@ -79,7 +79,9 @@ class SpectralResidual(SaliencyProvider):
 
     @attrs.frozen
     class Params:
-        box: int = param(3, help="side of the box filter that averages the log amplitude spectrum (odd)", validator=positive)
+        box: int = param(
+            3, help="side of the box filter that averages the log amplitude spectrum (odd)", validator=positive
+        )
         amplitude_floor: float = param(
             1e-3,
             help="amplitudes below this fraction of the image's largest are raised to it before the log",
@@ -110,13 +112,17 @@ class SpectralResidual(SaliencyProvider):
             if self.params.max_side and side > self.params.max_side:
                 scale = self.params.max_side / side
                 size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                grey = F.interpolate(grey.unsqueeze(1), size=size, mode="bilinear", antialias=True, align_corners=False).squeeze(1)
+                grey = F.interpolate(
+                    grey.unsqueeze(1), size=size, mode="bilinear", antialias=True, align_corners=False
+                ).squeeze(1)
             span = grey.amax(dim=(-2, -1)) - grey.amin(dim=(-2, -1))
             flat = span <= FLAT * grey.abs().amax(dim=(-2, -1)).clamp_min(1.0)
             maps = spectral_residual(grey, self.params.box, self.params.amplitude_floor)
             maps = blur(maps, self.params.blur_sigma * min(maps.shape[-2:]))
             if maps.shape[-2:] != (height, width):
-                maps = F.interpolate(maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False).squeeze(1)
+                maps = F.interpolate(
+                    maps.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False
+                ).squeeze(1)
             maps = min_max(maps, uniform)
             # A flat image has no salient part: its residual is rounding noise.
             maps = torch.where(flat.view(-1, 1, 1), torch.full_like(maps, uniform), maps)
