@@ -139,7 +139,12 @@ def coerce(value: Any, tp: Any) -> Any:
                 return coerce(value, arg)
             except ValueError:
                 pass
-        raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
+        hint = (
+            " (TOML has no null: write none as { none = true }, on the command line --set 'KEY={none=true}')"
+            if _accepts_none(tp) and isinstance(value, str) and value.strip().lower() in ("none", "null")
+            else ""
+        )
+        raise ValueError(f"expected {describe_type(tp)} (got {value!r}){hint}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected {describe_type(tp)} (got {value!r})")

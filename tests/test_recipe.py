@@ -197,3 +197,12 @@ def test_the_empty_window_error_prints_flags_that_fix_it(epochs):
         load_recipe(path, overrides + [f"{key}={{ none = true }}" for key in unsets], registry)
         tried += 1
     assert tried > 0
+
+
+def test_none_written_as_a_string_says_how_to_write_none(registry, tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(TINY_RECIPE)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, ["mixer.name='lsm'", "sampler.name='dual-branch'", "mixer.end_epoch=none"], registry)
+    line = next(line for line in caught.value.lines if "end_epoch" in line)
+    assert "{ none = true }" in line and "--set 'KEY={none=true}'" in line
