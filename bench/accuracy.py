@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
+from bench import store as run_store
 from bench.store import ROOT, collect, run_one
 
 DEFAULT_RECIPES = "ce,ce_drw,ldam_drw,cmo,remix,lsm_ce,lsm_ce_drw,lsm_ldam_drw"
@@ -291,7 +292,7 @@ def block_text(
     reused = sum(len(s) for s in runs.values()) - trained
     return f"""Written on {today or dt.date.today().isoformat()} on {where or machine()}, with
 
-```sh
+{run_store.COMMAND_FENCE.format(why=run_store.TRAINS)}
 {command}
 ```
 

@@ -244,7 +244,7 @@ def block_text(
     taus = ", ".join(f"seed {s}: {t:g}" for s, t in sorted(chosen.items()))
     return f"""Written on {today or dt.date.today().isoformat()} on {where or accuracy.machine()}, with
 
-```sh
+{run_store.COMMAND_FENCE.format(why=run_store.TRAINS)}
 {command}
 ```
 

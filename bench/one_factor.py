@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench.one_factor " + " ".join(sys.argv[1:] if argv is None else argv)
     text = f"""Written on {acc.dt.date.today().isoformat()} on {acc.machine()} from the stored runs, with
 
-```sh
+{run_store.COMMAND_FENCE.format(why=run_store.READS)}
 {command}
 ```
 

@@ -91,6 +91,12 @@ def setting_differences(folder: Path, recipe) -> list[str]:
     ]
 
 
+#: The fence of a block's command: shown, not run by tests/test_docs_blocks.py, which would
+#: train and rewrite this page; the reason line is what a reader of the page sees.
+COMMAND_FENCE = "```sh no-run\n# not run by the docs test: {why}"
+TRAINS = "it trains the runs results/runs lacks and rewrites its block of this page"
+READS = "it rewrites its block of this page (from the stored runs)"
+
 #: What a stored recipe says instead of the data set's folder: where the images lie on the
 #: machine that trained is not part of the setting, and must not land in the repository.
 ROOT_PLACEHOLDER = "<data root>"

@@ -3,7 +3,10 @@ the code examples of the plugin guides (plugins.md, contracts.md, compatibility.
 
 Every ```python block of those guides runs, in order, one namespace per page; a block
 that shows a file of a package (relative imports) or a fragment is fenced
-```python no-run instead, and is shown, not run."""
+```python no-run instead, and is shown, not run. The other docs code blocks (README's
+commands, the other pages' python and sh blocks, the toml blocks) are checked by
+tests/test_docs_blocks.py, which skips the python blocks this module runs
+(:func:`python_blocks_run_here`)."""
 
 import re
 from pathlib import Path
@@ -15,6 +18,20 @@ import torch
 from lsm_registry.recipe import FIXED_TABLES
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The pages whose every ```python block runs here (test_every_python_block_of_the_plugin_guides_runs).
+PLUGIN_GUIDES = ("plugins.md", "contracts.md", "compatibility.md")
+PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# README's usage example: the first python block after the first `##` heading that names Python.
+README_EXAMPLE = re.compile(r"^## [^\n]*Python[^\n]*\n.*?^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks_run_here() -> set[tuple[str, str]]:
+    """(page, code) of every python block this module runs, the page relative to the repository."""
+    found = {("README.md", README_EXAMPLE.search((ROOT / "README.md").read_text()).group(1))}
+    for doc in PLUGIN_GUIDES:
+        found |= {(f"docs/{doc}", code) for code in PYTHON_BLOCK.findall((ROOT / "docs" / doc).read_text())}
+    return found
 
 
 def test_every_fixed_table_key_is_in_docs_recipes_md():
@@ -105,17 +122,17 @@ def test_plugins_md_listing_shows_every_saliency_provider():
     from lsm_registry.plugins import build_registry
 
     text = (ROOT / "docs" / "plugins.md").read_text()
-    shown = re.search(r"`COLUMNS=120 lsm list-components --kind saliency`.*?^```\n(.*?)^```", text, re.S | re.M).group(
-        1
-    )
+    shown = re.search(
+        r"`COLUMNS=120 lsm list-components --kind saliency`.*?^```(?:text)?\n(.*?)^```", text, re.S | re.M
+    ).group(1)
     names = {row[1] for row in table_rows(shown)}
     assert names == set(build_registry(entry_points=False).names("saliency")) | {"spectral-residual"}
 
 
 def test_every_python_block_of_the_plugin_guides_runs(capsys):
-    for doc in ("plugins.md", "contracts.md", "compatibility.md"):
+    for doc in PLUGIN_GUIDES:
         text = (ROOT / "docs" / doc).read_text()
-        blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+        blocks = PYTHON_BLOCK.findall(text)
         assert blocks, f"docs/{doc}: no python block"
         namespace = {"__name__": "docs_example"}
         for number, code in enumerate(blocks, 1):
@@ -167,8 +184,7 @@ def test_plugins_md_example_callback_runs_and_conforms():
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
     text = (ROOT / "README.md").read_text()
-    # the first python block after the first `##` heading that names Python (the usage example)
-    code = re.search(r"^## [^\n]*Python[^\n]*\n.*?^```python\n(.*?)^```", text, re.S | re.M).group(1)
+    code = README_EXAMPLE.search(text).group(1)
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")
     monkeypatch.chdir(tmp_path)
     ns = run_block(code, "README.md: Python")
