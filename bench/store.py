@@ -28,7 +28,18 @@ SETTING_IGNORED = ("run.device", "run.channels_last", "data.root")
 
 #: Keys added to the library that change what a run measures, with the behaviour a stored
 #: recipe without the key had: such a run counts as trained with that value.
-BEFORE_THE_KEY = {"saliency.mask_padding": False}
+BEFORE_THE_KEY = {
+    "saliency.mask_padding": False,
+    # [stage] bn: a stored cRT / LWS run without it kept batch norm frozen ("auto"), not "train".
+    "stage.bn": "auto",
+    "stage.init_checkpoint": "last",
+    "optim.lr_factors": [],
+    "optim.lr_groups": [],
+    # cc-sam / cc-sam-feature before their reference options.
+    "optim.mixed_labels": "soft",
+    "optim.param_norm": "per-tensor",
+    "optim.ramp_epochs": 0,
+}
 
 
 def scaled_overrides(recipe, epochs: int) -> list[str]:
@@ -47,6 +58,11 @@ def scaled_overrides(recipe, epochs: int) -> list[str]:
     ]
     if hasattr(recipe.loss.params, "reweight_epoch"):
         out.append(f"loss.reweight_epoch={at(recipe.loss.params.reweight_epoch)}")
+    if hasattr(recipe.loss.params, "start_epoch"):  # a loss's phase (IB), with the lr factor tied to it
+        out.append(f"loss.start_epoch={at(recipe.loss.params.start_epoch)}")
+    if recipe.optim.lr_factors:
+        scaled = {at(e): f for e, f in recipe.optim.lr_factors}  # two that land on one epoch: the later wins
+        out.append("optim.lr_factors=[" + ", ".join(f"[{e}, {f!r}]" for e, f in scaled.items()) + "]")
     if recipe.mixer is not None:
         params = recipe.mixer.params  # MixerParams: start_epoch and end_epoch always exist
         out.append(f"mixer.start_epoch={at(params.start_epoch)}")

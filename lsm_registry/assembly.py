@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .components.callbacks import LR_FACTOR
 from .data.augment import stats_tensor
 from .errors import DataError, LSMError
 from .interfaces import (
@@ -212,11 +213,41 @@ def mixing_components(
     return mixer, patch, saliency, fuser
 
 
+def parameter_groups(recipe: Recipe, module: nn.Module) -> list[dict[str, Any]]:
+    """The trainable parameters as SGD's groups: those ``[optim] lr_groups`` names, each with its
+    ``lr_factor`` on the scheduled lr, after one group of the rest (left out when empty).
+
+    A name takes the parameter of that name or every parameter under the module of that name
+    (``classifier`` takes ``classifier.weight`` and ``classifier.bias``); the first name that
+    matches a parameter wins. A name that matches no trainable parameter would set nothing and
+    stops the run in one line.
+    """
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    lr = recipe.optim.lr
+    groups: list[dict[str, Any]] = [
+        {"params": [], "lr": lr * factor, LR_FACTOR: factor} for _, factor in recipe.optim.lr_groups
+    ]
+    rest: list[nn.Parameter] = []
+    for name, p in named:
+        hit = next(
+            (i for i, (g, _) in enumerate(recipe.optim.lr_groups) if name == g or name.startswith(g + ".")), None
+        )
+        (groups[hit]["params"] if hit is not None else rest).append(p)
+    for (name, _), group in zip(recipe.optim.lr_groups, groups):
+        if not group["params"]:
+            trainable = ", ".join(n for n, _ in named[:6]) + (", ..." if len(named) > 6 else "")
+            raise LSMError(
+                f"{recipe.path} [optim].lr_groups: {name!r} names no trainable parameter of model "
+                f"{recipe.model.name!r} (trainable: {trainable or 'none'})"
+            )
+    return ([{"params": rest}] if rest else []) + groups
+
+
 def build_optimizer(recipe: Recipe, registry: Registry, context: Context, module: nn.Module) -> Optimizer:
     """The optimizer component around the SGD update every optimizer uses (not yet attached to the model)."""
     opt = recipe.optim
     base = torch.optim.SGD(
-        [p for p in module.parameters() if p.requires_grad],
+        parameter_groups(recipe, module),
         lr=opt.lr,
         momentum=opt.momentum,
         weight_decay=opt.weight_decay,

@@ -50,7 +50,7 @@ from .checkpoint import (
     save_atomic,
     set_rng_state,
 )
-from .components.callbacks import SaliencyObserver, learning_rate, legacy_observer
+from .components.callbacks import LR_FACTOR, SaliencyObserver, learning_rate, legacy_observer
 from .data.augment import augment_with_crops, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
@@ -884,7 +884,8 @@ class Trainer:
             self.generator.set_state(resumed[1]["generator"])
         stats = StepStats.from_state(resumed[1]["stats"], self.device) if resumed else StepStats.zeros(self.device)
         self.fire("on_epoch_start", epoch)
-        lr = self.optimizer.param_groups[0]["lr"]
+        first = self.optimizer.param_groups[0]
+        lr = first["lr"] / first.get(LR_FACTOR, 1.0)  # the schedule's lr, not a group's share of it
         self.loss.set_epoch(epoch)
         steps = self.sampler.steps_per_epoch(batch_size)
         reporter.start_epoch(epoch, steps)

@@ -81,6 +81,12 @@ def one_of(*choices: Any):
 _NoneType = type(None)
 
 
+def _fixed_length(tp: Any) -> bool:
+    """``tuple[int, float]``: one value per position (a pair), as opposed to ``tuple[int, ...]``."""
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and bool(args) and Ellipsis not in args
+
+
 def describe_type(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
@@ -88,6 +94,8 @@ def describe_type(tp: Any) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " | ".join(describe_type(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
+        if _fixed_length(tp):
+            return "[" + ", ".join(describe_type(a) for a in typing.get_args(tp)) + "]"
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
         return f"list of {describe_type(args[0])}" if args else "list"
     if tp is _NoneType:
@@ -146,12 +154,7 @@ def coerce(value: Any, tp: Any) -> Any:
         )
         raise ValueError(f"expected {describe_type(tp)} (got {value!r}){hint}")
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        inner = args[0] if args else Any
-        items = [coerce(v, inner) for v in value]
-        return tuple(items) if origin is tuple else items
+        return _coerce_sequence(value, tp, origin)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -176,3 +179,22 @@ def coerce(value: Any, tp: Any) -> Any:
             return value
         raise ValueError(f"expected a string (got {value!r})")
     return value
+
+
+def _coerce_sequence(value: Any, tp: Any, origin: Any) -> Any:
+    """A TOML array as ``tp``: ``tuple[int, ...]`` / ``list[str]`` item by item, ``tuple[int, float]``
+    position by position (a pair such as ``[epoch, factor]``)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
+    if _fixed_length(tp):
+        kinds = typing.get_args(tp)
+        if len(value) != len(kinds):
+            raise ValueError(f"expected {describe_type(tp)} (got {value!r})")
+        try:
+            return tuple(coerce(v, k) for v, k in zip(value, kinds))
+        except ValueError:
+            raise ValueError(f"expected {describe_type(tp)} (got {value!r})") from None
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+    inner = args[0] if args else Any
+    items = [coerce(v, inner) for v in value]
+    return tuple(items) if origin is tuple else items

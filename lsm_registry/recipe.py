@@ -106,9 +106,32 @@ class OptimParams:
     schedule: Literal["step", "cosine"] = param("step", help="learning-rate schedule after warm-up")
     milestones: tuple[int, ...] = param((160, 180), help="step schedule: epochs at which lr is multiplied by gamma")
     gamma: float = param(0.01, help="step schedule: factor per milestone", validator=positive)
+    lr_factors: tuple[tuple[int, float], ...] = param(
+        (),
+        help="[[epoch, factor], ...]: from that 0-based epoch on, the schedule's lr times factor (the latest "
+        "pair begun counts; epochs increasing), e.g. [[100, 0.01]] for a loss whose phase starts at 100",
+    )
+    lr_groups: tuple[tuple[str, float], ...] = param(
+        (),
+        help='[["name", factor], ...]: the parameters named name or name.* (e.g. "classifier") train at '
+        "factor x the scheduled lr; the others at the lr itself",
+    )
+
+    def __attrs_post_init__(self):
+        epochs = [e for e, _ in self.lr_factors]
+        if any(e < 0 for e in epochs) or epochs != sorted(set(epochs)):
+            raise ParamError("lr_factors", f"epochs must be >= 0 and increasing (got {epochs})")
+        if any(f <= 0 for _, f in (*self.lr_factors, *self.lr_groups)):
+            key = "lr_factors" if any(f <= 0 for _, f in self.lr_factors) else "lr_groups"
+            raise ParamError(key, "every factor must be > 0")
+        names = [n for n, _ in self.lr_groups]
+        if len(set(names)) != len(names) or any(not n or n.startswith(".") or n.endswith(".") for n in names):
+            raise ParamError("lr_groups", f"names must be distinct parameter or module names (got {names})")
 
 
 TRAIN_PARTS = ("all", "classifier", "classifier+bn", "classifier+bn-stats", "scales")
+#: ``train`` values whose batch norm ``bn = "auto"`` keeps in eval mode: what they meant before ``bn`` existed.
+FROZEN_BN_PARTS = ("classifier", "scales")
 
 
 @attrs.frozen
@@ -127,13 +150,24 @@ class StageParams:
     )
     train: Literal["all", "classifier", "classifier+bn", "classifier+bn-stats", "scales"] = param(
         "all",
-        help='what trains: "all"; "classifier" (backbone frozen, batch norm in eval mode); "classifier+bn" '
-        '(also batch-norm affine parameters and statistics); "classifier+bn-stats" (the classifier, and batch-norm '
-        'statistics re-estimated with the affine parameters frozen: MiSLAS\'s shift learning); "scales" (only the '
-        "per-class logit scales of a model with lws = true: LWS)",
+        help='what trains: "all"; "classifier" (backbone frozen); "classifier+bn" (also batch-norm affine '
+        'parameters); "classifier+bn-stats" (the classifier, batch-norm statistics re-estimated with the affine '
+        'parameters frozen: MiSLAS\'s shift learning); "scales" (only the per-class logit scales of a model with '
+        "lws = true: LWS); whether batch-norm statistics move is [stage] bn",
     )
     reset_classifier: bool = param(
         False, help="start the classifier from a fresh initialisation instead of the parent's (cRT)"
+    )
+    init_checkpoint: Literal["last", "best"] = param(
+        "last",
+        help='which checkpoint of the init_from run folder: "last" (its newest) or "best" (checkpoints/best.pt, '
+        "the best epoch on its validation split)",
+    )
+    bn: Literal["auto", "train", "frozen"] = param(
+        "auto",
+        help='batch-norm statistics of the stage: "train" (re-estimated on the stage\'s batches: every module in '
+        'train mode, as Kang et al.\'s code does), "frozen" (kept: batch norm in eval mode); "auto": frozen for '
+        'train = "classifier" and "scales", re-estimated otherwise (what recipes without this key mean)',
     )
 
     def __attrs_post_init__(self):
@@ -155,6 +189,18 @@ class StageParams:
                 f'"{self.train}" without init_from would train part of a randomly initialised '
                 'model; set stage.init_from to the stage-1 run or use train = "all"',
             )
+        for key, value, default in (("init_checkpoint", self.init_checkpoint, "last"), ("bn", self.bn, "auto")):
+            if self.init_from is None and value != default:
+                raise ParamError(key, f'"{value}" without init_from does nothing: there is no parent; remove it')
+        if self.bn == "frozen" and self.train == "classifier+bn-stats":
+            raise ParamError(
+                "bn", '"frozen" contradicts train = "classifier+bn-stats", whose point is to re-estimate the statistics'
+            )
+
+    @property
+    def bn_frozen(self) -> bool:
+        """Whether the stage keeps batch norm in eval mode (its running statistics fixed)."""
+        return self.bn == "frozen" or (self.bn == "auto" and self.train in FROZEN_BN_PARTS)
 
 
 FIXED_TABLES: dict[str, type] = {"run": RunParams, "optim": OptimParams, "stage": StageParams}

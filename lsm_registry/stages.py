@@ -24,17 +24,17 @@ import attrs
 import torch
 from torch import nn
 
-from .checkpoint import CHECKPOINT_DIR, list_checkpoints, read_model_state
+from .checkpoint import BEST_CHECKPOINT, CHECKPOINT_DIR, list_checkpoints, read_model_state
 from .errors import LSMError
-from .recipe import Recipe
+from .recipe import FROZEN_BN_PARTS, Recipe
 
 #: [model] parameters a stage may set differently from its parent: they add parameters
 #: (LWS's scales) and change none of the weights the parent trained.
 HEAD_OPTIONS = ("lws",)
 #: State keys a stage's model may have that its parent lacks; they keep their fresh values.
 NEW_KEYS = ("logit_scale",)
-#: ``train`` values that keep the backbone's batch norm in eval mode (statistics frozen).
-FROZEN_BN = ("classifier", "scales")
+#: ``train`` values whose batch norm ``bn = "auto"`` keeps in eval mode (statistics frozen).
+FROZEN_BN = FROZEN_BN_PARTS
 #: ``train`` values that also train every batch norm's affine parameters (weight, bias).
 TRAINED_BN = ("classifier+bn",)
 
@@ -88,15 +88,16 @@ def trainable_parameters(module: nn.Module, recipe: Recipe) -> list[nn.Parameter
 
 
 def set_train_mode(module: nn.Module, recipe: Recipe, norms: list[nn.Module]) -> None:
-    """``module.train()``, with the batch norm of a frozen backbone back in eval mode.
+    """``module.train()``, with batch norm back in eval mode when the stage keeps its statistics (``[stage].bn``).
 
-    In train mode batch norm updates its running statistics on every forward, so a
-    "frozen" backbone would still drift; "classifier+bn" and "classifier+bn-stats"
-    (MiSLAS's shift learning: statistics only, affine parameters frozen) want exactly
-    that drift.
+    In train mode batch norm normalises with the batch's statistics and updates its
+    running ones on every forward, even where no parameter trains. Kang et al.'s code
+    (cRT, LWS) and MiSLAS's shift learning want exactly that: the statistics
+    re-estimated on the class-balanced batches ``bn = "train"``. ``bn = "frozen"``
+    keeps the parent's statistics; ``"auto"`` is what a recipe without the key meant.
     """
     module.train()
-    if recipe.stage.train in FROZEN_BN:
+    if recipe.stage.bn_frozen:
         for bn in norms:  # the module's batch_norms(), found once by the caller: this runs every step
             bn.eval()
 
@@ -105,10 +106,16 @@ def set_train_mode(module: nn.Module, recipe: Recipe, norms: list[nn.Module]) ->
 
 
 def parent_checkpoint(recipe: Recipe) -> tuple[Path, Optional[Path]]:
-    """(the checkpoint to start from, the parent run folder or None when ``init_from`` names a file)."""
+    """(the checkpoint to start from, the parent run folder or None when ``init_from`` names a file).
+
+    ``init_checkpoint = "best"`` takes the run folder's ``checkpoints/best.pt`` (the best
+    epoch on its validation split), as CC-SAM's code starts its stage 2 from its best model.
+    """
     init_from = recipe.stage.init_from
     where = f"{recipe.path} [stage].init_from = {init_from!r}"
     path = Path(init_from)
+    if recipe.stage.init_checkpoint == "best":
+        return _best_of(recipe, path), path
     if path.is_dir():
         found = list_checkpoints(path)
         if not found:
@@ -121,6 +128,23 @@ def parent_checkpoint(recipe: Recipe) -> tuple[Path, Optional[Path]]:
     raise LSMError(
         f"{where}: no such run folder or checkpoint file (relative paths start in the current folder); "
         "train the stage-1 recipe first"
+    )
+
+
+def _best_of(recipe: Recipe, run_dir: Path) -> Path:
+    """``run_dir``'s best.pt, or a one-line error saying why there is none."""
+    where = f'{recipe.path} [stage].init_checkpoint = "best"'
+    best = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    if best.is_file():
+        return best
+    if not run_dir.is_dir():
+        raise LSMError(
+            f"{where}: init_from = {recipe.stage.init_from!r} is not a run folder; a best checkpoint is a run "
+            'folder\'s checkpoints/best.pt (name a file with init_checkpoint = "last")'
+        )
+    raise LSMError(
+        f"{where}: {run_dir} has no {CHECKPOINT_DIR}/{BEST_CHECKPOINT} (a run keeps one only with a validation "
+        'split, [data] val_per_class > 0, once it has evaluated); use init_checkpoint = "last"'
     )
 
 

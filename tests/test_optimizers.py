@@ -13,16 +13,14 @@ from torch import nn
 
 from lsm_registry import Optimizer
 from lsm_registry.cli import cli
-from lsm_registry.components.optimizers import (
+from lsm_registry.components.cc_sam import (
     CCSAM,
-    SAM,
-    SGD,
     CCSAMFeature,
     CCSAMFeatureParams,
     CCSAMParams,
-    SAMParams,
     cc_sam_feature_weights,
 )
+from lsm_registry.components.optimizers import SAM, SGD, SAMParams
 from lsm_registry.engine import StepStats, Trainer
 from lsm_registry.errors import LSMError, RecipeError
 from lsm_registry.interfaces import Context, StepClosure

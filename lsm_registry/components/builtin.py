@@ -21,6 +21,7 @@ MODULES = (
     "datasets",
     "loggers",
     "optimizers",
+    "cc_sam",
     "callbacks",
 )
 

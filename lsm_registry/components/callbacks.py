@@ -18,10 +18,29 @@ from torch import Tensor, nn
 from ..errors import TrainingError
 from ..interfaces import Callback, SaliencyProvider, StepBatch, Views
 
+#: The key of a parameter group's own factor on the scheduled lr ([optim] lr_groups).
+LR_FACTOR = "lr_factor"
+
 
 def learning_rate(optim: Any, epochs: int, epoch: int) -> float:
     """``[optim]``'s schedule at 0-based ``epoch``: linear warm-up over ``warmup_epochs``, then step
-    milestones (x ``gamma`` at each) or cosine to 0 at the last epoch; one value per epoch."""
+    milestones (x ``gamma`` at each) or cosine to 0 at the last epoch, times ``lr_factors``'
+    factor; one value per epoch."""
+    return _scheduled(optim, epochs, epoch) * lr_factor(optim.lr_factors, epoch)
+
+
+def lr_factor(factors: Sequence[tuple[int, float]], epoch: int) -> float:
+    """The factor of the latest ``(epoch, factor)`` pair begun by ``epoch``, else 1.
+
+    A separate factor rather than more milestones, because a method can change phase at an
+    epoch of its own: IB's code cuts the lr x0.01 when its loss starts (epoch 100 of 200)
+    and keeps the usual decays at 160 and 180 on top, whatever the schedule.
+    """
+    begun = [f for e, f in factors if epoch >= e]
+    return begun[-1] if begun else 1.0
+
+
+def _scheduled(optim: Any, epochs: int, epoch: int) -> float:
     if epoch < optim.warmup_epochs:
         return optim.lr * (epoch + 1) / optim.warmup_epochs
     if optim.schedule == "cosine":
@@ -32,14 +51,18 @@ def learning_rate(optim: Any, epochs: int, epoch: int) -> float:
 
 
 class LRSchedule(Callback):
-    """Sets every parameter group's learning rate at each epoch's start from [optim] (warm-up, step or cosine)."""
+    """Sets every parameter group's learning rate at each epoch's start from [optim] (warm-up, step or cosine).
+
+    A group built from ``[optim] lr_groups`` carries its ``lr_factor`` and gets the
+    scheduled lr times it (MiSLAS trains its classifier at 0.2 x the lr of its scales).
+    """
 
     name = "lr-schedule"
 
     def on_epoch_start(self, loop: Any, epoch: int) -> None:
         lr = learning_rate(loop.recipe.optim, loop.recipe.run.epochs, epoch)
         for group in loop.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(LR_FACTOR, 1.0)
 
 
 class NanGuard(Callback):
