@@ -1,4 +1,4 @@
-"""What LSM adds to a training step: CE vs CE + LSM (fresh and cached Grad-CAM) vs CE + CMO (a CutMix-style mix) vs CE + Remix.
+"""What LSM adds to a training step: CE vs CE + LSM (fresh and cached Grad-CAM) vs CE + CMO (a CutMix-style mix) vs CE + Remix, and what the paper's multi-branch rows cost: BBN, RIDE (3 experts), SupCon.
 
 Every variant is a real ``Trainer`` built from a recipe (ResNet-32, 32x32 images,
 100 classes) and steps through ``Trainer.train_step``, the engine's own code path
@@ -8,6 +8,10 @@ figures are medians over rounds. The LSM steps are also taken apart stage by sta
 "CE + LSM (cached)" uses the ``cached-gradcam`` provider on a warm cache: one unmixed
 pass over the whole pool stores every image's map first (what the unmixed steps of a
 run do), then its mixed steps are timed like the others.
+A step samples the same ``--batch-size`` images for every variant; BBN forwards a
+second (reversed) batch of that size with it and SupCon two views of each image, so
+their steps process twice the images: the ratio to CE is what a step of the method
+costs, not a per-image rate.
 
     python -m bench.step_cost --device cuda --repeats 30
     python -m bench.step_cost --device cpu --repeats 3 --warmup 1
@@ -54,6 +58,15 @@ def recipe_for(variant: str, device: str, batch_size: int, channels_last: bool, 
         raw["sampler"] = {"name": "dual-branch", "gamma": 1.0}
         raw["mixer"] = {"name": "cmo", "prob": 1.0, "start_epoch": 0, "end_epoch": 1_000_000}
         raw["label_fuser"] = {"name": "area"}
+    elif variant == "BBN":
+        raw["model"] = {"name": "bbn"}
+        raw["sampler"] = {"name": "reversed"}
+    elif variant == "RIDE (3E)":
+        raw["model"] = {"name": "ride", "num_experts": 3}
+        raw["loss"] = {"name": "ride"}
+    elif variant == "SupCon":
+        raw["model"] = {"name": "resnet32", "projection_dim": 128}
+        raw["loss"] = {"name": "supcon"}
     elif variant == "CE + Remix":
         # Remix: mixup on a permutation of the batch, with the Remix label rule.
         raw["mixer"] = {"name": "mixup", "prob": 1.0}
@@ -78,10 +91,11 @@ class Clock:
 
 
 def batch_stream(trainer: Any, batch_size: int):
-    epoch = 0
+    """Full batches as the engine draws them (``Trainer.sampled``: a contrastive loss's views repeated)."""
+    epoch, rows = 0, batch_size * trainer.loss.views_per_image
     while True:
-        for bg, fg in trainer.sampler.batches(epoch, batch_size):
-            if bg.numel() == batch_size:
+        for bg, fg in trainer.sampled(epoch, batch_size):
+            if bg.numel() == rows:
                 yield bg, fg
         epoch += 1
 
@@ -156,9 +170,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     repeats = args.repeats if args.repeats is not None else (30 if on_cuda else 3)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
     registry = default_registry()
-    variants = ["CE", "CE + LSM", "CE + LSM (cached)", "CE + CMO", "CE + Remix"]
+    variants = ["CE", "CE + LSM", "CE + LSM (cached)", "CE + CMO", "CE + Remix", "BBN", "RIDE (3E)", "SupCon"]
     notes = []
-    for variant, key in (("CE + CMO", ("mixer", "cmo")), ("CE + Remix", ("label_fuser", "remix"))):
+    optional = (
+        ("CE + CMO", ("mixer", "cmo")),
+        ("CE + Remix", ("label_fuser", "remix")),
+        ("BBN", ("model", "bbn")),
+        ("RIDE (3E)", ("model", "ride")),
+        ("SupCon", ("loss", "supcon")),
+    )
+    for variant, key in optional:
         if key not in registry:
             variants.remove(variant)
             notes.append(f"{variant} skipped: no {key[0]} {key[1]!r} is registered")

@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import attrs
 import torch
@@ -493,7 +493,8 @@ class Trainer:
     ) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
-        views_b = Views(bg.to(self.device), crops_b, epoch) if self.saliency is not None else None
+        indices = bg.to(self.device)
+        views_b = Views(indices, crops_b, epoch) if self.saliency is not None else None
         mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
         second = self.second_batch(yb, fg, loaded)  # None unless the model trains on two batches (then no mixer)
         if mixed is not None:
@@ -505,7 +506,7 @@ class Trainer:
             x, target = xb, second.target
         else:
             x, target = xb, yb
-        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed, second)
+        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed, second, indices)
         self.fire("on_batch", batch)
         set_train_mode(self.model, self.recipe, self._batch_norms)
         x2 = second.images if second is not None else None
@@ -585,7 +586,7 @@ class Trainer:
         """
         if not self.data.decodes_training_view:
             return None
-        batches = list(self.sampler.batches(epoch, batch_size))
+        batches = list(self.sampled(epoch, batch_size))
         mixer = self.mixer
         # A step's flag says whether its second index set is decoded: where the mixer's coin says mix,
         # or every step for a model that trains on two batches (which has no mixer).
@@ -595,10 +596,21 @@ class Trainer:
         seeds = torch.randint(0, 2**62, (len(batches), 2), generator=self.generator)
         return plan_epoch(batches, coins, seeds)
 
+    def sampled(self, epoch: int, batch_size: int) -> Iterator[tuple[Tensor, Optional[Tensor]]]:
+        """The sampler's index sets, each repeated view-major when the loss trains on several
+        views of an image (``Loss.views_per_image``): fetching and augmenting the repeated rows
+        gives every view its own crop and flip, on any split, with no second code path."""
+        views = self.loss.views_per_image
+        for bg, fg in self.sampler.batches(epoch, batch_size):
+            if views == 1:
+                yield bg, fg
+            else:
+                yield bg.repeat(views), (fg.repeat(views) if fg is not None else None)
+
     def _steps(self, epoch: int, batch_size: int, plan: Optional[list[PlannedStep]], skip: int):
         """(bg, fg, loaded step or None) from step ``skip`` on: planned steps come decoded ahead by the loader."""
         if plan is None:
-            for i, (bg, fg) in enumerate(self.sampler.batches(epoch, batch_size)):
+            for i, (bg, fg) in enumerate(self.sampled(epoch, batch_size)):
                 if i >= skip:
                     yield bg, fg, None
             return

@@ -461,6 +461,12 @@ class Loss(Component):
     still work when called without ``outputs`` (the conformance kit does), on ``logits``
     alone. ``mixed`` may also be the :class:`SecondBatch` of a model that trains on two
     batches: the same ``y_f``, ``y_b``, ``lam``.
+    ``views_per_image``: how many independently augmented copies of each sampled image a
+    step trains on (contrastive losses compare two views of one image; 1 otherwise). With
+    V > 1 the engine repeats the sampler's index sets V times, view-major, before fetching
+    and augmenting them: row ``v * B + i`` of the logits, target and output parts is view
+    ``v`` of image ``i``, each view with its own crop and flip (its own decode-time crop
+    for a file-backed set), and a mixer mixes the V * B rows like any batch.
     """
 
     kind = "loss"
@@ -468,6 +474,11 @@ class Loss(Component):
     needs_features: ClassVar[bool] = False
     #: Parts of the model's training output (ModelOutput.parts) this loss reads; () reads logits only.
     reads_outputs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def views_per_image(self) -> int:
+        """Independently augmented views of each sampled image per step (1: the image once)."""
+        return 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -875,6 +886,9 @@ class StepBatch:
     :class:`lsm_registry.mixing.MixedBatch` or None when the step did not mix. ``step`` counts
     the epoch's steps from 1, a resumed epoch included. ``second`` is the step's
     :class:`SecondBatch` when the model trains on two batches (``takes_second_batch``), else None.
+    ``indices`` (B,) int64 on the device are the background batch's indices into the training
+    split, row for row (repeated view-major like the rows when ``Loss.views_per_image`` > 1): what
+    a callback keeping per-image state (SBCL's subclass labels) looks its rows up by.
     """
 
     epoch: int
@@ -885,6 +899,7 @@ class StepBatch:
     views: Optional["Views"]
     mixed: Any
     second: Optional["SecondBatch"] = None
+    indices: Optional[Tensor] = None
 
 
 @attrs.frozen(eq=False)
@@ -932,6 +947,13 @@ class Callback(Component):
     """
 
     kind = "callback"
+    #: Recipe tables the conformance kit's short run needs for this callback, each merged over
+    #: the kit's tiny recipe: the model it sets (BBN's weight needs model ``bbn``), or the
+    #: component that brings it. Empty: the tiny CE run as it is.
+    conformance_tables: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: True for a callback a component brings (``configure_callbacks``) and a recipe does not
+    #: list: the conformance run then names only ``conformance_tables``.
+    brought_by_component: ClassVar[bool] = False
 
     def on_fit_start(self, loop: Any) -> None:
         """Training starts or resumes (``loop.history`` holds the epochs already done)."""

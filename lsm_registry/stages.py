@@ -29,8 +29,9 @@ from .errors import LSMError
 from .recipe import FROZEN_BN_PARTS, Recipe
 
 #: [model] parameters a stage may set differently from its parent: they add parameters
-#: (LWS's scales) and change none of the weights the parent trained.
-HEAD_OPTIONS = ("lws",)
+#: (LWS's scales) or change the classifier alone (``head``: PC's prototypes in place of the
+#: linear layer, with ``reset_classifier``), never a weight of the backbone the parent trained.
+HEAD_OPTIONS = ("lws", "head")
 #: State keys a stage's model may have that its parent lacks; they keep their fresh values.
 NEW_KEYS = ("logit_scale",)
 #: ``train`` values whose batch norm ``bn = "auto"`` keeps in eval mode (statistics frozen).
@@ -189,6 +190,23 @@ def _check_model_table(recipe: Recipe, parent_recipe: Any, where: str) -> None:
         )
 
 
+def _skipped_head(recipe: Recipe, state: dict[str, Any], head: set[str], where: str) -> set[str]:
+    """The state keys not to load: with ``reset_classifier`` this model's head and the parent's
+    classifier, which differ when the stage builds another head (``model.head``); none otherwise,
+    and a parent whose classifier has other parameters is then one line naming the setting."""
+    theirs = {k for k in state if k.startswith("classifier.")}
+    if recipe.stage.reset_classifier:
+        return head | theirs
+    ours = {k for k in head if k.startswith("classifier.")}
+    if theirs != ours:
+        raise LSMError(
+            f"{where}: the parent's classifier has {', '.join(sorted(theirs)) or 'no parameters'}, this "
+            f"recipe's {', '.join(sorted(ours))} (another model.head); set stage.reset_classifier = true "
+            "to start the new head afresh"
+        )
+    return set()
+
+
 def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str, Any]:
     """Load the parent's weights into ``module`` (a fresh build of this recipe's model); returns the parent record.
 
@@ -208,13 +226,14 @@ def load_parent(recipe: Recipe, module: nn.Module, num_classes: int) -> dict[str
         )
     own = module.state_dict()
     head = head_keys(module, recipe)
-    for key in sorted(head - set(NEW_KEYS)):
+    # A head reset_classifier starts afresh may differ in shape (a normed head after a plain one).
+    for key in sorted(head - set(NEW_KEYS)) if not recipe.stage.reset_classifier else ():
         if key in state and tuple(state[key].shape) != tuple(own[key].shape):
             raise LSMError(
                 f"{where}: the parent's {key} has shape {tuple(state[key].shape)}, this recipe's model "
                 f"{tuple(own[key].shape)} ({num_classes} classes): another class count or head"
             )
-    skip = head if recipe.stage.reset_classifier else set()
+    skip = _skipped_head(recipe, state, head, where)
     wanted = {k: v for k, v in state.items() if k not in skip}
     unexpected = sorted(set(wanted) - set(own))
     missing = sorted(set(own) - set(wanted) - skip - set(NEW_KEYS))

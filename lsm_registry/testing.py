@@ -789,15 +789,11 @@ def _check_callback(c: _Checker, cls: type, params: Any) -> None:
         registry.register(cls, Owner("conformance", "conformance", "0"))
     raw = tomllib.loads(_CALLBACK_RUN.replace("{name}", cls.name))
     raw["callbacks"] = {cls.name: _params_dict(params)}
-    if cls.name in ENGINE_CALLBACKS:  # always on: listing them would be refused
+    # Always on (the engine's), or brought by a component: listing them would be refused.
+    if cls.name in ENGINE_CALLBACKS or getattr(cls, "brought_by_component", False):
         raw["run"]["callbacks"], raw["callbacks"] = [], {}
-    if cls.name == "saliency-observer":  # it needs a provider to observe for, and cached-gradcam brings it
-        raw["run"]["callbacks"], raw["callbacks"] = [], {}
-        raw.update(saliency={"name": "cached-gradcam"}, mixer={"name": "lsm", "start_epoch": 1, "end_epoch": 3})
-    if (
-        cls.name == "cumulative-learning"
-    ):  # it sets the weight of a bilateral-branch model, and bbn needs a second batch
-        raw.update(model={"name": "bbn", "width": 4}, sampler={"name": "reversed"})
+    for table, values in getattr(cls, "conformance_tables", {}).items():
+        raw[table] = {**raw.get(table, {}), **values}
     recipe = validate(raw, "conformance.toml", registry)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"

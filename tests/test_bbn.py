@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from conftest import TINY_RECIPE
 
 from lsm_registry.cli import cli
-from lsm_registry.components.bbn import TEST_ALPHA, BilateralBranchNet, CumulativeLearning, cumulative_alpha
+from lsm_registry.components.bbn import BBN, TEST_ALPHA, BilateralBranchNet, CumulativeLearning, cumulative_alpha
 from lsm_registry.components.losses import CrossEntropy
 from lsm_registry.components.samplers import ReversedSampler
 from lsm_registry.engine import Trainer
@@ -254,6 +254,70 @@ def test_the_model_and_its_callback_conform(registry):
     factory = registry.get("model", "bbn")
     brought = factory(factory.Params(), Context((3, 1), (3, 32, 32))).configure_callbacks()
     assert [type(c) for c in brought] == [CumulativeLearning]
+
+
+# ------------------------------------------------------------------------ the ResNet-50 version
+
+
+def _net50(width: int = 2, classes: int = 5) -> BilateralBranchNet:
+    torch.manual_seed(0)
+    return BilateralBranchNet(num_classes=classes, in_channels=3, width=width, arch="resnet50")
+
+
+def test_the_resnet50_branches_are_layer4s_last_bottleneck_duplicated():
+    import torchvision
+
+    net, reference = _net50(width=16, classes=10), torchvision.models.resnet50(num_classes=10)
+    ours = {k: v.shape for k, v in net.state_dict().items()}
+    theirs = {k: v.shape for k, v in reference.state_dict().items()}
+    last = {k[len("layer4.2.") :]: v for k, v in theirs.items() if k.startswith("layer4.2.")}
+    # Stem, layer1 .. layer3 and layer4's first two bottlenecks: torchvision's resnet50, tensor for tensor.
+    shared = {k.replace("stem.", "", 1): v for k, v in ours.items() if not k.startswith(("branches.", "classifier."))}
+    assert shared == {k: v for k, v in theirs.items() if not k.startswith(("layer4.2.", "fc."))}
+    for branch in ("conventional", "rebalancing"):
+        assert {
+            k[len(f"branches.{branch}.0.") :]: v for k, v in ours.items() if k.startswith(f"branches.{branch}.")
+        } == last
+    assert net.branches.conventional is not net.branches.rebalancing
+    assert tuple(net.classifier.weight.shape) == (10, 2 * 2048)
+    # The parameter count: torchvision's, plus one more last bottleneck, plus the head's second 2048 inputs.
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(net) == count(reference) + count(reference.layer4[2]) + 2048 * 10
+    factory = BBN(BBN.Params(arch="resnet50"), Context((3, 1), (3, 224, 224)))
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert factory.weights(10) == weights  # the memory check counts what is built
+
+
+def test_the_resnet50_version_keeps_the_forward_contract():
+    net = _net50().eval()
+    g = torch.Generator().manual_seed(6)
+    x, x2 = torch.randn(2, 3, 64, 64, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        logits = net(x)
+        assert logits.shape == (2, 5)
+        features = net.forward_features(x)
+        assert features.shape == (2, 2 * 128 * 2, 2, 2)  # 1/32 of 64, both branches' 128 x width channels
+        assert torch.allclose(net.classifier(features.mean(dim=(2, 3))), logits, atol=1e-5)
+        net.set_alpha(0.7)
+        f_c = net.branches.conventional(net.shared(x)).mean(dim=(2, 3))
+        f_r = net.branches.rebalancing(net.shared(x2)).mean(dim=(2, 3))
+        assert torch.allclose(net(x, x2), net.classifier(torch.cat((1.4 * f_c, 0.6 * f_r), dim=1)), atol=1e-5)
+    assert list(net.saliency_layers()) == ["branches", "layer4", "layer3", "layer2", "layer1"]
+    net.train()
+    out = net(x, x2)
+    out.sum().backward()
+    assert out.shape == (2, 5) and net.branches.rebalancing[0].conv1.weight.grad is not None
+    assert net.stem.conv1.weight.grad is not None
+
+
+def test_the_resnet50_model_conforms_and_wants_32_pixels(registry):
+    factory = registry.get("model", "bbn")
+    check_component(factory, registry, params=factory.Params(arch="resnet50", width=2))
+    resnet50 = factory(factory.Params(arch="resnet50"), Context((3, 1), (3, 224, 224)))
+    resnet50.check_input((3, 32, 32))
+    with pytest.raises(ValueError, match="bbn with arch 'resnet50' needs images of at least 32x32"):
+        resnet50.check_input((3, 28, 28))
+    factory(factory.Params(), Context((3, 1), (3, 28, 28))).check_input((3, 28, 28))  # resnet32: 8x8 will do
 
 
 # ------------------------------------------------------------------------ recipes

@@ -18,7 +18,7 @@ from test_bbn import SHRINK, tiny_copy
 from lsm_registry.cli import cli
 from lsm_registry.components.losses import LDAM, LDAMParams
 from lsm_registry.components.patches import COMPONENTS as PATCHES
-from lsm_registry.components.ride import EXPERT_LOGITS, MultiExpertNet, RIDELoss, diversity_temperatures
+from lsm_registry.components.ride import EXPERT_LOGITS, RIDE, MultiExpertNet, RIDELoss, diversity_temperatures
 from lsm_registry.components.saliency import GradCAM
 from lsm_registry.engine import Trainer
 from lsm_registry.errors import LSMError
@@ -82,6 +82,73 @@ def test_in_training_the_forward_gives_every_experts_logits():
 
 def test_the_model_conforms(registry):
     check_component(registry.get("model", "ride"), registry)
+
+
+# ------------------------------------------------------------------------ the ResNet-50 version
+
+
+def _factory50(**params) -> RIDE:
+    return RIDE(RIDE.Params(arch="resnet50", **params), Context(COUNTS, (3, 224, 224)))
+
+
+def test_the_resnet50_experts_share_stem_layer1_layer2_and_own_layer3_layer4():
+    import torchvision
+
+    reference = {k: v.shape for k, v in torchvision.models.resnet50(num_classes=5).state_dict().items()}
+    for reduce, planes in ((True, (192, 384)), (False, (256, 512))):
+        factory = _factory50(reduce_dimension=reduce)
+        torch.manual_seed(0)
+        net = factory.build(len(COUNTS), 3, True)
+        ours = {k: v.shape for k, v in net.state_dict().items()}
+        # Shared: torchvision's resnet50 stem, layer1 and layer2, once.
+        shared = {
+            k.replace("stem.", "", 1): v for k, v in ours.items() if not k.startswith(("experts.", "classifier."))
+        }
+        assert shared == {k: v for k, v in reference.items() if k.startswith(("conv1.", "bn1.", "layer1.", "layer2."))}
+        # Per expert: layer3 and layer4 of 6 and 3 bottlenecks; full width without reduce_dimension.
+        experts = net.experts.experts
+        assert len(experts) == 3 and len({id(e) for e in experts}) == 3
+        for expert in experts:
+            assert len(expert.layer3) == 6 and len(expert.layer4) == 3
+            assert expert.layer3[0].conv1.weight.shape[:2] == (planes[0], 512)
+            assert expert.layer4[-1].conv3.weight.shape[0] == 4 * planes[1]
+        if not reduce:
+            own = {k.split(".", 3)[3]: v for k, v in ours.items() if k.startswith("experts.experts.0.")}
+            assert own == {k: v for k, v in reference.items() if k.startswith(("layer3.", "layer4."))}
+        assert tuple(net.classifier.weight.shape) == (3, 4 * planes[1], len(COUNTS))
+        weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        assert factory.weights(len(COUNTS)) == weights + net.classifier.weight.numel()  # what the memory check counts
+
+
+def test_the_resnet50_version_keeps_the_forward_contract():
+    torch.manual_seed(0)
+    net = _factory50(width=2).build(len(COUNTS), 3, True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    assert list(net.saliency_layers()) == ["experts", "layer2", "layer1"]
+    assert net.experts(net.shared(x)).shape == (2, 3 * 4 * 48, 2, 2)  # every expert's final map, side by side
+    net.train()
+    out = net(x)
+    assert isinstance(out, ModelOutput) and out.parts[EXPERT_LOGITS].shape == (3, 2, len(COUNTS))
+    assert torch.allclose(out.logits, out.parts[EXPERT_LOGITS].mean(dim=0), atol=1e-6)
+    # Expert 1's logits reach its own layer3 / layer4 and the shared stages, not another expert's.
+    out.parts[EXPERT_LOGITS][1].sum().backward()
+    experts = net.experts.experts
+    assert experts[1].layer3[0].conv1.weight.grad is not None and experts[1].layer4[0].conv1.weight.grad is not None
+    untouched = (experts[0].layer3[0].conv1.weight.grad, experts[2].layer4[0].conv1.weight.grad)
+    assert all(g is None or not g.any() for g in untouched)
+    assert net.layer2[0].conv1.weight.grad is not None and net.stem.conv1.weight.grad is not None
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (2, len(COUNTS))
+
+
+def test_the_resnet50_model_conforms_and_wants_32_pixels(registry):
+    factory = registry.get("model", "ride")
+    check_component(factory, registry, params=factory.Params(arch="resnet50", width=2))
+    _factory50().check_input((3, 32, 32))
+    with pytest.raises(ValueError, match="ride with arch 'resnet50' needs images of at least 32x32"):
+        _factory50().check_input((3, 16, 16))
 
 
 # ------------------------------------------------------------------------ the loss

@@ -18,11 +18,14 @@ MODULES = (
     "models",
     "bbn",
     "ride",
+    "contrastive",
+    "sbcl",
     "datasets",
     "loggers",
     "optimizers",
     "cc_sam",
     "callbacks",
+    "prototypes",
 )
 
 

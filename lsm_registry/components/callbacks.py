@@ -97,6 +97,12 @@ class SaliencyObserver(Callback):
     """Hands the run's saliency provider the first forward of every unmixed step (cached Grad-CAM)."""
 
     name = "saliency-observer"
+    # It needs a provider to observe for; cached-gradcam brings it.
+    brought_by_component = True
+    conformance_tables = {
+        "saliency": {"name": "cached-gradcam"},
+        "mixer": {"name": "lsm", "start_epoch": 1, "end_epoch": 3},
+    }
 
     def __init__(self, params: Any, context: Any):
         super().__init__(params, context)

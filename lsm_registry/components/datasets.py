@@ -57,7 +57,8 @@ class SyntheticLT(DatasetFactory):
         version: int = param(
             1,
             help="generator version: 1 gives each class its own colour; 2 draws the colour per image, "
-            "so a class is its shape and texture only (docs/data.md)",
+            "so a class is its shape and texture only; 3 shows the class's colour on half of the images, "
+            "a random one on the others (docs/data.md)",
             validator=one_of(*VERSIONS),
         )
 

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from ..interfaces import ModelFactory
+from ..interfaces import ModelFactory, ModelOutput
 from ..memory import check_fits_in_memory
 from ..params import param, positive
 from ..registry import suggest
+from .projection import output_parts, projection_head, projection_param, training_output
+from .prototypes import Head, head_param, with_head
 
 
 class NormedLinear(nn.Module):
@@ -102,6 +104,7 @@ class CifarResNet(nn.Module):
         normed_head: bool = False,
         width: int = 16,
         lws: bool = False,
+        projection_dim: int = 0,
     ):
         super().__init__()
         if (depth - 2) % 6:
@@ -125,13 +128,16 @@ class CifarResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
         self.logit_scale = logit_scale(num_classes) if lws else None
+        self.projection = projection_head(in_planes, projection_dim)
+        self.output_parts = output_parts(self.projection)
 
     def forward_features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(out)))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return scaled(self.classifier(self.forward_features(x).mean(dim=(2, 3))), self.logit_scale)
+    def forward(self, x: Tensor) -> Tensor | ModelOutput:
+        pooled = self.forward_features(x).mean(dim=(2, 3))
+        return training_output(self, pooled, scaled(self.classifier(pooled), self.logit_scale))
 
     def saliency_layers(self) -> dict[str, nn.Module]:
         return {"layer3": self.layer3, "layer2": self.layer2, "layer1": self.layer1}
@@ -146,6 +152,8 @@ class ResNet32(ModelFactory):
     class Params:
         width: int = param(16, help="channels of the first stage (doubled per stage)", validator=positive)
         lws: bool = param(False, help=_LWS_HELP)
+        projection_dim: int = projection_param()
+        head: Head = head_param()
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
         w = self.params.width
@@ -153,7 +161,8 @@ class ResNet32(ModelFactory):
         # weights alone, before any is allocated (width = 10**9 would be an allocator traceback).
         weights = 9 * 10 * (w * w + 4 * w * w + 16 * w * w) + 4 * w * num_classes
         check_fits_in_memory(4 * weights, f"resnet32 with width {w}")
-        return CifarResNet(32, num_classes, in_channels, normed_head, w, self.params.lws)
+        model = CifarResNet(32, num_classes, in_channels, normed_head, w, self.params.lws, self.params.projection_dim)
+        return with_head(model, self.params.head)
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
         _, h, w = image_size
@@ -164,18 +173,28 @@ class ResNet32(ModelFactory):
 class TorchvisionClassifier(nn.Module):
     """A torchvision classifier split into features and a GAP + linear head."""
 
-    def __init__(self, body: nn.Module, classifier: nn.Module, stages: dict[str, nn.Module], lws_classes: int = 0):
+    def __init__(
+        self,
+        body: nn.Module,
+        classifier: nn.Module,
+        stages: dict[str, nn.Module],
+        lws_classes: int = 0,
+        projection: Optional[nn.Module] = None,
+    ):
         super().__init__()
         self.body = body
         self.classifier = classifier
         self._stage_names = list(stages)
         self.logit_scale = logit_scale(lws_classes) if lws_classes else None
+        self.projection = projection
+        self.output_parts = output_parts(projection)
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.body(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return scaled(self.classifier(self.forward_features(x).mean(dim=(2, 3))), self.logit_scale)
+    def forward(self, x: Tensor) -> Tensor | ModelOutput:
+        pooled = self.forward_features(x).mean(dim=(2, 3))
+        return training_output(self, pooled, scaled(self.classifier(pooled), self.logit_scale))
 
     def saliency_layers(self) -> dict[str, nn.Module]:
         named = dict(self.body.named_children())
@@ -192,6 +211,8 @@ class Torchvision(ModelFactory):
         arch: str = param("resnet50", help="torchvision.models name, e.g. resnet18, resnet50")
         weights: Optional[str] = param(None, help="torchvision weights name; None trains from scratch")
         lws: bool = param(False, help=_LWS_HELP)
+        projection_dim: int = projection_param()
+        head: Head = head_param()
 
     def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
         names = torchvision.models.list_models(module=torchvision.models)
@@ -242,7 +263,12 @@ class Torchvision(ModelFactory):
         body_children = [(n, m) for n, m in children.items() if n not in ("avgpool", head_name)]
         body = nn.Sequential(OrderedDict(body_children))
         stages = {n: m for n, m in reversed(body_children) if any(isinstance(x, nn.Conv2d) for x in m.modules())}
-        return TorchvisionClassifier(body, classifier, stages, num_classes if self.params.lws else 0)
+        lws = num_classes if self.params.lws else 0
+        # The projection reads what the classifier reads: the pooled features, the first linear layer's input.
+        first = next(m for m in classifier.modules() if isinstance(m, (nn.Linear, NormedLinear)))
+        features = first.in_features if isinstance(first, nn.Linear) else first.weight.shape[0]
+        projection = projection_head(features, self.params.projection_dim)
+        return with_head(TorchvisionClassifier(body, classifier, stages, lws, projection), self.params.head)
 
 
 COMPONENTS = [ResNet32, Torchvision]

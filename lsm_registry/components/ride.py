@@ -1,7 +1,9 @@
 """RIDE (Wang et al., ICLR 2021): routing diverse distribution-aware experts, without the router.
 
 - the model ``ride``: a ResNet-32 whose stem and first stage are shared and whose later
-  stages and classifier are copied once per expert (3 by default). In training its forward
+  stages and classifier are copied once per expert (3 by default), or (``arch =
+  "resnet50"``) a ResNet-50 of torchvision's bottlenecks whose stem, layer1 and layer2 are
+  shared and whose layer3, layer4 and classifier are per expert. In training its forward
   returns every expert's logits as a part of its output (``ModelOutput``, the model
   contract's training-output extension point); its prediction is the experts' mean logit.
 - the loss ``ride``: LDAM(-DRW) on each expert's logits, summed, plus the distribution-aware
@@ -17,6 +19,7 @@ which is the paper's "RIDE without router" row), and the distillation variant.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Mapping, Optional
 
 import attrs
@@ -26,7 +29,8 @@ from torch import Tensor, nn
 
 from ..interfaces import ModelFactory, ModelOutput
 from ..memory import check_fits_in_memory
-from ..params import at_least, param, positive, probability
+from ..params import at_least, one_of, param, positive, probability
+from .bbn import ARCHS, RESNET50_BLOCKS, ImageNetStem, bottleneck_stage, bottleneck_stage_weights, check_input_size
 from .losses import LDAM, LDAMParams
 from .models import cifar_stage
 
@@ -82,7 +86,14 @@ class ExpertHeads(nn.Module):
 
 
 class MultiExpertNet(nn.Module):
-    """RIDE's ResNet-32: stem and first stage shared, the second and third stage and the head per expert.
+    """RIDE's ResNet: the early stages shared, the later stages and the head per expert.
+
+    ``arch = "resnet32"``: stem and first stage shared, the second and third stage (``expert_widths``
+    channels) per expert. ``arch = "resnet50"`` (the reference's ``ResNet50Model`` with experts):
+    stem (``4 width`` channels, torchvision's 64 at width 16), layer1 and layer2 (bottlenecks of
+    ``4 width`` and ``8 width`` planes) shared, layer3 and
+    layer4 (``expert_widths`` planes, 4 x as many channels out) per expert, convolutions
+    Kaiming-normal with fan-out as the reference's ``normal(0, sqrt(2 / (k k out)))``.
 
     ``forward(x)``: the experts' mean logit (B, C), in eval mode the prediction; in training
     mode a :class:`ModelOutput` with that mean as its logits and ``parts["expert_logits"]``
@@ -100,24 +111,56 @@ class MultiExpertNet(nn.Module):
         num_experts: int = 3,
         expert_widths: tuple[int, int] = (32, 64),
         normed_head: bool = False,
+        arch: str = "resnet32",
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = cifar_stage(width, width, 5, 1)
+        if arch not in ARCHS:
+            raise ValueError(f"ride: unknown arch {arch!r} (one of {', '.join(ARCHS)})")
+        self.arch = arch
         mid, last = expert_widths
-        self.experts = ExpertStages(
-            [nn.Sequential(cifar_stage(width, mid, 5, 2), cifar_stage(mid, last, 5, 2)) for _ in range(num_experts)]
-        )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-        self.classifier = ExpertHeads(num_experts, last, num_classes, normed_head)
+        self.layer2: Optional[nn.Module] = None
+        if arch == "resnet50":
+            blocks, b = RESNET50_BLOCKS, 4 * width  # torchvision's resnet50 at width 16: a 64-channel stem
+            self.stem = ImageNetStem(in_channels, b)
+            self.layer1 = bottleneck_stage(b, b, blocks[0], 1)
+            self.layer2 = bottleneck_stage(4 * b, 2 * b, blocks[1], 2)
+            self.experts = ExpertStages(
+                [
+                    nn.Sequential(
+                        OrderedDict(
+                            layer3=bottleneck_stage(8 * b, mid, blocks[2], 2),
+                            layer4=bottleneck_stage(4 * mid, last, blocks[3], 2),
+                        )
+                    )
+                    for _ in range(num_experts)
+                ]
+            )
+            features = 4 * last
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.layer1 = cifar_stage(width, width, 5, 1)
+            self.experts = ExpertStages(
+                [nn.Sequential(cifar_stage(width, mid, 5, 2), cifar_stage(mid, last, 5, 2)) for _ in range(num_experts)]
+            )
+            features = last
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight)
+        self.classifier = ExpertHeads(num_experts, features, num_classes, normed_head)
+
+    def shared(self, x: Tensor) -> Tensor:
+        """The shared stages' map of ``x``, every expert's input."""
+        if self.layer2 is not None:
+            return self.layer2(self.layer1(self.stem(x)))
+        return self.layer1(F.relu(self.bn1(self.conv1(x))))
 
     def expert_logits(self, x: Tensor) -> Tensor:
         """(E, B, C): every expert's logits of ``x``."""
-        out = self.layer1(F.relu(self.bn1(self.conv1(x))))
-        return self.classifier(self.experts(out).mean(dim=(2, 3)))
+        return self.classifier(self.experts(self.shared(x)).mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> Tensor | ModelOutput:
         experts = self.expert_logits(x)
@@ -127,11 +170,12 @@ class MultiExpertNet(nn.Module):
         return mean
 
     def saliency_layers(self) -> dict[str, nn.Module]:
-        return {"experts": self.experts, "layer1": self.layer1}
+        stages = {"layer2": self.layer2} if self.layer2 is not None else {}
+        return {"experts": self.experts, **stages, "layer1": self.layer1}
 
 
 class RIDE(ModelFactory):
-    """RIDE's multi-expert ResNet-32: shared early stages, per-expert later stages and heads; predicts the experts' mean logit.
+    """RIDE's multi-expert ResNet-32 or ResNet-50: shared early stages, per-expert later stages and heads; predicts the experts' mean logit.
 
     Without RIDE's optional router (its second stage): every expert runs on every image.
     """
@@ -141,31 +185,62 @@ class RIDE(ModelFactory):
     @attrs.frozen
     class Params:
         num_experts: int = param(
-            3, help="experts, each with its own second and third stage and classifier", validator=at_least(1)
+            3,
+            help="experts, each with its own later stages (resnet32: second and third; resnet50: layer3 and "
+            "layer4) and classifier",
+            validator=at_least(1),
         )
-        width: int = param(16, help="channels of the shared stem and first stage", validator=positive)
+        width: int = param(
+            16,
+            help="resnet32: channels of the shared stem and first stage; resnet50: a quarter of the stem's "
+            "channels (16: torchvision's resnet50, 64-channel stem, 64 and 128 planes in layer1 and layer2)",
+            validator=positive,
+        )
         reduce_dimension: bool = param(
             True,
-            help="experts' stages at 3/4 of ResNet-32's width (24 and 48 channels at "
-            "width 16), RIDE's setting for 3 experts; false: 2 x and 4 x width",
+            help="experts' stages at 3/4 width, RIDE's setting for 3 experts: resnet32 24 and 48 channels at "
+            "width 16 (false: 2 x and 4 x width); resnet50 192 and 384 planes (false: 256 and 512)",
+        )
+        arch: str = param(
+            "resnet32",
+            help="resnet32: the CIFAR ResNet-32, stem and first stage shared; resnet50: ResNet-50 "
+            "(torchvision's bottlenecks), stem, layer1 and layer2 shared (224 x 224 images)",
+            validator=one_of(*ARCHS),
         )
 
     def expert_widths(self) -> tuple[int, int]:
+        """The experts' two stages: resnet32 their channels, resnet50 their bottleneck planes (4 x as many out)."""
         w = self.params.width
+        if self.params.arch == "resnet50":
+            b = 4 * w
+            return (3 * b, 6 * b) if self.params.reduce_dimension else (4 * b, 8 * b)
         return (3 * w // 2, 3 * w) if self.params.reduce_dimension else (2 * w, 4 * w)
 
-    def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
+    def weights(self, num_classes: int, in_channels: int = 3) -> int:
+        """The weights of the convolutions and the heads (biases and batch norm left out)."""
         w, e = self.params.width, self.params.num_experts
         mid, last = self.expert_widths()
+        if self.params.arch == "resnet50":
+            b, blocks = 4 * w, RESNET50_BLOCKS
+            expert = bottleneck_stage_weights(8 * b, mid, blocks[2], 2) + bottleneck_stage_weights(
+                4 * mid, last, blocks[3], 2
+            )
+            shared = (
+                49 * in_channels * b
+                + bottleneck_stage_weights(b, b, blocks[0], 1)
+                + bottleneck_stage_weights(4 * b, 2 * b, blocks[1], 2)
+            )
+            return shared + e * (expert + 4 * last * num_classes)
         # 3x3 convolutions of the shared stage and of every expert's two stages (5 blocks each), and the heads.
-        weights = 9 * 10 * (w * w + e * (mid * mid + last * last)) + e * last * num_classes
-        check_fits_in_memory(4 * weights, f"ride with {e} experts and width {w}")
-        return MultiExpertNet(num_classes, in_channels, w, e, (mid, last), normed_head)
+        return 9 * 10 * (w * w + e * (mid * mid + last * last)) + e * last * num_classes
+
+    def build(self, num_classes: int, in_channels: int, normed_head: bool) -> nn.Module:
+        w, e, arch = self.params.width, self.params.num_experts, self.params.arch
+        check_fits_in_memory(4 * self.weights(num_classes, in_channels), f"ride {arch} with {e} experts and width {w}")
+        return MultiExpertNet(num_classes, in_channels, w, e, self.expert_widths(), normed_head, arch)
 
     def check_input(self, image_size: tuple[int, int, int]) -> None:
-        _, h, w = image_size
-        if h < 8 or w < 8:
-            raise ValueError(f"ride needs images of at least 8x8 (got {h}x{w})")
+        check_input_size("ride", self.params.arch, image_size)
 
 
 @attrs.frozen

@@ -68,13 +68,28 @@ def _texture(texture_id: Tensor, u: Tensor, v: Tensor) -> Tensor:
 #: Generator versions. 1: each class has its own colour, so colour alone tells most classes
 #: apart and a class is learnt wholesale or not at all. 2: the colour is drawn per image,
 #: independently of the class, so a class is its shape and texture only and its accuracy
-#: grows with the images it has (docs/data.md).
-VERSIONS = (1, 2)
+#: grows with the images it has. 3: half way, each image shows its class's colour with
+#: probability ``CLASS_COLOUR_SHARE`` and a palette colour drawn at random otherwise: colour
+#: is a cue that gets training started, shape and texture decide (docs/data.md).
+VERSIONS = (1, 2, 3)
+CLASS_COLOUR_SHARE = 0.5
 
 
 def max_classes(version: int) -> int:
-    """How many distinct classes the generator can draw."""
+    """How many distinct classes the generator can draw (colour tells classes apart in version 1 only)."""
     return len(SHAPES) * len(TEXTURES) * (len(PALETTE) if version == 1 else 1)
+
+
+def object_colours(labels: Tensor, class_colours: Tensor, generator: torch.Generator, version: int) -> Tensor:
+    """(N, 3) colours in [0, 1]: the class's (version 1), drawn per image (2), or either by a coin (3)."""
+    if version == 1:
+        return class_colours[labels]
+    palette = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
+    drawn = palette[torch.randint(0, len(PALETTE), (labels.numel(),), generator=generator)]
+    if version == 2:
+        return drawn
+    own = torch.rand(labels.numel(), generator=generator) < CLASS_COLOUR_SHARE
+    return torch.where(own.view(-1, 1), class_colours[labels], drawn)
 
 
 def render(labels: Tensor, generator: torch.Generator, size: int = 32, version: int = 1) -> Tensor:
@@ -109,11 +124,7 @@ def render(labels: Tensor, generator: torch.Generator, size: int = 32, version: 
     mask = _shape_mask(shape_of[labels], u, v).unsqueeze(1).float()
     shade = _texture(texture_of[labels], u, v).unsqueeze(1)
     jitter = 1.0 + (torch.rand(n, 3, 1, 1, generator=g) - 0.5) * 0.15
-    if version == 1:
-        colour = colour_of[labels]
-    else:
-        palette = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
-        colour = palette[torch.randint(0, len(PALETTE), (n,), generator=g)]
+    colour = object_colours(labels, colour_of, g, version)
     obj = (colour.view(n, 3, 1, 1) * jitter).clamp(0, 1) * shade
     img = bg * (1 - mask) + obj * mask
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
