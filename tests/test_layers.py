@@ -151,3 +151,15 @@ def test_bench_is_a_package_imported_by_name():
         and any(s in p.read_text(encoding="utf-8") for s in ("sys.path.insert", "spec_from_file_location"))
     ]
     assert (root / "bench" / "__init__.py").is_file() and not offenders, offenders
+
+
+def test_the_training_loop_names_no_method():
+    """BBN, RIDE, the contrastive family and PC land as components and general extension points:
+    the loop's modules never name one (a method name there would be a branch for one method)."""
+    import re
+
+    methods = ["bbn", "ride", "supcon", "hybrid", "hybrid-sc", "sbcl", "tsc", "pc", "prototype"]
+    for name in ("engine.py", "assembly.py", "mixing.py"):
+        text = (PACKAGE / name).read_text(encoding="utf-8").lower()
+        named = [m for m in methods if re.search(rf"\b{m}s?\b", text)]
+        assert not named, f"lsm_registry/{name} names {named}"
