@@ -67,3 +67,20 @@ def test_version_2_has_fewer_distinct_classes(registry):
     factory = SyntheticLT(SyntheticLT.Params(num_classes=20, version=2), Context(class_counts=(), image_size=(0, 0, 0)))
     with pytest.raises(ValueError, match="version 2 draws at most 18"):
         factory.build()
+
+
+def test_version_3_shows_the_class_colour_on_about_half_of_the_images():
+    from lsm_registry.data.synthetic import CLASS_COLOUR_SHARE, PALETTE, object_colours
+
+    labels = torch.arange(4).repeat_interleave(500)
+    own = torch.tensor([PALETTE[c] for c in range(4)], dtype=torch.float32) / 255.0
+    colours = object_colours(labels, own, torch.Generator().manual_seed(0), version=3)
+    palette = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
+    assert bool((colours[:, None, :] == palette[None]).all(dim=2).any(dim=1).all())  # always a palette colour
+    shown = (colours == own[labels]).all(dim=1).float()
+    # The class's own colour: the coin's share, plus 1/8 of the others by chance; per class too.
+    expected = CLASS_COLOUR_SHARE + (1 - CLASS_COLOUR_SHARE) / len(PALETTE)
+    assert abs(float(shown.mean()) - expected) < 0.04
+    assert all(abs(float(shown[labels == c].mean()) - expected) < 0.08 for c in range(4))
+    three, _ = render_split([40], seed=3, version=3)
+    assert 2 <= len(_object_colours(three))  # the class colour and drawn ones
