@@ -51,7 +51,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .components.callbacks import LR_FACTOR, SaliencyObserver, learning_rate, legacy_observer
-from .data.augment import augment_with_crops, normalise
+from .data.augment import augment_with_crops, eval_view_batches, normalise
 from .data.prefetch import LoadedStep, PlannedLoader, PlannedStep, plan_epoch
 from .errors import LSMError, TrainingError  # noqa: F401 (TrainingError re-exported)
 from .files import FolderLock, atomic_write
@@ -141,10 +141,7 @@ def score_split(
     correct = torch.zeros(num_classes, dtype=torch.int64, device=device)
     total = torch.zeros(num_classes, dtype=torch.int64, device=device)
     counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if confusion else None
-    for start in range(0, indices.numel(), batch_size):
-        idx = indices[start : start + batch_size]
-        raw = split.fetch(idx, device)
-        x = normalise(raw, mean, std).contiguous(memory_format=memory_format)
+    for idx, x in eval_view_batches(split, indices, device, mean, std, batch_size, memory_format):
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             logits = logits_of(module(x))
         logits = loss.eval_logits(logits.float())
@@ -493,8 +490,7 @@ class Trainer:
     ) -> None:
         xb, yb, crops_b = self.prepare_with_crops(bg, loaded.bg if loaded is not None else None)
         self.crops = (crops_b, None)
-        indices = bg.to(self.device)
-        views_b = Views(indices, crops_b, epoch) if self.saliency is not None else None
+        views_b = Views(bg.to(self.device), crops_b, epoch) if self.saliency is not None else None
         mixed = self.mixed_batch(epoch, xb, yb, fg, loaded, views_b)
         second = self.second_batch(yb, fg, loaded)  # None unless the model trains on two batches (then no mixer)
         if mixed is not None:
@@ -506,7 +502,7 @@ class Trainer:
             x, target = xb, second.target
         else:
             x, target = xb, yb
-        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed, second, indices)
+        batch = self._batch = StepBatch(epoch, stats.steps + 1, x, target, yb, views_b, mixed, second, bg)
         self.fire("on_batch", batch)
         set_train_mode(self.model, self.recipe, self._batch_norms)
         x2 = second.images if second is not None else None

@@ -886,9 +886,10 @@ class StepBatch:
     :class:`lsm_registry.mixing.MixedBatch` or None when the step did not mix. ``step`` counts
     the epoch's steps from 1, a resumed epoch included. ``second`` is the step's
     :class:`SecondBatch` when the model trains on two batches (``takes_second_batch``), else None.
-    ``indices`` (B,) int64 on the device are the background batch's indices into the training
-    split, row for row (repeated view-major like the rows when ``Loss.views_per_image`` > 1): what
-    a callback keeping per-image state (SBCL's subclass labels) looks its rows up by.
+    ``indices`` (B,) int64 are the background batch's indices into the training split, row for
+    row (repeated view-major like the rows when ``Loss.views_per_image`` > 1), as the sampler
+    yielded them (on the CPU: the step copies nothing to the device for them): what a callback
+    keeping per-image state (SBCL's subclass labels) looks its rows up by, moving them itself.
     """
 
     epoch: int

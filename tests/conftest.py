@@ -34,6 +34,13 @@ name = "ce"
 """
 
 
+def contrastive_tiny(loss_table: str) -> str:
+    """The tiny recipe with an 8-d projection head and ``loss_table`` as the body of its [loss] table."""
+    return TINY_RECIPE.replace("width = 4", "width = 4\nprojection_dim = 8").replace(
+        '[loss]\nname = "ce"', f"[loss]\n{loss_table}"
+    )
+
+
 @pytest.fixture
 def tiny_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.toml"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_RECIPE
+from conftest import contrastive_tiny
 from test_bbn import SHRINK, tiny_copy
 
 from lsm_registry.cli import cli
@@ -34,9 +34,7 @@ from lsm_registry.recipe import load_recipe
 from lsm_registry.testing import check_component
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPCON_TINY = TINY_RECIPE.replace("width = 4", "width = 4\nprojection_dim = 8").replace(
-    '[loss]\nname = "ce"', '[loss]\nname = "supcon"'
-)
+SUPCON_TINY = contrastive_tiny('name = "supcon"')
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import TINY_RECIPE
+from conftest import contrastive_tiny
 from test_bbn import SHRINK, tiny_copy
 
 from lsm_registry.cli import cli
@@ -35,9 +35,7 @@ from lsm_registry.testing import check_component
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The tiny recipe with SBCL clustering from the first epoch, every epoch, subclasses of 4 images.
-SBCL_TINY = TINY_RECIPE.replace("width = 4", "width = 4\nprojection_dim = 8").replace(
-    '[loss]\nname = "ce"', '[loss]\nname = "sbcl"\ncluster_start = 0\ncluster_every = 1\nmin_cluster_size = 1'
-)
+SBCL_TINY = contrastive_tiny('name = "sbcl"\ncluster_start = 0\ncluster_every = 1\nmin_cluster_size = 1')
 
 
 @pytest.fixture(scope="module")

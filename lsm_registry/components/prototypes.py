@@ -23,7 +23,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from ..data.augment import normalise, stats_tensor
+from ..data.augment import eval_view_batches
 from ..errors import LSMError
 from ..interfaces import Callback
 from ..params import at_least, param, positive
@@ -129,7 +129,6 @@ def class_means(loop: Any, head: PrototypeHead, batch_size: int) -> Tensor:
     module, split, device = loop.module, loop.data.train, loop.device
     dist = getattr(loop, "dist", None)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mean, std = stats_tensor(loop.data.mean, device), stats_tensor(loop.data.std, device)
     num_classes = loop.data.num_classes
     sums = torch.zeros(num_classes, head.in_features, dtype=torch.float64, device=device)
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
@@ -140,11 +139,9 @@ def class_means(loop: Any, head: PrototypeHead, batch_size: int) -> Tensor:
     module.eval()
     try:
         indices = torch.arange(rank, len(split), world)
-        for start in range(0, indices.numel(), batch_size):
-            idx = indices[start : start + batch_size]
-            x = normalise(split.fetch(idx, device), mean, std)
+        for idx, x in eval_view_batches(split, indices, device, loop.mean, loop.std, batch_size, loop.memory_format):
             with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-                module(x.contiguous(memory_format=getattr(loop, "memory_format", torch.contiguous_format)))
+                module(x)
             labels = split.labels[idx].to(device)
             sums.index_add_(0, labels, caught[-1].double())
             caught.clear()

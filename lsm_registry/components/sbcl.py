@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..data.augment import normalise
+from ..data.augment import eval_view_batches
 from ..errors import LSMError
 from ..interfaces import Callback, StepBatch
 from ..params import at_least, non_negative, param, positive
@@ -262,9 +262,8 @@ def embed_split(loop: Any, batch_size: int = 512) -> Tensor:
     module.eval()
     head = getattr(module, "projection", None)
     chunks = []
-    for start in range(0, len(split), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(split)))
-        x = normalise(split.fetch(idx, loop.device), loop.mean, loop.std).contiguous(memory_format=loop.memory_format)
+    indices = torch.arange(len(split))
+    for _, x in eval_view_batches(split, indices, loop.device, loop.mean, loop.std, batch_size, loop.memory_format):
         with torch.autocast(
             loop.device.type, dtype=loop.autocast_dtype or torch.float32, enabled=loop.autocast_dtype is not None
         ):
@@ -332,7 +331,7 @@ class SubclassClustering(Callback):
             return
         if batch.indices is None:
             raise LSMError("[loss].name = 'sbcl': the training step gives no sampled indices (StepBatch.indices)")
-        self.loss.use_subclasses(self.labels[batch.indices], self.temperatures)
+        self.loss.use_subclasses(self.labels[batch.indices.to(self.labels.device)], self.temperatures)
 
     def on_epoch_end(self, loop: Any, epoch: int, record: dict[str, Any]) -> None:
         if self.labels is not None:

@@ -11,12 +11,13 @@ flipped (:class:`lsm_registry.interfaces.Crops`), from the same draws as :func:`
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from ..interfaces import Crops
+from ..interfaces import Crops, Split
 
 
 def stats_tensor(values: tuple[float, ...], device: torch.device) -> Tensor:
@@ -29,6 +30,23 @@ def normalise(x: Tensor, mean: tuple[float, ...] | Tensor, std: tuple[float, ...
     m = mean if isinstance(mean, Tensor) else stats_tensor(mean, x.device)
     s = std if isinstance(std, Tensor) else stats_tensor(std, x.device)
     return (x.float() / 255.0 - m) / s
+
+
+def eval_view_batches(
+    split: Split,
+    indices: Tensor,
+    device: torch.device,
+    mean: Tensor,
+    std: Tensor,
+    batch_size: int = 512,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(idx, x) batch by batch: ``split``'s test-time view of ``indices`` (no augmentation), normalised,
+    on ``device``. The one reading of a split that every eval-mode pass shares: scoring a split,
+    PC's class means, SBCL's embedding of the training images."""
+    for start in range(0, indices.numel(), batch_size):
+        idx = indices[start : start + batch_size]
+        yield idx, normalise(split.fetch(idx, device), mean, std).contiguous(memory_format=memory_format)
 
 
 def _flip(x: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
