@@ -333,3 +333,16 @@ def test_the_recipe_trains_one_tiny_epoch(name, tmp_path, registry):
     assert record["bbn_alpha"] == 1.0 and record["top1"] is not None
     resolved = tomllib.loads((out / "recipe.toml").read_text())
     assert resolved["model"]["name"] == "bbn" and resolved["sampler"]["name"] == "reversed"
+
+
+def test_the_branch_logits_add_up_to_the_test_time_output():
+    net = _net().eval()
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        conventional, rebalancing = net.branch_logits(x)
+        f_c = net.branches.conventional(net.shared(x)).mean(dim=(2, 3))
+        k = f_c.shape[1]
+        assert torch.allclose(conventional, f_c @ net.classifier.weight[:, :k].T + net.classifier.bias, atol=1e-5)
+        assert torch.allclose(conventional + rebalancing - net.classifier.bias, net(x), atol=1e-5)
+    with pytest.raises(LSMError, match="linear classifier"):
+        _net(normed=True).branch_logits(x)

@@ -209,6 +209,20 @@ class BilateralBranchNet(nn.Module):
     def forward(self, x: Tensor, x_second: Optional[Tensor] = None) -> Tensor:
         return self.classifier(self.forward_features(x, x_second).mean(dim=(2, 3)))
 
+    def branch_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The two terms the test-time logits add up from, each with the classifier's bias:
+        ``W_c f_c(x) + b`` and ``W_r f_r(x) + b`` (``forward(x)`` is their sum minus one ``b``).
+        Scoring each alone tells whether a class is lost in the conventional branch or
+        overruled by the re-balancing one (``python -m bench.bbn_branches``)."""
+        if not isinstance(self.classifier, nn.Linear):
+            raise LSMError("bbn: the branches' logits add up only under a linear classifier (normed_head is not one)")
+        features = self.forward_features(x).mean(dim=(2, 3))
+        k = features.shape[1] // 2
+        weight, bias = self.classifier.weight, self.classifier.bias
+        conventional = F.linear(features[:, :k], weight[:, :k], bias)
+        rebalancing = F.linear(features[:, k:], weight[:, k:], bias)
+        return conventional, rebalancing
+
     def saliency_layers(self) -> dict[str, nn.Module]:
         stages = {"layer4": self.layer4} if self.layer4 is not None else {}
         return {
