@@ -346,3 +346,25 @@ def test_the_branch_logits_add_up_to_the_test_time_output():
         assert torch.allclose(conventional + rebalancing - net.classifier.bias, net(x), atol=1e-5)
     with pytest.raises(LSMError, match="linear classifier"):
         _net(normed=True).branch_logits(x)
+
+
+def test_the_branch_benchmark_scores_each_branch_of_a_finished_run(write_recipe, registry, tmp_path, capsys):
+    import lsm_registry
+    from bench.bbn_branches import main
+
+    lsm_registry.train(write_recipe(BBN_TINY), out=tmp_path / "bbn", registry=registry)
+    assert main([str(tmp_path / "bbn")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[:2] for line in lines if line.startswith(("train", "test"))]
+    assert rows == [[s, p] for s in ("train", "test") for p in ("both", "conventional", "rebalancing")]
+    assert all(len(line.split("per class")[1].split()) == 4 for line in lines if "per class" in line)
+
+
+def test_the_branch_benchmark_refuses_a_run_of_another_model(write_recipe, registry, tmp_path, capsys):
+    import lsm_registry
+    from bench.bbn_branches import main
+
+    lsm_registry.train(write_recipe(TINY_RECIPE), out=tmp_path / "ce", registry=registry)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "ce")])
+    assert "not bbn" in capsys.readouterr().err
