@@ -58,6 +58,31 @@ def write_recipe(tmp_path: Path):
     return write
 
 
+@pytest.fixture(scope="module")
+def parent_run(tmp_path_factory) -> Path:
+    """A finished one-epoch stage-1 run of the tiny CE recipe (a linear classifier), trained once per
+    test module through ``lsm run``: the parent of the stage-2 tests (a module may move it and back)."""
+    from click.testing import CliRunner
+
+    from lsm_registry.cli import cli
+
+    folder = tmp_path_factory.mktemp("stage1")
+    recipe = folder / "tiny.toml"
+    recipe.write_text(TINY_RECIPE)
+    args = ["run", str(recipe), "--out", str(folder / "run"), "--no-progress"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return folder / "run"
+
+
+def trainer_for(write_recipe, text: str, registry, name: str = "stage.toml"):
+    """A Trainer of the recipe ``text``, written to ``name`` by the ``write_recipe`` fixture."""
+    from lsm_registry.engine import Trainer
+    from lsm_registry.recipe import load_recipe
+
+    return Trainer(load_recipe(write_recipe(text, name), registry=registry), registry)
+
+
 @pytest.fixture(scope="session")
 def registry():
     from lsm_registry.plugins import default_registry

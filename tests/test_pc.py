@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, trainer_for
 from test_bbn import ROOT, SHRINK, tiny_copy
 
 from lsm_registry.checkpoint import list_checkpoints, read_model_state
@@ -17,10 +17,8 @@ from lsm_registry.cli import cli
 from lsm_registry.components.models import ResNet32
 from lsm_registry.components.prototypes import PrototypeHead, PrototypeInit
 from lsm_registry.data.augment import normalise
-from lsm_registry.engine import Trainer
 from lsm_registry.errors import LSMError
 from lsm_registry.interfaces import Context
-from lsm_registry.recipe import load_recipe
 
 HEAD_KEYS = {"classifier.prototypes", "classifier.log_scale"}
 
@@ -46,21 +44,6 @@ reset_classifier = {"true" if reset else "false"}
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def parent_run(tmp_path_factory) -> Path:
-    """A finished one-epoch stage-1 run of the tiny CE recipe (a linear classifier)."""
-    folder = tmp_path_factory.mktemp("pc-stage1")
-    recipe = folder / "tiny.toml"
-    recipe.write_text(TINY_RECIPE)
-    result = invoke("run", str(recipe), "--out", str(folder / "run"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return folder / "run"
-
-
-def trainer_for(write_recipe, text: str, registry, name: str = "pc.toml") -> Trainer:
-    return Trainer(load_recipe(write_recipe(text, name), registry=registry), registry)
 
 
 # ------------------------------------------------------------------------------ the head

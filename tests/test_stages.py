@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, trainer_for
 from torch import nn
 
 from lsm_registry.checkpoint import list_checkpoints, read_model_state
@@ -57,25 +57,10 @@ def error_lines(result) -> list[str]:
     return [line for line in result.output.splitlines() if line.startswith("error:")]
 
 
-@pytest.fixture(scope="module")
-def parent_run(tmp_path_factory) -> Path:
-    """A finished one-epoch stage-1 run (the tiny CE recipe) in its own folder."""
-    folder = tmp_path_factory.mktemp("stage1")
-    recipe = folder / "tiny.toml"
-    recipe.write_text(TINY_RECIPE)
-    result = invoke("run", str(recipe), "--out", str(folder / "run"), "--no-progress")
-    assert result.exit_code == 0, result.output
-    return folder / "run"
-
-
 @pytest.fixture
 def parent_state(parent_run) -> dict[str, torch.Tensor]:
     state, _ = read_model_state(list_checkpoints(parent_run)[-1])
     return state
-
-
-def trainer_for(write_recipe, text: str, registry, name: str = "s2.toml") -> Trainer:
-    return Trainer(load_recipe(write_recipe(text, name), registry=registry), registry)
 
 
 def is_head(key: str) -> bool:
